@@ -1,0 +1,400 @@
+"""The FastAPI app of the emulator: the HTTP surface of the Eachlabs prediction API for blip-2."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Receive, Scope, Send
+
+from airflow_provider_blip2.emulator.config import INJECTED_RETRY_AFTER_SECONDS, EmulatorConfig
+from airflow_provider_blip2.emulator.engine import Emulator
+from airflow_provider_blip2.emulator.inputs import MODEL_SLUG, InputError, model_record, parse_input
+
+CONTEXT_SCOPE_KEY = "blip2_emulator.context"
+REQUEST_ID_HEADER = b"x-request-id"
+_DROP_WAIT_STEPS = 1000
+
+
+class ApiError(Exception):
+    """An HTTP error answer.
+
+    :param status_code: the HTTP status.
+    :param body: the JSON body.
+    :param headers: extra response headers.
+    """
+
+    def __init__(self, status_code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"{status_code}: {body}")
+        self.status_code = status_code
+        self.body = body
+        self.headers = headers or {}
+
+
+@dataclass
+class RequestContext:
+    """Per-request data shared between the handlers and the outer ASGI layer.
+
+    :param request_id: the value of the ``X-Request-Id`` response header.
+    :param drop: drop the connection instead of sending the response.
+    """
+
+    request_id: str
+    drop: bool = False
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An authenticated, rate-limited request that may proceed.
+
+    :param api_key: the caller's key.
+    :param drop: a drop fault was injected: the response must never reach the client.
+    """
+
+    api_key: str
+    drop: bool = False
+
+
+class EmulatorApp(FastAPI):
+    """The FastAPI app, with an outer ASGI layer that adds ``X-Request-Id``, counts responses and drops
+    connections for the drop fault.
+
+    :param emulator: the emulated service behind the routes.
+    :param kwargs: passed to :class:`fastapi.FastAPI`.
+    """
+
+    def __init__(self, emulator: Emulator, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.emulator = emulator
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection scope.
+
+        :param scope: the ASGI scope.
+        :param receive: the ASGI receive callable.
+        :param send: the ASGI send callable of the server.
+        """
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        context = RequestContext(request_id=str(uuid.uuid4()))
+        scope[CONTEXT_SCOPE_KEY] = context
+
+        async def send_with_request_id(message: Message) -> None:
+            if context.drop:
+                return
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (REQUEST_ID_HEADER, context.request_id.encode())]
+                message = {**message, "headers": headers}
+                self.emulator.ledger.count_response(int(message["status"]))
+            await send(message)
+
+        await super().__call__(scope, receive, send_with_request_id)
+        if context.drop:
+            await drop_connection(send)
+
+
+async def drop_connection(send: Send) -> None:
+    """Close the client connection without a response.
+
+    Under uvicorn the server's ``send`` is a method of the request cycle, whose transport is closed
+    directly: the client sees the connection end before any byte of a response. Elsewhere, a response
+    is started with a ``content-length`` the body never fills, which makes the server abort the
+    connection mid-response.
+
+    :param send: the ASGI send callable of the server (not a wrapper of it).
+    """
+    cycle = getattr(send, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    if transport is not None and callable(getattr(transport, "close", None)):
+        transport.close()
+        for _ in range(_DROP_WAIT_STEPS):  # let the server see the connection is gone
+            if getattr(cycle, "disconnected", True):
+                break
+            await asyncio.sleep(0.001)
+        return
+    start: Message = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+    }
+    with contextlib.suppress(Exception):
+        await send(start)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def format_retry_after(seconds: float, time_scale: float) -> tuple[str, int | float]:
+    """Render a Retry-After value: whole seconds (rounded up) at ``time_scale >= 1``, else a decimal.
+
+    :param seconds: seconds to wait.
+    :param time_scale: the emulator's time scale.
+    :return: the header text and the number for the body's ``retry_after``.
+    """
+    if time_scale >= 1:
+        whole = max(1, math.ceil(round(seconds, 6)))
+        return str(whole), whole
+    hundredths = max(1, math.ceil(round(seconds * 100, 6)))
+    return f"{hundredths / 100:.2f}", hundredths / 100
+
+
+def too_many_requests(seconds: float, config: EmulatorConfig, message: str = "too many requests") -> ApiError:
+    """Build a 429 answer carrying ``Retry-After`` and ``retry_after``.
+
+    :param seconds: seconds until the client may retry.
+    :param config: the emulator config.
+    :param message: the error text.
+    """
+    header, number = format_retry_after(seconds, config.time_scale)
+    return ApiError(429, {"error": message, "retry_after": number}, {"Retry-After": header})
+
+
+def _emulator(request: Request) -> Emulator:
+    app = request.app
+    assert isinstance(app, EmulatorApp)
+    return app.emulator
+
+
+def _context(request: Request) -> RequestContext:
+    context = request.scope.get(CONTEXT_SCOPE_KEY)
+    if not isinstance(context, RequestContext):
+        context = RequestContext(request_id=str(uuid.uuid4()))
+        request.scope[CONTEXT_SCOPE_KEY] = context
+    return context
+
+
+def authenticate(request: Request, config: EmulatorConfig) -> str:
+    """Return the caller's API key, from ``X-API-Key`` or ``Authorization: Bearer``.
+
+    :param request: the request.
+    :param config: the emulator config.
+    :raises ApiError: 401 when no key is sent or none is accepted.
+    """
+    x_api_key = request.headers.get("x-api-key")
+    authorization = request.headers.get("authorization")
+    if not x_api_key and not authorization:
+        raise ApiError(401, {"error": "missing API key"})
+    candidates = [x_api_key.strip()] if x_api_key else []
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            candidates.append(token.strip())
+    for candidate in candidates:
+        if candidate in config.api_keys:
+            return candidate
+    raise ApiError(401, {"error": "invalid API key"})
+
+
+async def admit(request: Request, label: str) -> Admission:
+    """Count, authenticate, rate-limit and inject faults into a /v1 request.
+
+    :param request: the request.
+    :param label: the endpoint label counted in the ledger.
+    :raises ApiError: 401, 429 or an injected 5xx.
+    """
+    emulator = _emulator(request)
+    config = emulator.config
+    emulator.ledger.requests[label] += 1
+    api_key = authenticate(request, config)
+    wait = emulator.limiter.acquire(api_key, time.monotonic(), config.requests_per_minute, config.rate_window)
+    if wait is not None:
+        raise too_many_requests(wait, config)
+    faults = emulator.draw_faults()
+    if faults.slow:
+        emulator.ledger.slow_injected += 1
+        await asyncio.sleep(config.scaled(config.slow_seconds))
+    if faults.kind == "5xx":
+        emulator.ledger.responses_5xx_injected += 1
+        raise ApiError(faults.status_code, {} if faults.empty_body else {"error": "internal server error"})
+    if faults.kind == "429":
+        emulator.ledger.responses_429_injected += 1
+        raise too_many_requests(config.scaled(INJECTED_RETRY_AFTER_SECONDS), config)
+    if faults.kind == "drop":
+        emulator.ledger.drops_injected += 1
+        _context(request).drop = True
+    return Admission(api_key, faults.kind == "drop")
+
+
+async def read_json_body(request: Request) -> Any:
+    """Decode the request body as JSON.
+
+    :param request: the request.
+    :raises ApiError: 422 when the body is not valid JSON.
+    """
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(422, {"error": f"malformed JSON body: {exc}"}) from None
+
+
+def _bad_request(message: str) -> ApiError:
+    return ApiError(400, {"error": message, "status": "error"})
+
+
+def parse_create_body(body: Any) -> tuple[dict[str, Any], Any]:
+    """Check the envelope of a create request.
+
+    :param body: the decoded JSON body.
+    :return: the body and its raw ``input``.
+    :raises ApiError: 400 for a missing or invalid field, 404 for an unknown model.
+    """
+    if not isinstance(body, dict):
+        raise _bad_request("request body must be a JSON object")
+    model = body.get("model")
+    if model is None or model == "":
+        raise _bad_request("missing required field: model")
+    if not isinstance(model, str):
+        raise _bad_request("field 'model' must be a string")
+    if model != MODEL_SLUG:
+        raise ApiError(404, {"error": "model not found"})
+    for name in ("version", "webhook_url", "webhook_secret"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise _bad_request(f"field '{name}' must be a string")
+    return body, body.get("input")
+
+
+async def create_prediction(request: Request) -> Response:
+    """``POST /v1/prediction/``: validate and create a prediction.
+
+    :param request: the request.
+    """
+    admission = await admit(request, "create")
+    emulator = _emulator(request)
+    _, raw_input = parse_create_body(await read_json_body(request))
+    try:
+        model_input = parse_input(raw_input)
+    except InputError as exc:
+        raise _bad_request(exc.message) from None
+    if emulator.in_flight(admission.api_key) >= emulator.config.max_in_flight:
+        raise too_many_requests(
+            emulator.next_slot_in(admission.api_key),
+            emulator.config,
+            f"too many predictions in flight (limit {emulator.config.max_in_flight})",
+        )
+    prediction = emulator.create(admission.api_key, raw_input, model_input)
+    return JSONResponse(
+        {"status": "success", "message": "Prediction created successfully", "predictionID": prediction.id}
+    )
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+async def get_prediction(request: Request) -> Response:
+    """``GET /v1/prediction/{id}``: read a prediction.
+
+    :param request: the request.
+    """
+    admission = await admit(request, "get")
+    if admission.drop:
+        return Response()
+    prediction = _emulator(request).get(request.path_params["prediction_id"], admission.api_key)
+    if prediction is None:
+        raise ApiError(404, {"error": "prediction not found"})
+    return JSONResponse(prediction.to_json(_base_url(request)))
+
+
+async def cancel_prediction(request: Request) -> Response:
+    """``POST /v1/prediction/{id}/cancel``: cancel a running prediction (a no-op once terminal).
+
+    :param request: the request.
+    """
+    admission = await admit(request, "cancel")
+    if admission.drop:
+        return Response()
+    emulator = _emulator(request)
+    prediction = emulator.get(request.path_params["prediction_id"], admission.api_key)
+    if prediction is None:
+        raise ApiError(500, {"error": "failed to cancel prediction: prediction not found"})
+    if emulator.cancel(prediction):
+        message = "Prediction cancelled successfully"
+    else:
+        message = f"Prediction already finished with status {prediction.status}"
+    return JSONResponse({"status": "success", "message": message})
+
+
+async def get_model(request: Request) -> Response:
+    """``GET /v1/model?slug=blip-2``: the public model record with its ``request_schema``.
+
+    :param request: the request.
+    """
+    admission = await admit(request, "model")
+    if admission.drop:
+        return Response()
+    slug = request.query_params.get("slug")
+    if not slug:
+        raise _bad_request("missing query parameter: slug")
+    if slug != MODEL_SLUG:
+        raise ApiError(404, {"error": "model not found"})
+    return JSONResponse(model_record())
+
+
+async def get_ledger(request: Request) -> Response:
+    """``GET /_emulator/ledger``: the counters of the emulator (no auth).
+
+    :param request: the request.
+    """
+    return JSONResponse(_emulator(request).snapshot())
+
+
+async def reset_state(request: Request) -> Response:
+    """``POST /_emulator/reset``: forget predictions, counters and rate windows (no auth).
+
+    :param request: the request.
+    """
+    _emulator(request).reset()
+    return JSONResponse({"status": "success", "message": "emulator state cleared"})
+
+
+async def _api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse({"error": str(exc.detail).lower()}, status_code=exc.status_code, headers=exc.headers)
+
+
+def create_app(config: EmulatorConfig | None = None) -> EmulatorApp:
+    """Build the emulator's FastAPI app.
+
+    :param config: the settings; defaults to :class:`EmulatorConfig` defaults.
+    """
+    emulator = Emulator(config or EmulatorConfig())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await emulator.aclose()
+
+    app = EmulatorApp(
+        emulator,
+        title="Eachlabs prediction API emulator (blip-2)",
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.add_exception_handler(ApiError, _api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.add_api_route("/v1/prediction/", create_prediction, methods=["POST"])
+    app.add_api_route("/v1/prediction", create_prediction, methods=["POST"])
+    app.add_api_route("/v1/prediction/{prediction_id}", get_prediction, methods=["GET"])
+    app.add_api_route("/v1/prediction/{prediction_id}/cancel", cancel_prediction, methods=["POST"])
+    app.add_api_route("/v1/model", get_model, methods=["GET"])
+    app.add_api_route("/_emulator/ledger", get_ledger, methods=["GET"])
+    app.add_api_route("/_emulator/reset", reset_state, methods=["POST"])
+    return app

@@ -1,0 +1,102 @@
+"""Configuration of the local Eachlabs API emulator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_API_KEY = "emulator-key"
+RATE_WINDOW_SECONDS = 60.0
+INJECTED_RETRY_AFTER_SECONDS = 1.0
+_FAULT_FIELDS = ("fault_5xx", "fault_429", "fault_slow", "fault_drop")
+
+
+@dataclass
+class EmulatorConfig:
+    """Settings of one emulator instance.
+
+    The instance reads its config at request time, so tests may change e.g. the fault probabilities of a
+    running server between phases.
+
+    :param api_keys: accepted API keys (sent as ``X-API-Key: K`` or ``Authorization: Bearer K``).
+    :param latency: seconds from create to terminal status, before ``time_scale``.
+    :param time_scale: multiplies every duration: latency, the 60 s rate window, Retry-After values and
+        slow-response delays. ``0.1`` runs ten times faster with the same ratios.
+    :param requests_per_minute: requests (all endpoints) per API key allowed in a sliding window of
+        ``60 s * time_scale``.
+    :param max_in_flight: predictions of one API key that may be non-terminal at once.
+    :param answers_file: optional path of a JSON answers file with canned outputs and errors.
+    :param seed: seed of the fault injection random generator.
+    :param fault_5xx: probability that a request is answered 500/502/503 without acting.
+    :param fault_429: probability that a request is answered 429 without acting.
+    :param fault_slow: probability that a request is delayed by ``slow_seconds * time_scale``.
+    :param fault_drop: probability that the connection is dropped without a response (a create is
+        dropped after the prediction was created).
+    :param slow_seconds: delay of a slow fault, before ``time_scale``.
+    :param max_image_bytes: largest image the emulator downloads.
+    :param download_timeout: timeout in seconds of the image download (real time, not scaled).
+    :param cost_per_prediction: ``metrics.cost`` reported by a successful prediction.
+    """
+
+    api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
+    latency: float = 2.0
+    time_scale: float = 1.0
+    requests_per_minute: int = 60
+    max_in_flight: int = 10
+    answers_file: str | None = None
+    seed: int = 0
+    fault_5xx: float = 0.0
+    fault_429: float = 0.0
+    fault_slow: float = 0.0
+    fault_drop: float = 0.0
+    slow_seconds: float = 5.0
+    max_image_bytes: int = 50 * 1024 * 1024
+    download_timeout: float = 30.0
+    cost_per_prediction: float = 0.0011
+
+    def __post_init__(self) -> None:
+        """Normalise and validate the settings.
+
+        :raises ValueError: when a setting is out of range.
+        """
+        if isinstance(self.api_keys, str):
+            self.api_keys = (self.api_keys,)
+        self.api_keys = tuple(self.api_keys)
+        if not self.api_keys or any(not key for key in self.api_keys):
+            raise ValueError("api_keys must hold at least one non-empty key")
+        if not math.isfinite(self.time_scale) or self.time_scale <= 0:
+            raise ValueError("time_scale must be a positive number")
+        for name in ("latency", "slow_seconds", "download_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        for name in ("requests_per_minute", "max_in_flight", "max_image_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        self.validate_faults()
+
+    def validate_faults(self) -> None:
+        """Check that every fault probability lies in [0, 1].
+
+        :raises ValueError: when one does not.
+        """
+        for name in _FAULT_FIELDS:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+
+    def scaled(self, seconds: float) -> float:
+        """Return a duration multiplied by the time scale.
+
+        :param seconds: the unscaled duration.
+        """
+        return seconds * self.time_scale
+
+    @property
+    def rate_window(self) -> float:
+        """Length in seconds of the sliding rate-limit window (scaled)."""
+        return self.scaled(RATE_WINDOW_SECONDS)
+
+    @property
+    def scaled_latency(self) -> float:
+        """Seconds from create to terminal status (scaled)."""
+        return self.scaled(self.latency)

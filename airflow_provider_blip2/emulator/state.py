@@ -1,0 +1,178 @@
+"""In-memory state of the emulator: predictions, the ledger and the rate-limit windows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_blip2.emulator.inputs import ModelInput, redact_url
+
+STATUS_CREATED = "created"
+STATUS_PROCESSING = "processing"
+STATUS_SUCCESS = "success"
+STATUS_ERROR = "error"
+STATUS_CANCELLED = "cancelled"
+TERMINAL_STATUSES = frozenset({STATUS_SUCCESS, STATUS_ERROR, STATUS_CANCELLED})
+
+
+@dataclass
+class Prediction:
+    """One prediction, owned by the API key that created it.
+
+    :param id: the prediction id (a uuid4).
+    :param api_key: the key that created it.
+    :param input: the ``input`` object as the client sent it.
+    :param model_input: the validated input.
+    :param created_at: ``time.monotonic()`` at creation.
+    """
+
+    id: str
+    api_key: str
+    input: dict[str, Any]
+    model_input: ModelInput
+    created_at: float
+    status: str = STATUS_CREATED
+    output: Any = None
+    logs: list[str] = field(default_factory=list)
+    started_at: float | None = None
+    finished_at: float | None = None
+    predict_time: float = 0.0
+    cost: float = 0.0
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the status is ``success``, ``error`` or ``cancelled``."""
+        return self.status in TERMINAL_STATUSES
+
+    def log(self, line: str) -> None:
+        """Append a line to the prediction's logs.
+
+        :param line: the line (must never hold a full URL with a query string).
+        """
+        self.logs.append(line)
+
+    def finish(self, status: str, now: float, output: Any = None, cost: float = 0.0) -> None:
+        """Move the prediction to a terminal status.
+
+        :param status: the terminal status.
+        :param now: ``time.monotonic()`` now.
+        :param output: the output (a string on success, an error envelope on error).
+        :param cost: the reported cost.
+        """
+        self.status = status
+        self.output = output
+        self.cost = cost
+        self.finished_at = now
+        started = self.started_at if self.started_at is not None else now
+        self.predict_time = round(max(0.0, now - started), 4)
+
+    def public_input(self) -> dict[str, Any]:
+        """Return the input as sent, with the image URL's query string removed.
+
+        Presigned URLs carry credentials in their query string; the emulator never echoes them.
+        """
+        public = dict(self.input)
+        if isinstance(public.get("image"), str):
+            public["image"] = redact_url(public["image"])
+        return public
+
+    def to_json(self, base_url: str) -> dict[str, Any]:
+        """Render the prediction as ``GET /v1/prediction/{id}`` answers it.
+
+        :param base_url: scheme, host and port of the API, without trailing slash.
+        """
+        get_url = f"{base_url}/v1/prediction/{self.id}"
+        return {
+            "id": self.id,
+            "input": self.public_input(),
+            "status": self.status,
+            "output": self.output if self.terminal else None,
+            "logs": "\n".join(self.logs),
+            "metrics": {"predict_time": self.predict_time, "cost": self.cost},
+            "urls": {"get": get_url, "cancel": f"{get_url}/cancel"},
+        }
+
+
+@dataclass
+class Ledger:
+    """Counters of everything the emulator saw and did, for tests and benchmarks."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    responses_by_status: Counter[int] = field(default_factory=Counter)
+    creates: int = 0
+    creates_by_input: Counter[str] = field(default_factory=Counter)
+    responses_401: int = 0
+    responses_429: int = 0
+    responses_429_injected: int = 0
+    responses_5xx_injected: int = 0
+    drops_injected: int = 0
+    slow_injected: int = 0
+    peak_in_flight: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+
+    def count_response(self, status_code: int) -> None:
+        """Count a response that was sent.
+
+        :param status_code: its HTTP status.
+        """
+        self.responses_by_status[status_code] += 1
+        if status_code == 401:
+            self.responses_401 += 1
+        elif status_code == 429:
+            self.responses_429 += 1
+
+    def snapshot(self, in_flight: int) -> dict[str, Any]:
+        """Return the ledger as the JSON of ``GET /_emulator/ledger``.
+
+        :param in_flight: predictions not yet terminal now.
+        """
+        return {
+            "requests": dict(self.requests),
+            "responses_by_status": {str(code): n for code, n in sorted(self.responses_by_status.items())},
+            "creates": self.creates,
+            "creates_by_input": dict(self.creates_by_input),
+            "responses_401": self.responses_401,
+            "responses_429": self.responses_429,
+            "responses_429_injected": self.responses_429_injected,
+            "responses_5xx_injected": self.responses_5xx_injected,
+            "drops_injected": self.drops_injected,
+            "slow_injected": self.slow_injected,
+            "peak_in_flight": self.peak_in_flight,
+            "in_flight": in_flight,
+            "statuses": {status: self.statuses[status] for status in sorted(TERMINAL_STATUSES)},
+        }
+
+
+class RateLimiter:
+    """Sliding-window request counter per API key.
+
+    Only admitted requests occupy the window, so a ``Retry-After`` it computes is exact: a client that
+    waits that long gets a slot.
+    """
+
+    def __init__(self) -> None:
+        self._windows: dict[str, deque[float]] = {}
+
+    def acquire(self, key: str, now: float, limit: int, window: float) -> float | None:
+        """Admit a request, or tell how long until a slot frees.
+
+        :param key: the API key.
+        :param now: ``time.monotonic()`` now.
+        :param limit: requests allowed in the window.
+        :param window: window length in seconds.
+        :return: None when admitted (and counted), else seconds until the oldest request leaves the window.
+        """
+        stamps = self._windows.setdefault(key, deque())
+        while stamps and stamps[0] <= now - window:
+            stamps.popleft()
+        if len(stamps) < limit:
+            stamps.append(now)
+            return None
+        return stamps[-limit] + window - now
+
+    def clear(self) -> None:
+        """Forget every window."""
+        self._windows.clear()

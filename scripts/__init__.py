@@ -1,0 +1,1 @@
+"""Developer tooling: the demo and the Airflow sandbox the end-to-end tests share."""

@@ -1,0 +1,133 @@
+"""A throwaway Airflow installation (home, SQLite metadata DB, env connections) for `airflow dags test`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_DAGS = REPO_ROOT / "example_dags"
+
+
+class AirflowSandbox:
+    """
+    An ``AIRFLOW_HOME`` of its own with a migrated SQLite database.
+
+    Connections are passed as ``AIRFLOW_CONN_*`` variables, which the inline trigger of
+    ``airflow dags test`` can see (connections stored in the database it cannot).
+
+    :param home: Directory for ``AIRFLOW_HOME``; created if missing.
+    :param dags_folder: The DAGs to load.
+    :param connections: Connection id -> JSON connection (``conn_type``, ``host``, ``password``, ``extra``).
+    :param extra_env: More environment variables for every Airflow command.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        dags_folder: Path = EXAMPLE_DAGS,
+        connections: dict[str, dict[str, Any]] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.home = home
+        self.dags_folder = dags_folder
+        self.connections = dict(connections or {})
+        self.extra_env = dict(extra_env or {})
+        self.home.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def database(self) -> Path:
+        """The SQLite metadata database."""
+        return self.home / "airflow.db"
+
+    def env(self) -> dict[str, str]:
+        """The environment of every Airflow command run in this sandbox."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))}
+        env.update(
+            {
+                "AIRFLOW_HOME": str(self.home),
+                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.database}",
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+            }
+        )
+        for conn_id, conn in self.connections.items():
+            env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
+        env.update(self.extra_env)
+        return env
+
+    def airflow(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """
+        Run an ``airflow`` CLI command; raise with its output when it fails.
+
+        :param args: The command's arguments.
+        :param timeout: Seconds before it is killed.
+        """
+        command = [sys.executable, "-m", "airflow", *args]
+        result = subprocess.run(
+            command, env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"`airflow {' '.join(args)}` exited {result.returncode}\n"
+                f"--- stdout ---\n{result.stdout[-20000:]}\n--- stderr ---\n{result.stderr[-20000:]}"
+            )
+        return result
+
+    def migrate(self) -> None:
+        """Create the metadata database (once)."""
+        if not self.database.exists():
+            self.airflow("db", "migrate")
+
+    def dags_test(self, dag_id: str, conf: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
+        """
+        Run one DAG with ``airflow dags test``; deferred tasks run their trigger inline.
+
+        :param dag_id: The DAG.
+        :param conf: The run's conf.
+        """
+        args = ["dags", "test", dag_id]
+        if conf is not None:
+            args += ["--conf", json.dumps(conf)]
+        return self.airflow(*args)
+
+    def task_states(self, dag_id: str) -> dict[str, str]:
+        """State of each task instance (``task_id`` or ``task_id[map_index]``) of the DAG's latest run."""
+        rows = self._query(
+            "SELECT task_id, map_index, state FROM task_instance WHERE dag_id = ? AND run_id = ("
+            "SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1)",
+            (dag_id, dag_id),
+        )
+        return {(t if m < 0 else f"{t}[{m}]"): s for t, m, s in rows}
+
+    def xcom(self, dag_id: str, task_id: str, key: str = "return_value") -> list[Any]:
+        """
+        The XCom values of a task in the DAG's latest run, ordered by map index.
+
+        :param dag_id: The DAG.
+        :param task_id: The task.
+        :param key: The XCom key.
+        """
+        rows = self._query(
+            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = ? AND key = ? AND run_id = ("
+            "SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1) ORDER BY map_index",
+            (dag_id, task_id, key, dag_id),
+        )
+        return [json.loads(value) if isinstance(value, (str, bytes)) else value for (value,) in rows]
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(self.database) as db:
+            return db.execute(sql, params).fetchall()
+
+    def written_files(self) -> list[Path]:
+        """Every file Airflow wrote in this home: logs, the database, config."""
+        return [path for path in self.home.rglob("*") if path.is_file()]
