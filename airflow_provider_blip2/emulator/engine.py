@@ -70,7 +70,7 @@ class Emulator:
         self.ledger = Ledger()
         self.limiter = RateLimiter()
         self._rng = random.Random(config.seed)
-        self._client: httpx.AsyncClient | None = None
+        self._downloads: httpx.AsyncHTTPTransport | None = None
 
     # ---- faults -------------------------------------------------------------------------------------
 
@@ -190,7 +190,9 @@ class Emulator:
         model_input = prediction.model_input
         name = model_input.image_name
         prediction.log(f"downloading image '{name}'")
-        data = await download_image(self._http_client(), model_input.image, self.config.max_image_bytes)
+        data = await download_image(
+            self._transport(), model_input.image, self.config.max_image_bytes, self.config.download_timeout
+        )
         prediction.log(f"downloaded {len(data)} bytes")
         facts = await asyncio.to_thread(inspect_image, data, name)
         prediction.log(f"decoded {facts.format} image {facts.size}, sha256 {facts.sha256[:12]}")
@@ -216,15 +218,10 @@ class Emulator:
             prediction.finish(STATUS_SUCCESS, now, outcome, self.config.cost_per_prediction)
         self.ledger.statuses[prediction.status] += 1
 
-    def _http_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=self.config.download_timeout,
-                follow_redirects=True,
-                trust_env=False,
-                headers={"User-Agent": "blip2-emulator"},
-            )
-        return self._client
+    def _transport(self) -> httpx.AsyncBaseTransport:
+        if self._downloads is None:
+            self._downloads = httpx.AsyncHTTPTransport(retries=0)
+        return self._downloads
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -250,6 +247,6 @@ class Emulator:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._downloads is not None:
+            await self._downloads.aclose()
+            self._downloads = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections import Counter
@@ -36,6 +37,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "pink": (245, 150, 190),
     "brown": (125, 80, 35),
 }
+USER_AGENT = "blip2-emulator"
+MAX_REDIRECTS = 10
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _THUMBNAIL_SIZE = (48, 48)
 _URL_PATTERN = re.compile(r"https?://\S+")
 
@@ -120,26 +124,56 @@ def safe_error_text(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
-async def download_image(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
+async def download_image(
+    transport: httpx.AsyncBaseTransport, url: str, max_bytes: int, timeout: float
+) -> bytes:
     """Download an image, following redirects, reading at most ``max_bytes``.
 
-    :param client: the HTTP client.
+    The download talks to an httpx transport, not a client: httpx clients log every request URL at INFO
+    level, and image URLs may be presigned (credentials in the query string) that must never be logged.
+
+    :param transport: the HTTP transport.
     :param url: the image URL (never logged or echoed with its query string).
     :param max_bytes: the size cap.
+    :param timeout: seconds the whole download may take.
     :raises PredictionFailure: ``INPUT_DOWNLOAD_ERROR`` when the URL cannot be fetched,
         ``INPUT_VALIDATION_ERROR`` when the file is too large.
     """
     name = url_basename(url)
     try:
-        async with client.stream("GET", url, follow_redirects=True) as response:
+        return await asyncio.wait_for(_follow(transport, httpx.URL(url), name, max_bytes, timeout), timeout)
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        raise _download_failure(name, f"timed out after {timeout:g} s") from None
+    except httpx.HTTPError as exc:
+        raise _download_failure(name, safe_error_text(exc)) from None
+
+
+async def _follow(
+    transport: httpx.AsyncBaseTransport, url: httpx.URL, name: str, max_bytes: int, timeout: float
+) -> bytes:
+    for _ in range(MAX_REDIRECTS + 1):
+        request = httpx.Request(
+            "GET",
+            url,
+            headers={"User-Agent": USER_AGENT, "Accept": "image/*"},
+            extensions={"timeout": httpx.Timeout(timeout).as_dict()},
+        )
+        response = await transport.handle_async_request(request)
+        response.request = request
+        try:
+            location = response.headers.get("location")
+            if response.status_code in REDIRECT_STATUSES and location:
+                url = url.join(location)
+                if url.scheme not in ("http", "https"):
+                    raise _download_failure(name, f"redirected to an unsupported scheme {url.scheme!r}")
+                continue
             if response.status_code >= 400:
                 raise _download_failure(name, f"HTTP {response.status_code}")
             _check_declared_size(response, name, max_bytes)
             return await _read_capped(response, name, max_bytes)
-    except httpx.TimeoutException as exc:
-        raise _download_failure(name, f"timed out ({type(exc).__name__})") from None
-    except httpx.HTTPError as exc:
-        raise _download_failure(name, safe_error_text(exc)) from None
+        finally:
+            await response.aclose()
+    raise _download_failure(name, f"more than {MAX_REDIRECTS} redirects")
 
 
 def _download_failure(name: str, detail: str) -> PredictionFailure:

@@ -20,6 +20,29 @@ from airflow_provider_blip2.emulator.app import EmulatorApp, create_app
 from airflow_provider_blip2.emulator.config import EmulatorConfig
 
 _T = TypeVar("_T")
+_TICK_SECONDS = 0.1
+
+
+class _WakeableServer(uvicorn.Server):
+    """A uvicorn server whose idle loop can be woken up, so that stopping it takes no full tick."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._wakeup: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        """Tick like uvicorn's loop, but return as soon as :meth:`wake` is called after ``should_exit``."""
+        self._wakeup = asyncio.Event()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), _TICK_SECONDS)
+
+    def wake(self) -> None:
+        """Wake the idle loop up; call it on the server's event loop."""
+        if self._wakeup is not None:
+            self._wakeup.set()
 
 
 class EmulatorServer:
@@ -53,7 +76,7 @@ class EmulatorServer:
         self._log_level = log_level
         self._startup_timeout = startup_timeout
         self._socket: socket.socket | None = None
-        self._server: uvicorn.Server | None = None
+        self._server: _WakeableServer | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
@@ -87,7 +110,7 @@ class EmulatorServer:
         if self._thread is not None:
             raise RuntimeError("the emulator server is already started")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY needs the proto
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.host, self._requested_port))
@@ -104,7 +127,7 @@ class EmulatorServer:
             lifespan="on",
             timeout_graceful_shutdown=1,
         )
-        self._server = uvicorn.Server(uvicorn_config)
+        self._server = _WakeableServer(uvicorn_config)
         self._error = None
         self._thread = threading.Thread(target=self._serve, name="blip2-emulator", daemon=True)
         self._thread.start()
@@ -139,6 +162,10 @@ class EmulatorServer:
         """
         if self._server is not None:
             self._server.should_exit = True
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(self._server.wake)
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive() and self._server is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from airflow_provider_blip2.emulator.__main__ import build_parser, config_from_a
 KEY = "emulator-key"
 HEADERS = {"X-API-Key": KEY}
 FAST = 0.05  # time scale of most tests: a 2 s prediction takes 0.1 s
+POLLING_BUDGET = 100_000  # requests per minute for tests that poll fast; the rate-limit tests set their own
 TERMINAL = {"success", "error", "cancelled"}
 
 ServerFactory = Callable[..., EmulatorServer]
@@ -60,7 +62,7 @@ def make_server() -> Iterator[ServerFactory]:
     servers: list[EmulatorServer] = []
 
     def factory(**overrides: Any) -> EmulatorServer:
-        settings: dict[str, Any] = {"time_scale": FAST, "latency": 2.0}
+        settings: dict[str, Any] = {"time_scale": FAST, "latency": 2.0, "requests_per_minute": POLLING_BUDGET}
         settings.update(overrides)
         server = EmulatorServer(EmulatorConfig(**settings)).start()
         servers.append(server)
@@ -71,10 +73,22 @@ def make_server() -> Iterator[ServerFactory]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[EmulatorServer]:
+    """One emulator with default limits and a fast time scale, shared by the tests of this module."""
+    config = EmulatorConfig(time_scale=FAST, latency=2.0, requests_per_minute=POLLING_BUDGET)
+    with EmulatorServer(config) as emulator:
+        yield emulator
+
+
 @pytest.fixture
-def server(make_server: ServerFactory) -> EmulatorServer:
-    """A started emulator with default limits and a fast time scale."""
-    return make_server()
+def server(shared_server: EmulatorServer) -> Iterator[EmulatorServer]:
+    """The shared emulator, reset before the test; config changes of the test are undone after it."""
+    saved = dataclasses.asdict(shared_server.config)
+    shared_server.reset()
+    yield shared_server
+    for name, value in saved.items():
+        setattr(shared_server.config, name, value)
 
 
 @pytest.fixture
@@ -100,7 +114,9 @@ def wait_terminal(http: httpx.Client, prediction_id: str, timeout: float = 5.0) 
     """Poll a prediction until it is terminal, failing after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body: dict[str, Any] = http.get(f"/v1/prediction/{prediction_id}").json()
+        response = http.get(f"/v1/prediction/{prediction_id}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
         if body["status"] in TERMINAL:
             return body
         time.sleep(0.01)
@@ -282,7 +298,9 @@ def test_status_progression_to_success(make_server: ServerFactory, files: str) -
         seen: list[str] = []
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            body = http.get(f"/v1/prediction/{prediction_id}").json()
+            response = http.get(f"/v1/prediction/{prediction_id}")
+            assert response.status_code == 200, response.text
+            body = response.json()
             if not seen or seen[-1] != body["status"]:
                 seen.append(body["status"])
             if body["status"] in TERMINAL:
@@ -373,7 +391,7 @@ def test_redirects_are_followed(client: httpx.Client, files: str) -> None:
             pass
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         body = predict(client, f"http://127.0.0.1:{httpd.server_address[1]}/photo.png", caption=True)

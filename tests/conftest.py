@@ -1,0 +1,96 @@
+"""Shared fixtures: the API emulator and an image server on loopback, and a blip2 connection to them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
+from airflow_provider_blip2.protocol import RetryPolicy
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_IMAGES = REPO_ROOT / "example_dags" / "data"
+API_KEY = "test-api-key-4d1f0c"
+FAST_RETRIES = RetryPolicy(max_attempts=6, max_elapsed=20.0, initial_wait=0.01, max_wait=0.2)
+# Emulated time runs 20x faster: a 2 s prediction takes 0.1 s, the 60 s rate window 3 s.
+TIME_SCALE = 0.05
+
+os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample images, plus ``not-an-image.jpg`` (text bytes)."""
+    directory = tmp_path_factory.mktemp("images")
+    for path in SAMPLE_IMAGES.iterdir():
+        if path.suffix in {".jpg", ".png", ".webp"}:
+            shutil.copy(path, directory / path.name)
+    (directory / "not-an-image.jpg").write_text("this is text, not a JPEG\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def image_server(image_dir: Path) -> Iterator[str]:
+    """Base URL of a file server on 127.0.0.1 serving ``image_dir``."""
+    with serve_directory(image_dir) as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def image_url(image_server: str) -> Callable[[str], str]:
+    """``image_url("chelsea.jpg")`` -> the URL of a served image."""
+    return lambda name: f"{image_server}/{name}"
+
+
+@pytest.fixture
+def start_emulator() -> Iterator[Callable[..., EmulatorServer]]:
+    """Start an emulator with config overrides; every one started is stopped after the test."""
+    servers: list[EmulatorServer] = []
+
+    def start(**overrides: Any) -> EmulatorServer:
+        settings: dict[str, Any] = {"api_keys": (API_KEY,), "time_scale": TIME_SCALE}
+        settings.update(overrides)
+        server = EmulatorServer(EmulatorConfig(**settings))
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def emulator(start_emulator: Callable[..., EmulatorServer]) -> EmulatorServer:
+    """An emulator with the API's default limits, time-scaled."""
+    return start_emulator()
+
+
+def connection_json(
+    url: str, *, api_key: str = API_KEY, requests_per_minute: int = 1200, **extra: Any
+) -> str:
+    """A ``blip2`` connection as ``AIRFLOW_CONN_*`` JSON."""
+    return json.dumps(
+        {
+            "conn_type": "blip2",
+            "host": url,
+            "password": api_key,
+            "extra": {"requests_per_minute": requests_per_minute, **extra},
+        }
+    )
+
+
+@pytest.fixture
+def blip2_connection(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``blip2_default`` pointing at ``emulator``; returns the conn id.
+
+    Its budget of 1200 requests per minute matches the emulator's 60 per 3 s window.
+    """
+    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
+    return "blip2_default"
