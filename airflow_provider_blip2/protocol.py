@@ -184,12 +184,12 @@ def redact_url(url: str) -> str:
     """
     try:
         parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""  # .port raises ValueError on a bad port
     except ValueError:
         return "<unparseable URL>"
     if not parts.scheme or not parts.netloc:
         return url if len(url) <= 80 and "?" not in url else "<redacted>"
     host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
     suffix = "?<redacted>" if parts.query else ""
     return f"{parts.scheme}://{host}{port}{parts.path}{suffix}"
 
@@ -916,21 +916,29 @@ class ClientSettings:
             model=str(extra.get("model") or DEFAULT_MODEL),
             model_version=str(extra.get("model_version") or DEFAULT_MODEL_VERSION),
             request_timeout=check_positive_number(
-                "request_timeout", extra.get("request_timeout") or DEFAULT_REQUEST_TIMEOUT
+                "request_timeout", _extra_or_default(extra, "request_timeout", DEFAULT_REQUEST_TIMEOUT)
             ),
             requests_per_minute=int(
                 check_positive_number(
                     "requests_per_minute",
-                    extra.get("requests_per_minute") or DEFAULT_REQUESTS_PER_MINUTE,
+                    _extra_or_default(extra, "requests_per_minute", DEFAULT_REQUESTS_PER_MINUTE),
                     integer=True,
                 )
             ),
             max_concurrency=int(
                 check_positive_number(
-                    "max_concurrency", extra.get("max_concurrency") or DEFAULT_MAX_CONCURRENCY, integer=True
+                    "max_concurrency",
+                    _extra_or_default(extra, "max_concurrency", DEFAULT_MAX_CONCURRENCY),
+                    integer=True,
                 )
             ),
         )
+
+
+def _extra_or_default(extra: Mapping[str, Any], name: str, default: Any) -> Any:
+    """An extra field's value, or ``default`` when it is unset or empty; 0 is kept (and refused)."""
+    value = extra.get(name)
+    return default if value is None or value == "" else value
 
 
 def normalise_base_url(host: str | None) -> str:
