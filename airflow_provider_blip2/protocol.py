@@ -770,6 +770,10 @@ class RequestBudget:
     to wait (0 when granted), so threads sleep and coroutines ``await asyncio.sleep`` on the same
     shared state. Get instances from :func:`budget_for`, one per connection.
 
+    A request counts from the moment it is reserved; once :meth:`request_done` is called it counts
+    until ``window`` seconds after it finished. The server counts it from its arrival, which lies
+    between the two, so the client's window always covers the server's and never provokes a 429.
+
     :param requests_per_minute: Requests allowed in any sliding window of ``window`` seconds.
     :param max_concurrency: Predictions created by this process and not yet seen finished.
     :param window: Window length in seconds.
@@ -792,7 +796,8 @@ class RequestBudget:
         self.in_flight_ttl = in_flight_ttl
         self._clock = clock
         self._lock = threading.Lock()
-        self._sent: deque[float] = deque()
+        self._finished_requests: deque[float] = deque()
+        self._open_requests = 0
         self._in_flight: dict[str, float] = {}
         self._pending_slots = 0
 
@@ -800,12 +805,19 @@ class RequestBudget:
         """Take a request slot and return 0, or return the seconds to wait before asking again."""
         with self._lock:
             now = self._clock()
-            while self._sent and self._sent[0] <= now - self.window:
-                self._sent.popleft()
-            if len(self._sent) < self.requests_per_minute:
-                self._sent.append(now)
+            finished = self._finished_requests
+            while finished and finished[0] <= now - self.window:
+                finished.popleft()
+            if len(finished) + self._open_requests < self.requests_per_minute:
+                self._open_requests += 1
                 return 0.0
-            return max(0.001, self._sent[0] + self.window - now)
+            return max(0.001, finished[0] + self.window - now) if finished else 0.05
+
+    def request_done(self) -> None:
+        """Mark a reserved request finished (answered or failed): it counts for ``window`` from now."""
+        with self._lock:
+            self._open_requests = max(0, self._open_requests - 1)
+            self._finished_requests.append(self._clock())
 
     def reserve_prediction(self) -> float:
         """Take a slot for a prediction about to be created; 0, or seconds to wait before asking again."""
@@ -842,7 +854,9 @@ _BUDGETS: dict[tuple[str, str], RequestBudget] = {}
 _BUDGETS_LOCK = threading.Lock()
 
 
-def budget_for(key: str, base_url: str, requests_per_minute: int, max_concurrency: int) -> RequestBudget:
+def budget_for(
+    key: str, base_url: str, requests_per_minute: int, max_concurrency: int, window: float = 60.0
+) -> RequestBudget:
     """
     Return the process-wide budget of a connection, creating it on first use.
 
@@ -852,6 +866,7 @@ def budget_for(key: str, base_url: str, requests_per_minute: int, max_concurrenc
     :param base_url: The API base URL (one budget per connection and server).
     :param requests_per_minute: Requests allowed per 60 s.
     :param max_concurrency: Predictions in flight allowed.
+    :param window: Seconds ``requests_per_minute`` counts over.
     """
     with _BUDGETS_LOCK:
         budget = _BUDGETS.get((key, base_url))
@@ -859,6 +874,7 @@ def budget_for(key: str, base_url: str, requests_per_minute: int, max_concurrenc
             budget = _BUDGETS[(key, base_url)] = RequestBudget(requests_per_minute, max_concurrency)
         budget.requests_per_minute = requests_per_minute
         budget.max_concurrency = max_concurrency
+        budget.window = window
         return budget
 
 
@@ -889,6 +905,8 @@ class ClientSettings:
     :param request_timeout: Seconds to wait for one HTTP answer.
     :param requests_per_minute: Client-side request budget per 60 s.
     :param max_concurrency: Client-side limit of predictions in flight.
+    :param rate_window: Seconds of the window ``requests_per_minute`` counts over: 60, except
+        against an emulator whose time is scaled (``time_scale * 60``).
     """
 
     base_url: str
@@ -898,6 +916,7 @@ class ClientSettings:
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     requests_per_minute: int = DEFAULT_REQUESTS_PER_MINUTE
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    rate_window: float = 60.0
 
     @classmethod
     def from_connection_values(
@@ -932,6 +951,7 @@ class ClientSettings:
                     integer=True,
                 )
             ),
+            rate_window=check_positive_number("rate_window", _extra_or_default(extra, "rate_window", 60.0)),
         )
 
 

@@ -75,7 +75,11 @@ def emulator(start_emulator: Callable[..., EmulatorServer]) -> EmulatorServer:
 def connection_json(
     url: str, *, api_key: str = API_KEY, requests_per_minute: int = 1200, **extra: Any
 ) -> str:
-    """A ``blip2`` connection as ``AIRFLOW_CONN_*`` JSON."""
+    """A ``blip2`` connection as ``AIRFLOW_CONN_*`` JSON.
+
+    Pass ``requests_per_minute=60, rate_window=60 * TIME_SCALE`` for a budget equal to the
+    time-scaled emulator's limit; the default 1200 per 60 s is looser than the emulator's 60 per 3 s.
+    """
     return json.dumps(
         {
             "conn_type": "blip2",

@@ -168,7 +168,11 @@ class Blip2Hook(BaseHook):
 
     def _budget(self, settings: ClientSettings) -> RequestBudget:
         return budget_for(
-            self.blip2_conn_id, settings.base_url, settings.requests_per_minute, settings.max_concurrency
+            self.blip2_conn_id,
+            settings.base_url,
+            settings.requests_per_minute,
+            settings.max_concurrency,
+            settings.rate_window,
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -253,16 +257,16 @@ class Blip2Hook(BaseHook):
         """
         deadline = time.monotonic() + timeout
         while True:
+            # The first read waits too: a prediction takes about 2 s, and every read spends budget.
+            time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
             prediction = self.get_prediction(prediction_id)
             if prediction.status.is_terminal:
                 return prediction
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if deadline - time.monotonic() <= 0:
                 raise Blip2PredictionTimeoutError(
                     f"prediction {prediction_id} still {prediction.raw_status} after {timeout:g} s",
                     prediction_id=prediction_id,
                 )
-            time.sleep(min(poll_interval, remaining))
 
     def run(
         self, image: str, *, poll_interval: float = 2.0, timeout: float = 600.0, **inputs: Any
@@ -361,7 +365,11 @@ class Blip2Hook(BaseHook):
 
         def attempt() -> ApiResponse:
             _wait_sync(budget.reserve_request)
-            return _checked(request, self._send_once(settings, request))
+            try:
+                response = self._send_once(settings, request)
+            finally:
+                budget.request_done()
+            return _checked(request, response)
 
         try:
             return tenacity.Retrying(**self._retry_arguments(request))(attempt)
@@ -374,7 +382,11 @@ class Blip2Hook(BaseHook):
 
         async def attempt() -> ApiResponse:
             await _wait_async(budget.reserve_request)
-            return _checked(request, await self._asend_once(settings, request))
+            try:
+                response = await self._asend_once(settings, request)
+            finally:
+                budget.request_done()
+            return _checked(request, response)
 
         try:
             return await tenacity.AsyncRetrying(**self._retry_arguments(request))(attempt)

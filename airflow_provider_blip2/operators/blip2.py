@@ -105,6 +105,12 @@ class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
         if isinstance(self.image, str) and self.image:
             mask_secret(self.image)
 
+    def _do_render_template_fields(self, parent: Any, *args: Any, **kwargs: Any) -> None:
+        # A mapped task (.expand) renders through here and never calls render_template_fields.
+        super()._do_render_template_fields(parent, *args, **kwargs)
+        if parent is self and isinstance(self.image, str) and self.image:
+            mask_secret(self.image)
+
     # ------------------------------------------------------------------------------------------
     # Execution
     # ------------------------------------------------------------------------------------------
@@ -164,6 +170,8 @@ class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
 
         Returns the output because the mixin returns this method's value when it reattaches.
         """
+        if self.prediction_id != str(external_id):  # reattached on retry: this try's XCom is empty
+            context["ti"].xcom_push(key=PREDICTION_ID_XCOM_KEY, value=str(external_id))
         self.prediction_id = str(external_id)
         if self.deferrable:
             self._defer(self.prediction_id)

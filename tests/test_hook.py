@@ -1,0 +1,806 @@
+"""Tests of Blip2Hook over real HTTP against the API emulator on loopback (no mocked HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from airflow_provider_blip2 import protocol
+from airflow_provider_blip2.emulator import EmulatorServer
+from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+from airflow_provider_blip2.protocol import (
+    DEFAULT_QUESTION,
+    ApiRequest,
+    Blip2AmbiguousCreateError,
+    Blip2AuthenticationError,
+    Blip2InputError,
+    Blip2NotFoundError,
+    Blip2PredictionFailedError,
+    Blip2PredictionTimeoutError,
+    Blip2RateLimitError,
+    Blip2ServerError,
+    Blip2TransportError,
+    Prediction,
+    PredictionStatus,
+    RequestBudget,
+    RetryPolicy,
+)
+from tests.conftest import API_KEY, FAST_RETRIES, connection_json
+
+POLL = 0.02
+UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+# A time scale for the rate-limit tests: the emulator's 60 s window lasts 0.6 s.
+RATE_TIME_SCALE = 0.01
+RATE_WINDOW = 60 * RATE_TIME_SCALE
+
+StartEmulator = Callable[..., EmulatorServer]
+ImageUrl = Callable[[str], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingPolicy(RetryPolicy):
+    """FAST_RETRIES that records every retry decision and may run a callback on each failure."""
+
+    failures: list[BaseException] = dataclasses.field(default_factory=list, compare=False)
+    on_failure: Callable[[BaseException], None] | None = dataclasses.field(default=None, compare=False)
+
+    def should_retry(self, error: BaseException, request: ApiRequest) -> bool:
+        self.failures.append(error)
+        if self.on_failure is not None:
+            self.on_failure(error)
+        return super().should_retry(error, request)
+
+
+def recording_policy(**overrides: Any) -> RecordingPolicy:
+    """A RecordingPolicy with FAST_RETRIES' settings, optionally overridden."""
+    settings = {**dataclasses.asdict(FAST_RETRIES), **overrides}
+    return RecordingPolicy(**settings)
+
+
+@pytest.fixture(autouse=True)
+def fresh_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts with no process-wide budgets (a port may be reused by a later emulator)."""
+    monkeypatch.setattr(protocol, "_BUDGETS", {})
+
+
+@pytest.fixture
+def make_hook() -> Iterator[Callable[..., Blip2Hook]]:
+    """``make_hook(conn_id, policy)`` -> a Blip2Hook whose HTTP session is closed after the test."""
+    hooks: list[Blip2Hook] = []
+
+    def make(conn_id: str = "blip2_default", policy: RetryPolicy = FAST_RETRIES) -> Blip2Hook:
+        hook = Blip2Hook(conn_id, retry_policy=policy)
+        hooks.append(hook)
+        return hook
+
+    yield make
+    for hook in hooks:
+        hook.close()
+
+
+def add_connection(monkeypatch: pytest.MonkeyPatch, conn_id: str, url: str, **kwargs: Any) -> str:
+    """Define connection ``conn_id`` through ``AIRFLOW_CONN_<ID>``; returns the conn id."""
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", connection_json(url, **kwargs))
+    return conn_id
+
+
+def closed_port_url() -> str:
+    """A loopback URL where nothing listens (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def scaled_budget(
+    monkeypatch: pytest.MonkeyPatch, conn_id: str, url: str, requests_per_minute: int, max_concurrency: int = 10
+) -> RequestBudget:
+    """Register the budget of a connection with a window as time-scaled as the emulator's."""
+    budget = RequestBudget(requests_per_minute, max_concurrency, window=RATE_WINDOW)
+    monkeypatch.setitem(protocol._BUDGETS, (conn_id, url), budget)
+    return budget
+
+
+def total_requests(server: EmulatorServer) -> int:
+    return sum(server.ledger()["requests"].values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Happy paths
+# --------------------------------------------------------------------------------------------------
+def test_caption_create_and_wait(
+    emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    hook = make_hook(blip2_connection)
+    prediction_id = hook.create_prediction(image_url("chelsea.jpg"), caption=True)
+    assert re.fullmatch(UUID_PATTERN, prediction_id)
+    prediction = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=10)
+    assert prediction.id == prediction_id
+    assert prediction.status is PredictionStatus.SUCCEEDED
+    assert prediction.output is not None and prediction.output.startswith("[emulated] a ")
+    assert "question" not in prediction.output
+    ledger = emulator.ledger()
+    assert ledger["creates"] == 1
+    assert ledger["creates_by_input"] == {"chelsea.jpg|caption": 1}
+    assert ledger["statuses"]["success"] == 1
+
+
+def test_question_create_and_wait(
+    emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    hook = make_hook(blip2_connection)
+    prediction_id = hook.create_prediction(
+        image_url("astronaut.jpg"),
+        question="Where is the flag?",
+        context="Question: Who is this? Answer: an astronaut.",
+        temperature="0.7",
+        use_nucleus_sampling=True,
+    )
+    prediction = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=10)
+    assert prediction.status is PredictionStatus.SUCCEEDED
+    assert prediction.output is not None
+    assert prediction.output.startswith("[emulated]")
+    assert "(question: Where is the flag?)" in prediction.output
+    sent = prediction.raw["input"]
+    assert sent["question"] == "Where is the flag?"
+    assert sent["context"] == "Question: Who is this? Answer: an astronaut."
+    assert sent["temperature"] == 0.7
+    assert sent["use_nucleus_sampling"] is True
+    assert emulator.ledger()["creates_by_input"] == {"astronaut.jpg|Where is the flag?": 1}
+
+
+@pytest.mark.parametrize(
+    ("image", "inputs", "label"),
+    [
+        ("coffee.png", {}, DEFAULT_QUESTION),
+        ("rocket.webp", {"question": ""}, "caption"),
+        ("chelsea.jpg", {"question": "What color is the cat?"}, "What color is the cat?"),
+    ],
+)
+def test_run_returns_the_successful_prediction(
+    emulator: EmulatorServer,
+    blip2_connection: str,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+    image: str,
+    inputs: dict[str, Any],
+    label: str,
+) -> None:
+    prediction = make_hook(blip2_connection).run(image_url(image), poll_interval=POLL, timeout=10, **inputs)
+    assert prediction.status is PredictionStatus.SUCCEEDED
+    assert prediction.output is not None and prediction.output.startswith("[emulated]")
+    assert emulator.ledger()["creates_by_input"] == {f"{image}|{label}": 1}
+
+
+def test_get_prediction_fields(
+    start_emulator: StartEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+) -> None:
+    server = start_emulator(latency=10)  # 0.5 s
+    hook = make_hook(add_connection(monkeypatch, "blip2_fields", server.url))
+    prediction_id = hook.create_prediction(image_url("chelsea.jpg"))
+    running = hook.get_prediction(prediction_id)
+    assert running.status is PredictionStatus.RUNNING
+    assert running.raw_status in {"created", "processing"}
+    assert running.output is None and running.error is None
+    assert running.predict_time == 0.0
+    assert hook._budget(hook.settings).in_flight == 1
+    done = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=10)
+    assert done.status is PredictionStatus.SUCCEEDED
+    assert done.raw_status == "success"
+    assert done.predict_time is not None and 0.3 < done.predict_time < 2.0
+    assert done.raw["metrics"]["cost"] > 0
+    assert done.error is None and done.error_code is None
+    assert done.summary()["status"] == "success"
+    assert hook._budget(hook.settings).in_flight == 0  # seen finished: the slot is free
+
+
+def test_cancel_a_running_prediction(
+    start_emulator: StartEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+) -> None:
+    server = start_emulator(latency=100)  # 5 s: still running when cancelled
+    hook = make_hook(add_connection(monkeypatch, "blip2_cancel", server.url))
+    prediction_id = hook.create_prediction(image_url("chelsea.jpg"))
+    assert hook.get_prediction(prediction_id).status is PredictionStatus.RUNNING
+    hook.cancel_prediction(prediction_id)
+    assert hook._budget(hook.settings).in_flight == 0
+    prediction = hook.get_prediction(prediction_id)
+    assert prediction.status is PredictionStatus.CANCELLED
+    assert prediction.raw_status == "cancelled"
+    assert prediction.output is None
+    ledger = server.ledger()
+    assert ledger["statuses"]["cancelled"] == 1
+    assert ledger["in_flight"] == 0
+    with pytest.raises(Blip2PredictionFailedError, match="ended cancelled"):
+        prediction.raise_for_status()
+    hook.cancel_prediction(prediction_id)  # cancelling a finished prediction is a harmless no-op
+    assert hook.get_prediction(prediction_id).status is PredictionStatus.CANCELLED
+
+
+def test_wait_for_prediction_timeout(
+    start_emulator: StartEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+) -> None:
+    server = start_emulator(latency=100)
+    hook = make_hook(add_connection(monkeypatch, "blip2_slow", server.url))
+    prediction_id = hook.create_prediction(image_url("chelsea.jpg"))
+    started = time.monotonic()
+    with pytest.raises(Blip2PredictionTimeoutError) as caught:
+        hook.wait_for_prediction(prediction_id, poll_interval=0.05, timeout=0.3)
+    elapsed = time.monotonic() - started
+    assert 0.3 <= elapsed < 2.0
+    assert caught.value.prediction_id == prediction_id
+    assert prediction_id in str(caught.value)
+    assert "0.3 s" in str(caught.value)
+    assert server.ledger()["requests"]["get"] >= 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Failed predictions and refused requests
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("image", "error_code"),
+    [
+        ("missing.jpg?X-Amz-Signature=deadbeefcafe", "INPUT_DOWNLOAD_ERROR"),
+        ("not-an-image.jpg", "INPUT_VALIDATION_ERROR"),
+    ],
+)
+def test_failed_prediction(
+    emulator: EmulatorServer,
+    blip2_connection: str,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+    image: str,
+    error_code: str,
+) -> None:
+    hook = make_hook(blip2_connection)
+    prediction_id = hook.create_prediction(image_url(image), caption=True)
+    prediction = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=10)
+    assert prediction.status is PredictionStatus.FAILED
+    assert prediction.error_code == error_code
+    assert prediction.error
+    assert prediction.output is None
+    assert hook._budget(hook.settings).in_flight == 0
+
+    with pytest.raises(Blip2PredictionFailedError) as caught:
+        hook.run(image_url(image), caption=True, poll_interval=POLL, timeout=10)
+    assert caught.value.error_code == error_code
+    assert f"[{error_code}]" in str(caught.value)
+    assert "deadbeefcafe" not in str(caught.value)
+    assert emulator.ledger()["statuses"]["error"] == 2
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        {"temperature": 2},
+        {"temperature": "hot"},
+        {"caption": True, "question": "What is it?"},
+        {"caption": True, "context": "Question: a? Answer: b."},
+        {"image": "s3://bucket/chelsea.jpg"},
+        {"image": "chelsea.jpg"},
+        {"image": ""},
+    ],
+)
+def test_invalid_input_is_refused_before_any_request(
+    emulator: EmulatorServer,
+    blip2_connection: str,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+    inputs: dict[str, Any],
+) -> None:
+    hook = make_hook(blip2_connection)
+    arguments = {"image": image_url("chelsea.jpg"), **inputs}
+    with pytest.raises(Blip2InputError):
+        hook.create_prediction(**arguments)
+    with pytest.raises(Blip2InputError):
+        hook.run(**arguments, poll_interval=POLL)
+    assert total_requests(emulator) == 0
+    assert emulator.ledger()["creates"] == 0
+
+
+def test_wrong_api_key_is_not_retried(
+    emulator: EmulatorServer,
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+) -> None:
+    hook = make_hook(add_connection(monkeypatch, "blip2_bad_key", emulator.url, api_key="not-the-key"))
+    with pytest.raises(Blip2AuthenticationError) as caught:
+        hook.create_prediction(image_url("chelsea.jpg"))
+    assert caught.value.status_code == 401
+    assert "API Key" in str(caught.value)
+    assert re.search(rf"request id {UUID_PATTERN}", str(caught.value))
+    ledger = emulator.ledger()
+    assert ledger["requests"] == {"create": 1}
+    assert ledger["responses_401"] == 1
+    assert ledger["creates"] == 0
+    assert hook._budget(hook.settings).in_flight == 0  # the failed create freed its slot
+
+
+def test_unknown_prediction_is_not_retried(
+    emulator: EmulatorServer, blip2_connection: str, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    hook = make_hook(blip2_connection)
+    with pytest.raises(Blip2NotFoundError) as caught:
+        hook.get_prediction("00000000-0000-4000-8000-000000000001")
+    error = caught.value
+    assert error.status_code == 404
+    assert error.request_id is not None and re.fullmatch(UUID_PATTERN, error.request_id)
+    assert f"request id {error.request_id}" in str(error)  # X-Request-Id is quoted in the message
+    assert "prediction not found" in str(error)
+    assert emulator.ledger()["requests"] == {"get": 1}
+
+
+def test_prediction_id_is_validated_before_any_request(
+    emulator: EmulatorServer, blip2_connection: str, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    hook = make_hook(blip2_connection)
+    with pytest.raises(Blip2InputError, match="prediction_id"):
+        hook.get_prediction("../model")
+    assert total_requests(emulator) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Fault injection
+# --------------------------------------------------------------------------------------------------
+def test_gets_retry_5xx_until_max_attempts(
+    emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    policy = recording_policy()
+    hook = make_hook(blip2_connection, policy)
+    prediction_id = hook.create_prediction(image_url("chelsea.jpg"))
+    emulator.config.fault_5xx = 1.0
+    with pytest.raises(Blip2ServerError) as caught:
+        hook.get_prediction(prediction_id)
+    assert caught.value.status_code in {500, 502, 503}
+    assert caught.value.request_id is not None
+    ledger = emulator.ledger()
+    assert ledger["requests"]["get"] == FAST_RETRIES.max_attempts
+    assert ledger["responses_5xx_injected"] == FAST_RETRIES.max_attempts
+    assert len(policy.failures) == FAST_RETRIES.max_attempts
+    emulator.config.fault_5xx = 0.0
+    assert hook.wait_for_prediction(prediction_id, poll_interval=POLL).status is PredictionStatus.SUCCEEDED
+
+
+def test_create_with_5xx_is_ambiguous_and_not_retried(
+    emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    hook = make_hook(blip2_connection)
+    emulator.config.fault_5xx = 1.0
+    with pytest.raises(Blip2AmbiguousCreateError) as caught:
+        hook.create_prediction(image_url("chelsea.jpg"))
+    assert caught.value.status_code in {500, 502, 503}
+    assert isinstance(caught.value.__cause__, Blip2ServerError)
+    assert "not resent" in str(caught.value)
+    assert re.search(rf"request id {UUID_PATTERN}", str(caught.value))
+    ledger = emulator.ledger()
+    assert ledger["requests"] == {"create": 1}
+    assert ledger["creates"] == 0
+    assert hook._budget(hook.settings).in_flight == 0
+
+
+def test_dropped_create_is_ambiguous_and_never_resent(
+    emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    hook = make_hook(blip2_connection)
+    emulator.config.fault_drop = 1.0
+    with pytest.raises(Blip2AmbiguousCreateError) as caught:
+        hook.create_prediction(image_url("chelsea.jpg"))
+    assert isinstance(caught.value.__cause__, Blip2TransportError)
+    assert caught.value.__cause__.sent is True
+    assert caught.value.status_code is None
+    ledger = emulator.ledger()
+    assert ledger["requests"] == {"create": 1}
+    assert ledger["drops_injected"] == 1
+    assert ledger["creates"] == 1  # the prediction exists (and is billed): resending would duplicate it
+
+
+def test_dropped_gets_are_retried(
+    emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    hook = make_hook(blip2_connection)
+    prediction_id = hook.create_prediction(image_url("chelsea.jpg"))
+    emulator.config.fault_drop = 1.0
+    with pytest.raises(Blip2TransportError) as caught:
+        hook.get_prediction(prediction_id)
+    assert caught.value.sent is True
+    assert emulator.ledger()["requests"]["get"] == FAST_RETRIES.max_attempts
+    assert emulator.ledger()["drops_injected"] == FAST_RETRIES.max_attempts
+
+
+def test_create_retried_after_429_succeeds(
+    emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    # Phase 1: every create answered 429: retried up to max_attempts, nothing created, not ambiguous.
+    emulator.config.fault_429 = 1.0
+    with pytest.raises(Blip2RateLimitError) as caught:
+        make_hook(blip2_connection).create_prediction(image_url("chelsea.jpg"))
+    assert caught.value.retry_after == pytest.approx(0.05)  # the emulator's scaled Retry-After
+    ledger = emulator.ledger()
+    assert ledger["requests"]["create"] == FAST_RETRIES.max_attempts
+    assert ledger["responses_429"] == FAST_RETRIES.max_attempts
+    assert ledger["creates"] == 0
+
+    # Phase 2: the server recovers after the first 429; the retried create succeeds, once.
+    def recover(error: BaseException) -> None:
+        assert isinstance(error, Blip2RateLimitError)
+        emulator.config.fault_429 = 0.0
+
+    policy = recording_policy(on_failure=recover)
+    hook = make_hook(blip2_connection, policy)
+    prediction_id = hook.create_prediction(image_url("chelsea.jpg"))
+    assert len(policy.failures) == 1
+    ledger = emulator.ledger()
+    assert ledger["requests"]["create"] == FAST_RETRIES.max_attempts + 2
+    assert ledger["creates"] == 1
+    assert hook.wait_for_prediction(prediction_id, poll_interval=POLL).status is PredictionStatus.SUCCEEDED
+
+
+def test_create_to_closed_port_is_retried_then_raises_unsent_transport_error(
+    monkeypatch: pytest.MonkeyPatch, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    policy = recording_policy()
+    hook = make_hook(add_connection(monkeypatch, "blip2_closed", closed_port_url()), policy)
+    with pytest.raises(Blip2TransportError) as caught:
+        hook.create_prediction(image_url("chelsea.jpg"))
+    assert caught.value.sent is False  # refused: the server cannot have created anything
+    assert "before the request was sent" in str(caught.value)
+    assert len(policy.failures) == FAST_RETRIES.max_attempts
+    assert all(isinstance(error, Blip2TransportError) and not error.sent for error in policy.failures)
+    assert hook._budget(hook.settings).in_flight == 0
+
+
+def test_batch_succeeds_under_seeded_partial_faults(
+    start_emulator: StartEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+) -> None:
+    server = start_emulator(seed=1234)
+    hook = make_hook(
+        add_connection(monkeypatch, "blip2_faulty", server.url), dataclasses.replace(FAST_RETRIES, max_attempts=12)
+    )
+    images = ["astronaut.jpg", "chelsea.jpg", "coffee.png", "rocket.webp", "chelsea.jpg", "coffee.png"]
+    prediction_ids = [hook.create_prediction(image_url(name), caption=True) for name in images]
+    server.config.fault_5xx = 0.2
+    server.config.fault_429 = 0.2
+    results = [hook.wait_for_prediction(pid, poll_interval=POLL, timeout=20) for pid in prediction_ids]
+    assert [result.status for result in results] == [PredictionStatus.SUCCEEDED] * len(images)
+    assert all(result.output and result.output.startswith("[emulated]") for result in results)
+    ledger = server.ledger()
+    assert ledger["responses_5xx_injected"] + ledger["responses_429_injected"] > 0
+    assert ledger["creates"] == len(images)
+
+
+# --------------------------------------------------------------------------------------------------
+# Request budget
+# --------------------------------------------------------------------------------------------------
+def test_client_budget_keeps_the_server_from_answering_429(
+    start_emulator: StartEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+) -> None:
+    server = start_emulator(time_scale=RATE_TIME_SCALE, requests_per_minute=6)
+    conn_id = add_connection(monkeypatch, "blip2_tight", server.url, requests_per_minute=5)
+    budget = scaled_budget(monkeypatch, conn_id, server.url, 5)
+    hook = make_hook(conn_id)
+    started = time.monotonic()
+    prediction = hook.run(image_url("chelsea.jpg"), caption=True, poll_interval=POLL, timeout=10)
+    for _ in range(12):
+        assert hook.get_model()["slug"] == "blip-2"
+    elapsed = time.monotonic() - started
+    assert prediction.status is PredictionStatus.SUCCEEDED
+    assert hook._budget(hook.settings) is budget
+    ledger = server.ledger()
+    sent = sum(ledger["requests"].values())
+    assert sent > 15
+    assert ledger["responses_429"] == 0
+    # 5 requests per window: the last of them cannot start before (sent // 5) windows have passed.
+    assert elapsed >= (sent - 1) // 5 * RATE_WINDOW - 0.05
+
+
+def test_budget_above_the_server_limit_gets_429s_that_are_retried(
+    start_emulator: StartEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+) -> None:
+    server = start_emulator(time_scale=RATE_TIME_SCALE, requests_per_minute=6)
+    conn_id = add_connection(monkeypatch, "blip2_loose", server.url, requests_per_minute=100)
+    scaled_budget(monkeypatch, conn_id, server.url, 100)
+    policy = recording_policy(max_wait=1.0)  # honour the emulator's Retry-After in full
+    hook = make_hook(conn_id, policy)
+    records = [hook.get_model() for _ in range(15)]
+    assert all(record == records[0] for record in records)
+    ledger = server.ledger()
+    assert ledger["responses_429"] > 0
+    assert ledger["responses_429_injected"] == 0  # real rate limiting, not injected faults
+    assert ledger["requests"]["model"] == 15 + ledger["responses_429"]
+    assert len(policy.failures) == ledger["responses_429"]
+    assert all(isinstance(error, Blip2RateLimitError) and error.retry_after for error in policy.failures)
+
+
+def test_budget_is_shared_by_hooks_of_the_same_connection(
+    start_emulator: StartEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    make_hook: Callable[..., Blip2Hook],
+) -> None:
+    server = start_emulator(time_scale=RATE_TIME_SCALE, requests_per_minute=6)
+    conn_id = add_connection(monkeypatch, "blip2_shared", server.url, requests_per_minute=5)
+    budget = scaled_budget(monkeypatch, conn_id, server.url, 5)
+    first, second = make_hook(conn_id), make_hook(conn_id)
+    assert first._budget(first.settings) is second._budget(second.settings) is budget
+    errors: list[BaseException] = []
+
+    def work(hook: Blip2Hook) -> None:
+        try:
+            for _ in range(6):
+                hook.get_model()
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=work, args=(hook,)) for hook in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    elapsed = time.monotonic() - started
+    assert errors == []
+    ledger = server.ledger()
+    assert ledger["requests"]["model"] == 12
+    # Two separate budgets of 5 would send 10 requests at once, past the emulator's 6: 429s.
+    assert ledger["responses_429"] == 0
+    assert elapsed >= 2 * RATE_WINDOW - 0.05  # 12 requests at 5 per window span three windows
+
+
+def test_max_concurrency_one_makes_a_second_create_wait(
+    start_emulator: StartEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+) -> None:
+    server = start_emulator(latency=10)  # 0.5 s
+    conn_id = add_connection(monkeypatch, "blip2_serial", server.url, max_concurrency=1)
+    first, second = make_hook(conn_id), make_hook(conn_id)
+    first_id = first.create_prediction(image_url("chelsea.jpg"))
+    created: list[str] = []
+    errors: list[BaseException] = []
+
+    def create_second() -> None:
+        try:
+            created.append(second.create_prediction(image_url("coffee.png")))
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=create_second)
+    thread.start()
+    thread.join(0.2)
+    assert thread.is_alive()  # waiting for the slot of the first prediction
+    assert server.ledger()["creates"] == 1
+    assert first.wait_for_prediction(first_id, poll_interval=POLL).status is PredictionStatus.SUCCEEDED
+    thread.join(5)
+    assert not thread.is_alive()
+    assert errors == []
+    assert len(created) == 1 and created[0] != first_id
+    ledger = server.ledger()
+    assert ledger["creates"] == 2
+    assert ledger["peak_in_flight"] == 1
+    assert second._budget(second.settings).in_flight == 1
+    assert second.wait_for_prediction(created[0], poll_interval=POLL).status is PredictionStatus.SUCCEEDED
+    assert second._budget(second.settings).in_flight == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# test_connection
+# --------------------------------------------------------------------------------------------------
+def test_test_connection_ok(
+    emulator: EmulatorServer, blip2_connection: str, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    ok, message = make_hook(blip2_connection).test_connection()
+    assert ok is True
+    assert emulator.url in message
+    assert "API key is valid" in message
+    assert emulator.ledger()["requests"] == {"model": 1, "get": 1}
+
+
+def test_test_connection_bad_key(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    hook = make_hook(add_connection(monkeypatch, "blip2_bad", emulator.url, api_key="wrong-key"))
+    ok, message = hook.test_connection()
+    assert ok is False
+    assert "API key was refused" in message
+    assert "wrong-key" not in message
+    assert emulator.ledger()["responses_401"] == 1
+
+
+def test_test_connection_closed_port(
+    monkeypatch: pytest.MonkeyPatch, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    url = closed_port_url()
+    ok, message = make_hook(add_connection(monkeypatch, "blip2_nowhere", url)).test_connection()
+    assert ok is False
+    assert message.startswith(f"Cannot reach the API at {url}")
+
+
+def test_test_connection_wrong_host(
+    image_server: str, monkeypatch: pytest.MonkeyPatch, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    # The image file server answers 404 (with an HTML body) to /v1/model.
+    ok, message = make_hook(add_connection(monkeypatch, "blip2_files", image_server)).test_connection()
+    assert ok is False
+    assert f"No Eachlabs API, or no model 'blip-2', at {image_server}" in message
+    assert "check the host" in message
+
+
+def test_test_connection_misconfigured(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    conn_id = add_connection(monkeypatch, "blip2_misconfigured", emulator.url, requests_per_minute="abc")
+    ok, message = make_hook(conn_id).test_connection()
+    assert ok is False
+    assert "misconfigured" in message
+    assert "requests_per_minute" in message
+    assert total_requests(emulator) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Async path
+# --------------------------------------------------------------------------------------------------
+async def apoll(hook: Blip2Hook, prediction_id: str, timeout: float = 10.0) -> Prediction:
+    """Poll with the async API until the prediction is terminal."""
+    deadline = time.monotonic() + timeout
+    while True:
+        prediction = await hook.aget_prediction(prediction_id)
+        if prediction.status.is_terminal:
+            return prediction
+        assert time.monotonic() < deadline, f"{prediction_id} still {prediction.raw_status}"
+        await asyncio.sleep(POLL)
+
+
+async def test_async_settings_are_resolved_without_the_sync_lookup(
+    emulator: EmulatorServer, blip2_connection: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook = Blip2Hook(blip2_connection, retry_policy=FAST_RETRIES)
+
+    def no_sync_lookup(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the async path must not use the blocking get_connection")
+
+    monkeypatch.setattr(Blip2Hook, "get_connection", no_sync_lookup)
+    settings = await hook.aget_settings()
+    assert settings.base_url == emulator.url
+    assert settings.api_key == API_KEY
+    assert settings.requests_per_minute == 1200
+    assert await hook.aget_settings() is settings  # resolved once
+
+
+async def test_async_get_and_cancel(
+    start_emulator: StartEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+) -> None:
+    server = start_emulator(latency=100)
+    conn_id = add_connection(monkeypatch, "blip2_async", server.url)
+    prediction_id = make_hook(conn_id).create_prediction(image_url("chelsea.jpg"))
+    hook = Blip2Hook(conn_id, retry_policy=FAST_RETRIES)
+    try:
+        running = await hook.aget_prediction(prediction_id)
+        assert running.status is PredictionStatus.RUNNING
+        assert running.id == prediction_id
+        await hook.acancel_prediction(prediction_id)
+        cancelled = await hook.aget_prediction(prediction_id)
+        assert cancelled.status is PredictionStatus.CANCELLED
+        assert hook._budget(await hook.aget_settings()).in_flight == 0
+    finally:
+        await hook.aclose()
+    ledger = server.ledger()
+    assert ledger["requests"] == {"create": 1, "get": 2, "cancel": 1}
+    assert ledger["statuses"]["cancelled"] == 1
+
+
+async def test_async_get_until_success(
+    emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    prediction_id = make_hook(blip2_connection).create_prediction(image_url("rocket.webp"), caption=True)
+    hook = Blip2Hook(blip2_connection, retry_policy=FAST_RETRIES)
+    try:
+        prediction = await apoll(hook, prediction_id)
+    finally:
+        await hook.aclose()
+    assert prediction.status is PredictionStatus.SUCCEEDED
+    assert prediction.output is not None and prediction.output.startswith("[emulated]")
+    assert prediction.predict_time is not None and prediction.predict_time > 0
+
+
+async def test_async_retries_5xx_then_raises(
+    emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    prediction_id = make_hook(blip2_connection).create_prediction(image_url("chelsea.jpg"))
+    emulator.config.fault_5xx = 1.0
+    hook = Blip2Hook(blip2_connection, retry_policy=FAST_RETRIES)
+    try:
+        with pytest.raises(Blip2ServerError) as caught:
+            await hook.aget_prediction(prediction_id)
+        assert re.search(rf"request id {UUID_PATTERN}", str(caught.value))
+        assert emulator.ledger()["requests"]["get"] == FAST_RETRIES.max_attempts
+        with pytest.raises(Blip2ServerError):
+            await hook.acancel_prediction(prediction_id)  # cancel is idempotent: retried too
+        assert emulator.ledger()["requests"]["cancel"] == FAST_RETRIES.max_attempts
+    finally:
+        await hook.aclose()
+
+
+async def test_async_recovers_from_partial_faults(
+    start_emulator: StartEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: ImageUrl,
+    make_hook: Callable[..., Blip2Hook],
+) -> None:
+    server = start_emulator(seed=99)
+    conn_id = add_connection(monkeypatch, "blip2_async_faulty", server.url)
+    creator = make_hook(conn_id)
+    prediction_ids = [creator.create_prediction(image_url(name)) for name in ("chelsea.jpg", "coffee.png")]
+    server.config.fault_5xx = 0.25
+    server.config.fault_429 = 0.25
+    server.config.fault_drop = 0.1
+    hook = Blip2Hook(conn_id, retry_policy=dataclasses.replace(FAST_RETRIES, max_attempts=12))
+    try:
+        results = await asyncio.gather(*(apoll(hook, pid) for pid in prediction_ids))
+    finally:
+        await hook.aclose()
+    assert [result.status for result in results] == [PredictionStatus.SUCCEEDED] * 2
+    ledger = server.ledger()
+    injected = ledger["responses_5xx_injected"] + ledger["responses_429_injected"] + ledger["drops_injected"]
+    assert injected > 0
+
+
+async def test_async_errors_are_mapped_and_not_retried(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = Blip2Hook(add_connection(monkeypatch, "blip2_async_good", emulator.url), retry_policy=FAST_RETRIES)
+    bad = Blip2Hook(
+        add_connection(monkeypatch, "blip2_async_bad", emulator.url, api_key="wrong"), retry_policy=FAST_RETRIES
+    )
+    try:
+        with pytest.raises(Blip2NotFoundError) as not_found:
+            await good.aget_prediction("00000000-0000-4000-8000-000000000002")
+        with pytest.raises(Blip2AuthenticationError):
+            await bad.aget_prediction("00000000-0000-4000-8000-000000000002")
+    finally:
+        await good.aclose()
+        await bad.aclose()
+    assert not_found.value.request_id is not None
+    assert f"request id {not_found.value.request_id}" in str(not_found.value)
+    assert emulator.ledger()["requests"] == {"get": 2}
+    assert emulator.ledger()["responses_401"] == 1
+
+
+async def test_async_closed_port_raises_unsent_transport_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = recording_policy()
+    hook = Blip2Hook(add_connection(monkeypatch, "blip2_async_closed", closed_port_url()), retry_policy=policy)
+    try:
+        with pytest.raises(Blip2TransportError) as caught:
+            await hook.aget_prediction("00000000-0000-4000-8000-000000000003")
+    finally:
+        await hook.aclose()
+    assert caught.value.sent is False
+    assert len(policy.failures) == FAST_RETRIES.max_attempts

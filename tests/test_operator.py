@@ -1,0 +1,571 @@
+"""
+Tests of Blip2PredictionOperator in a real Airflow, and of its reattach-on-retry logic.
+
+The DAG tests write one DAG file whose independent tasks each cover one scenario, and run it once with
+``airflow dags test`` in a subprocess with a throwaway ``AIRFLOW_HOME`` (SQLite): the test process may
+already have imported Airflow with another configuration, so an in-process ``dag.test()`` could not
+get a metadata DB of its own. ``dags test`` runs deferred triggers inline and retries failed tries.
+Every task talks to an emulator of its own (one connection each), so each ledger belongs to one task.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from airflow.providers.common.compat.sdk import AirflowException, TaskDeferred
+
+from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer
+from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
+from airflow_provider_blip2.triggers.blip2 import Blip2PredictionTrigger
+from scripts.sandbox import AirflowSandbox
+from tests.conftest import API_KEY, TIME_SCALE, connection_json
+
+DAG_ID = "blip2_operator_scenarios"
+SIGNATURE = "X-Amz-Signature=0c9e7a51d2b4f6a8"
+# The mapped images are signed differently: no other task may have masked their URLs already.
+MAPPED_SIGNATURE = "X-Amz-Signature=3d8f1b6e90ac2477"
+# Emulated latencies before the 0.05 time scale: 2 -> 0.1 s, 40 -> 2 s, 2000 -> 100 s.
+LATENCY = {
+    "sync": 2.0,
+    "deferred": 2.0,
+    "mapped": 2.0,
+    "templated": 2.0,
+    "invalid": 2.0,
+    "failed_sync": 2.0,
+    "failed_deferred": 2.0,
+    "timeout_sync": 2000.0,
+    "timeout_deferred": 2000.0,
+    "retry_sync": 40.0,
+    "retry_deferred": 40.0,
+}
+MAPPED_IMAGES = ["chelsea.jpg", "coffee.png", "rocket.webp"]
+
+DAG_TEMPLATE = '''
+from __future__ import annotations
+
+import datetime
+
+import pendulum
+
+from airflow.providers.common.compat.sdk import DAG, AirflowException
+from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
+
+IMAGES = {images!r}
+SIGNED = "?{signature}"
+
+
+def signed(name):
+    return IMAGES + "/" + name + SIGNED
+
+
+class CrashAfterSubmit(Blip2PredictionOperator):
+    """Its first try dies right after the prediction was created and its id stored."""
+
+    def poll_until_complete(self, external_id, context):
+        if context["ti"].try_number == 1:
+            raise AirflowException("simulated worker crash after submitting " + str(external_id))
+        return super().poll_until_complete(external_id, context)
+
+
+with DAG(
+    dag_id="{dag_id}",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    params={{"image": signed("astronaut.jpg"), "question": "Who is this?"}},
+    default_args={{"poll_interval": 0.1}},
+) as dag:
+    Blip2PredictionOperator(
+        task_id="sync", blip2_conn_id="bl_sync", image=signed("chelsea.jpg"), caption=True, deferrable=False
+    )
+    Blip2PredictionOperator(
+        task_id="deferred",
+        blip2_conn_id="bl_deferred",
+        image=signed("coffee.png"),
+        question="Is there a cup?",
+        deferrable=True,
+    )
+    Blip2PredictionOperator.partial(
+        task_id="mapped", blip2_conn_id="bl_mapped", caption=True, deferrable=True
+    ).expand(image=[IMAGES + "/" + name + "?{mapped_signature}" for name in {mapped!r}])
+    Blip2PredictionOperator(
+        task_id="templated",
+        blip2_conn_id="bl_templated",
+        image="{{{{ params.image }}}}",
+        question="{{{{ params.question }}}}",
+        context="Question: {{{{ dag.dag_id }}}}? Answer: a dag.",
+        deferrable=False,
+    )
+    Blip2PredictionOperator(
+        task_id="invalid",
+        blip2_conn_id="bl_invalid",
+        image=signed("chelsea.jpg"),
+        caption=True,
+        question="What is this?",
+        retries=2,
+        retry_delay=datetime.timedelta(0),
+    )
+    Blip2PredictionOperator(
+        task_id="failed_sync", blip2_conn_id="bl_failed_sync", image=signed("missing.jpg"), deferrable=False
+    )
+    Blip2PredictionOperator(
+        task_id="failed_deferred",
+        blip2_conn_id="bl_failed_deferred",
+        image=signed("missing.jpg"),
+        deferrable=True,
+    )
+    Blip2PredictionOperator(
+        task_id="timeout_sync",
+        blip2_conn_id="bl_timeout_sync",
+        image=signed("chelsea.jpg"),
+        timeout=1,
+        poll_interval=0.2,
+        deferrable=False,
+    )
+    Blip2PredictionOperator(
+        task_id="timeout_deferred",
+        blip2_conn_id="bl_timeout_deferred",
+        image=signed("chelsea.jpg"),
+        timeout=1,
+        poll_interval=0.2,
+        deferrable=True,
+    )
+    CrashAfterSubmit(
+        task_id="retry_sync",
+        blip2_conn_id="bl_retry_sync",
+        image=signed("coffee.png"),
+        caption=True,
+        retries=1,
+        retry_delay=datetime.timedelta(0),
+        deferrable=False,
+    )
+    CrashAfterSubmit(
+        task_id="retry_deferred",
+        blip2_conn_id="bl_retry_deferred",
+        image=signed("rocket.webp"),
+        caption=True,
+        retries=1,
+        retry_delay=datetime.timedelta(0),
+        deferrable=True,
+    )
+'''
+
+
+@dataclass
+class DagRunResult:
+    """One ``airflow dags test`` run of the scenario DAG."""
+
+    sandbox: AirflowSandbox
+    emulators: dict[str, EmulatorServer]
+    image_server: str
+    returncode: int
+    output: str
+    conf: dict[str, Any]
+
+    def state(self, task_id: str) -> str:
+        return self.sandbox.task_states(DAG_ID)[task_id]
+
+    def xcom(self, task_id: str, key: str = "return_value") -> list[Any]:
+        return self.sandbox.xcom(DAG_ID, task_id, key)
+
+    def ledger(self, task_id: str) -> dict[str, Any]:
+        return self.emulators[task_id].ledger()
+
+    def predictions(self, task_id: str) -> dict[str, Any]:
+        """The emulator's predictions of a task, by id."""
+        return dict(self.emulators[task_id].app.emulator.predictions)
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(self.sandbox.database) as db:
+            return db.execute(sql, params).fetchall()
+
+    def task_log(self, task_id: str) -> str:
+        """The lines ``dags test`` printed while running the task (every try and map index)."""
+        sections, current = [], None
+        for line in self.output.splitlines():
+            started = re.search(r"\[DAG TEST\] starting task_id=(\S+)", line)
+            if started:
+                current = started.group(1)
+            if current == task_id:
+                sections.append(line)
+            if re.search(r"\[DAG TEST\] end task task_id=(\S+)", line):
+                current = None
+        return "\n".join(sections)
+
+
+@pytest.fixture(scope="module")
+def dag_run(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Iterator[DagRunResult]:
+    """Run the scenario DAG once; every test of this module checks one task of that run."""
+    base = tmp_path_factory.mktemp("airflow")
+    dags = base / "dags"
+    dags.mkdir()
+    (dags / f"{DAG_ID}.py").write_text(
+        DAG_TEMPLATE.format(
+            images=image_server,
+            signature=SIGNATURE,
+            mapped_signature=MAPPED_SIGNATURE,
+            dag_id=DAG_ID,
+            mapped=MAPPED_IMAGES,
+        ).lstrip()
+    )
+    emulators = {
+        task_id: EmulatorServer(
+            EmulatorConfig(api_keys=(API_KEY,), time_scale=TIME_SCALE, latency=latency)
+        ).start()
+        for task_id, latency in LATENCY.items()
+    }
+    try:
+        sandbox = AirflowSandbox(
+            base / "home",
+            dags_folder=dags,
+            connections={
+                f"bl_{task_id}": json.loads(connection_json(server.url)) for task_id, server in emulators.items()
+            },
+        )
+        sandbox.migrate()
+        conf = {"image": f"{image_server}/rocket.webp?{SIGNATURE}", "question": "Is this a rocket?"}
+        result = subprocess.run(
+            [sys.executable, "-m", "airflow", "dags", "test", DAG_ID, "--conf", json.dumps(conf)],
+            env=sandbox.env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        yield DagRunResult(
+            sandbox=sandbox,
+            emulators=emulators,
+            image_server=image_server,
+            returncode=result.returncode,
+            output=result.stdout + "\n" + result.stderr,
+            conf=conf,
+        )
+    finally:
+        for server in emulators.values():
+            server.stop()
+
+
+def test_the_run_ran_every_scenario(dag_run: DagRunResult) -> None:
+    states = dag_run.sandbox.task_states(DAG_ID)
+    expected_failures = {"invalid", "failed_sync", "failed_deferred", "timeout_sync", "timeout_deferred"}
+    assert {task for task, state in states.items() if state == "failed"} == expected_failures, dag_run.output[
+        -5000:
+    ]
+    assert all(state == "success" for task, state in states.items() if task not in expected_failures)
+    assert dag_run.returncode != 0  # some tasks failed on purpose: the run failed
+    assert "Traceback" not in dag_run.task_log("sync")
+
+
+# ---- successful predictions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task_id", ["sync", "deferred"])
+def test_the_output_is_the_return_value_and_the_id_is_pushed(dag_run: DagRunResult, task_id: str) -> None:
+    assert dag_run.state(task_id) == "success"
+    [prediction_id] = dag_run.xcom(task_id, "prediction_id")
+    predictions = dag_run.predictions(task_id)
+    assert list(predictions) == [prediction_id]
+    prediction = predictions[prediction_id]
+    assert prediction.status == "success"
+    assert dag_run.xcom(task_id) == [prediction.output]
+    assert isinstance(prediction.output, str) and prediction.output
+    ledger = dag_run.ledger(task_id)
+    assert ledger["creates"] == 1
+    assert ledger["requests"]["create"] == 1
+
+
+def test_sync_and_deferrable_paths_differ_only_in_where_they_wait(dag_run: DagRunResult) -> None:
+    assert "Deferring; waiting for prediction" in dag_run.task_log("deferred")
+    assert "running trigger in line" in dag_run.task_log("deferred")
+    assert "Deferring" not in dag_run.task_log("sync")
+    assert dag_run.predictions("sync")[dag_run.xcom("sync", "prediction_id")[0]].input["caption"] is True
+    deferred = dag_run.predictions("deferred")[dag_run.xcom("deferred", "prediction_id")[0]]
+    assert deferred.input["question"] == "Is there a cup?"
+
+
+def test_mapped_over_three_images(dag_run: DagRunResult) -> None:
+    states = dag_run.sandbox.task_states(DAG_ID)
+    assert [states[f"mapped[{index}]"] for index in range(3)] == ["success"] * 3
+    ids = dag_run.xcom("mapped", "prediction_id")
+    outputs = dag_run.xcom("mapped")
+    assert len(ids) == len(set(ids)) == 3
+    predictions = dag_run.predictions("mapped")
+    assert sorted(predictions) == sorted(ids)
+    # XComs are ordered by map index, like the expanded images.
+    for name, prediction_id, output in zip(MAPPED_IMAGES, ids, outputs, strict=True):
+        assert predictions[prediction_id].model_input.image_name == name
+        assert predictions[prediction_id].output == output
+    assert dag_run.ledger("mapped")["creates_by_input"] == {f"{name}|caption": 1 for name in MAPPED_IMAGES}
+
+
+def test_templated_fields_are_rendered_from_params(dag_run: DagRunResult) -> None:
+    assert dag_run.state("templated") == "success"
+    [prediction] = dag_run.predictions("templated").values()
+    # The run's conf overrides the DAG's default params.
+    assert prediction.input["image"] == dag_run.conf["image"]
+    assert prediction.input["question"] == "Is this a rocket?"
+    assert prediction.input["context"] == f"Question: {DAG_ID}? Answer: a dag."
+    assert dag_run.xcom("templated") == [prediction.output]
+    [(rendered,)] = dag_run.query(
+        "SELECT rendered_fields FROM rendered_task_instance_fields WHERE dag_id = ? AND task_id = ?",
+        DAG_ID,
+        "templated",
+    )
+    fields = json.loads(rendered)
+    assert fields["question"] == "Is this a rocket?"
+    assert fields["context"] == f"Question: {DAG_ID}? Answer: a dag."
+
+
+# ---- failures ------------------------------------------------------------------------------------------
+
+
+def test_invalid_input_fails_without_any_request(dag_run: DagRunResult) -> None:
+    assert dag_run.state("invalid") == "failed"
+    ledger = dag_run.ledger("invalid")
+    assert ledger["requests"] == {}
+    assert ledger["creates"] == 0
+    log = dag_run.task_log("invalid")
+    assert "Invalid BLIP-2 input for task invalid" in log
+    assert "caption=True" in log and "question=" in log
+    # AirflowFailException: no retry although retries=2.
+    [(try_number,)] = dag_run.query(
+        "SELECT try_number FROM task_instance WHERE dag_id = ? AND task_id = ?", DAG_ID, "invalid"
+    )
+    assert try_number == 1
+
+
+@pytest.mark.parametrize("task_id", ["failed_sync", "failed_deferred"])
+def test_a_failed_prediction_fails_the_task_with_its_error_code(dag_run: DagRunResult, task_id: str) -> None:
+    assert dag_run.state(task_id) == "failed"
+    [prediction] = dag_run.predictions(task_id).values()
+    assert prediction.status == "error"
+    assert dag_run.ledger(task_id)["creates"] == 1
+    log = dag_run.task_log(task_id)
+    pattern = rf"prediction {prediction.id} ended error \[INPUT_DOWNLOAD_ERROR\]"
+    assert re.search(pattern, log, re.IGNORECASE), log[-3000:]
+    assert dag_run.xcom(task_id) == []
+
+
+@pytest.mark.parametrize("task_id", ["timeout_sync", "timeout_deferred"])
+def test_a_timeout_cancels_the_prediction_and_fails_the_task(dag_run: DagRunResult, task_id: str) -> None:
+    assert dag_run.state(task_id) == "failed"
+    ledger = dag_run.ledger(task_id)
+    assert ledger["creates"] == 1
+    assert ledger["requests"].get("cancel", 0) >= 1
+    assert ledger["statuses"]["cancelled"] == 1
+    assert ledger["in_flight"] == 0
+    [prediction] = dag_run.predictions(task_id).values()
+    assert prediction.status == "cancelled"
+    log = dag_run.task_log(task_id)
+    assert "cancelled" in log
+    assert prediction.id in log
+    [(start, end)] = dag_run.query(
+        "SELECT start_date, end_date FROM task_instance WHERE dag_id = ? AND task_id = ?", DAG_ID, task_id
+    )
+    assert start and end
+
+
+# ---- retries -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task_id", ["retry_sync", "retry_deferred"])
+def test_a_retry_reattaches_to_the_first_tries_prediction(dag_run: DagRunResult, task_id: str) -> None:
+    assert dag_run.state(task_id) == "success"
+    [(try_number,)] = dag_run.query(
+        "SELECT try_number FROM task_instance WHERE dag_id = ? AND task_id = ?", DAG_ID, task_id
+    )
+    assert try_number == 2
+    log = dag_run.task_log(task_id)
+    assert "simulated worker crash after submitting" in log
+    assert "Reconnecting to existing job" in log
+    ledger = dag_run.ledger(task_id)
+    assert ledger["creates"] == 1
+    assert ledger["requests"]["create"] == 1
+    [prediction] = dag_run.predictions(task_id).values()
+    assert dag_run.xcom(task_id) == [prediction.output]
+    # The retried try still tells downstream tasks which prediction it used.
+    assert dag_run.xcom(task_id, "prediction_id") == [prediction.id]
+    [(stored,)] = dag_run.query(
+        "SELECT value FROM task_state_store WHERE dag_id = ? AND task_id = ? AND key = ?",
+        DAG_ID,
+        task_id,
+        "blip2_prediction_id",
+    )
+    assert prediction.id in str(stored)
+
+
+# ---- secrets -------------------------------------------------------------------------------------------
+
+
+def test_the_api_key_is_in_no_file_airflow_wrote(dag_run: DagRunResult) -> None:
+    files = dag_run.sandbox.written_files()
+    assert dag_run.sandbox.database in files
+    key = API_KEY.encode()
+    contents = {path: path.read_bytes() for path in files}
+    # Positive control: the search sees what the run stored (an XCom value).
+    prediction_id = dag_run.xcom("sync", "prediction_id")[0]
+    assert any(prediction_id.encode() in data for data in contents.values())
+    assert [path for path, data in contents.items() if key in data] == []
+    assert API_KEY not in dag_run.output
+
+
+def test_image_urls_are_masked_in_rendered_fields(dag_run: DagRunResult) -> None:
+    rows = dag_run.query(
+        "SELECT task_id, map_index, rendered_fields FROM rendered_task_instance_fields WHERE dag_id = ?", DAG_ID
+    )
+    rendered = {(task_id, map_index): json.loads(fields) for task_id, map_index, fields in rows}
+    assert {task_id for task_id, _ in rendered} >= {"sync", "deferred", "mapped", "templated", "invalid"}
+    assert {index for task_id, index in rendered if task_id == "mapped"} == {0, 1, 2}
+    for fields in rendered.values():
+        assert fields["image"] == "***"
+    text = json.dumps([row[2] for row in rows])
+    assert dag_run.image_server not in text
+    assert SIGNATURE not in text and MAPPED_SIGNATURE not in text
+    # Presigned query strings never reach the task logs either.
+    assert SIGNATURE not in dag_run.output and MAPPED_SIGNATURE not in dag_run.output
+
+
+# ---- execute() with a task state store, against the emulator -------------------------------------------
+
+
+class FakeTI:
+    """The parts of a runtime task instance the operator and the mixin use."""
+
+    stats_tags: dict[str, str] = {}  # noqa: RUF012
+
+    def __init__(self) -> None:
+        self.xcom: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcom[key] = value
+
+
+class DictStateStore:
+    """A dict-backed ``task_state_store`` that survives between tries."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.sets: list[tuple[str, Any]] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def set(self, key: str, value: Any, **kwargs: Any) -> None:
+        self.sets.append((key, value))
+        self.data[key] = value
+
+
+def _operator(image: str, **kwargs: Any) -> Blip2PredictionOperator:
+    kwargs.setdefault("poll_interval", 0.05)
+    return Blip2PredictionOperator(task_id="caption", image=image, caption=True, **kwargs)
+
+
+def _execute(operator: Blip2PredictionOperator, store: DictStateStore) -> tuple[Any, FakeTI]:
+    ti = FakeTI()
+    return operator.execute({"ti": ti, "task_state_store": store}), ti  # type: ignore[arg-type]
+
+
+def test_execute_stores_the_id_and_a_second_try_reattaches(
+    blip2_connection: str, emulator: EmulatorServer, image_url: Callable[[str], str]
+) -> None:
+    store = DictStateStore()
+    output, ti = _execute(_operator(image_url("chelsea.jpg")), store)
+
+    prediction_id = ti.xcom["prediction_id"]
+    assert store.data == {"blip2_prediction_id": prediction_id}
+    assert output == emulator.app.emulator.predictions[prediction_id].output
+    assert emulator.ledger()["creates"] == 1
+
+    again, ti_retry = _execute(_operator(image_url("chelsea.jpg")), store)
+
+    assert again == output
+    assert ti_retry.xcom == {"prediction_id": prediction_id}
+    assert emulator.ledger()["creates"] == 1
+    assert emulator.ledger()["requests"]["create"] == 1
+
+
+def test_execute_reattaches_to_a_running_prediction(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: Callable[[str], str],
+) -> None:
+    server = start_emulator(latency=20.0)  # 1 s
+    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+    from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+
+    prediction_id = Blip2Hook().create_prediction(image_url("coffee.png"), caption=True)
+    store = DictStateStore()
+    store.data["blip2_prediction_id"] = prediction_id  # stored by a try that then died
+
+    started = time.monotonic()
+    output, ti = _execute(_operator(image_url("coffee.png")), store)
+
+    assert time.monotonic() - started > 0.3  # it waited for the running prediction
+    assert output == server.app.emulator.predictions[prediction_id].output
+    assert server.ledger()["creates"] == 1
+    assert store.sets == []
+    assert ti.xcom.get("prediction_id") == prediction_id
+
+
+def test_a_deferrable_retry_defers_on_the_stored_prediction(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: Callable[[str], str],
+) -> None:
+    server = start_emulator(latency=400.0)
+    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+    from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+
+    prediction_id = Blip2Hook().create_prediction(image_url("coffee.png"), caption=True)
+    store = DictStateStore()
+    store.data["blip2_prediction_id"] = prediction_id
+
+    with pytest.raises(TaskDeferred) as deferred:
+        _execute(_operator(image_url("coffee.png"), deferrable=True, timeout=30), store)
+
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, Blip2PredictionTrigger)
+    assert trigger.prediction_id == prediction_id
+    assert server.ledger()["creates"] == 1
+
+
+def test_a_stored_failed_prediction_leads_to_a_fresh_create(
+    blip2_connection: str, emulator: EmulatorServer, image_url: Callable[[str], str]
+) -> None:
+    store = DictStateStore()
+    with pytest.raises(AirflowException, match="INPUT_DOWNLOAD_ERROR"):
+        _execute(_operator(image_url("missing.jpg")), store)
+    failed_id = store.data["blip2_prediction_id"]
+    assert emulator.app.emulator.predictions[failed_id].status == "error"
+
+    # The image is fixed (e.g. uploaded) and the task retried.
+    output, ti = _execute(_operator(image_url("chelsea.jpg")), store)
+
+    new_id = ti.xcom["prediction_id"]
+    assert new_id != failed_id
+    assert store.data["blip2_prediction_id"] == new_id
+    assert output == emulator.app.emulator.predictions[new_id].output
+    assert emulator.ledger()["creates"] == 2
+
+
+def test_invalid_input_makes_no_request_and_names_the_field(
+    blip2_connection: str, emulator: EmulatorServer, image_url: Callable[[str], str]
+) -> None:
+    from airflow.providers.common.compat.sdk import AirflowFailException
+
+    operator = Blip2PredictionOperator(
+        task_id="ask", image=image_url("chelsea.jpg"), caption=True, question="What is this?"
+    )
+    with pytest.raises(AirflowFailException, match=r"question='What is this\?'.*caption=True"):
+        _execute(operator, DictStateStore())
+    assert emulator.ledger()["requests"] == {}
+
