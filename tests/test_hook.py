@@ -30,7 +30,6 @@ from airflow_provider_blip2.protocol import (
     Blip2TransportError,
     Prediction,
     PredictionStatus,
-    RequestBudget,
     RetryPolicy,
 )
 from tests.conftest import API_KEY, FAST_RETRIES, connection_json
@@ -98,15 +97,6 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
-
-
-def scaled_budget(
-    monkeypatch: pytest.MonkeyPatch, conn_id: str, url: str, requests_per_minute: int, max_concurrency: int = 10
-) -> RequestBudget:
-    """Register the budget of a connection with a window as time-scaled as the emulator's."""
-    budget = RequestBudget(requests_per_minute, max_concurrency, window=RATE_WINDOW)
-    monkeypatch.setitem(protocol._BUDGETS, (conn_id, url), budget)
-    return budget
 
 
 def total_requests(server: EmulatorServer) -> int:
@@ -474,7 +464,8 @@ def test_batch_succeeds_under_seeded_partial_faults(
 ) -> None:
     server = start_emulator(seed=1234)
     hook = make_hook(
-        add_connection(monkeypatch, "blip2_faulty", server.url), dataclasses.replace(FAST_RETRIES, max_attempts=12)
+        add_connection(monkeypatch, "blip2_faulty", server.url),
+        dataclasses.replace(FAST_RETRIES, max_attempts=12),
     )
     images = ["astronaut.jpg", "chelsea.jpg", "coffee.png", "rocket.webp", "chelsea.jpg", "coffee.png"]
     prediction_ids = [hook.create_prediction(image_url(name), caption=True) for name in images]
@@ -491,15 +482,18 @@ def test_batch_succeeds_under_seeded_partial_faults(
 # --------------------------------------------------------------------------------------------------
 # Request budget
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("client_limit", [6, 4], ids=["equal-to-server", "tighter-than-server"])
 def test_client_budget_keeps_the_server_from_answering_429(
     start_emulator: StartEmulator,
     monkeypatch: pytest.MonkeyPatch,
     image_url: ImageUrl,
     make_hook: Callable[..., Blip2Hook],
+    client_limit: int,
 ) -> None:
     server = start_emulator(time_scale=RATE_TIME_SCALE, requests_per_minute=6)
-    conn_id = add_connection(monkeypatch, "blip2_tight", server.url, requests_per_minute=5)
-    budget = scaled_budget(monkeypatch, conn_id, server.url, 5)
+    conn_id = add_connection(
+        monkeypatch, "blip2_tight", server.url, requests_per_minute=client_limit, rate_window=RATE_WINDOW
+    )
     hook = make_hook(conn_id)
     started = time.monotonic()
     prediction = hook.run(image_url("chelsea.jpg"), caption=True, poll_interval=POLL, timeout=10)
@@ -507,24 +501,25 @@ def test_client_budget_keeps_the_server_from_answering_429(
         assert hook.get_model()["slug"] == "blip-2"
     elapsed = time.monotonic() - started
     assert prediction.status is PredictionStatus.SUCCEEDED
-    assert hook._budget(hook.settings) is budget
+    budget = hook._budget(hook.settings)
+    assert (budget.requests_per_minute, budget.window) == (client_limit, RATE_WINDOW)
     ledger = server.ledger()
     sent = sum(ledger["requests"].values())
-    assert sent > 15
+    assert sent >= 14
     assert ledger["responses_429"] == 0
-    # 5 requests per window: the last of them cannot start before (sent // 5) windows have passed.
-    assert elapsed >= (sent - 1) // 5 * RATE_WINDOW - 0.05
+    # client_limit requests per window: the last one cannot start before that many windows passed.
+    assert elapsed >= (sent - 1) // client_limit * RATE_WINDOW - 0.05
 
 
 def test_budget_above_the_server_limit_gets_429s_that_are_retried(
     start_emulator: StartEmulator,
     monkeypatch: pytest.MonkeyPatch,
-    image_url: ImageUrl,
     make_hook: Callable[..., Blip2Hook],
 ) -> None:
     server = start_emulator(time_scale=RATE_TIME_SCALE, requests_per_minute=6)
-    conn_id = add_connection(monkeypatch, "blip2_loose", server.url, requests_per_minute=100)
-    scaled_budget(monkeypatch, conn_id, server.url, 100)
+    conn_id = add_connection(
+        monkeypatch, "blip2_loose", server.url, requests_per_minute=100, rate_window=RATE_WINDOW
+    )
     policy = recording_policy(max_wait=1.0)  # honour the emulator's Retry-After in full
     hook = make_hook(conn_id, policy)
     records = [hook.get_model() for _ in range(15)]
@@ -542,11 +537,12 @@ def test_budget_is_shared_by_hooks_of_the_same_connection(
     monkeypatch: pytest.MonkeyPatch,
     make_hook: Callable[..., Blip2Hook],
 ) -> None:
-    server = start_emulator(time_scale=RATE_TIME_SCALE, requests_per_minute=6)
-    conn_id = add_connection(monkeypatch, "blip2_shared", server.url, requests_per_minute=5)
-    budget = scaled_budget(monkeypatch, conn_id, server.url, 5)
+    server = start_emulator(time_scale=RATE_TIME_SCALE, requests_per_minute=5)
+    conn_id = add_connection(
+        monkeypatch, "blip2_shared", server.url, requests_per_minute=5, rate_window=RATE_WINDOW
+    )
     first, second = make_hook(conn_id), make_hook(conn_id)
-    assert first._budget(first.settings) is second._budget(second.settings) is budget
+    assert first._budget(first.settings) is second._budget(second.settings)
     errors: list[BaseException] = []
 
     def work(hook: Blip2Hook) -> None:
@@ -566,7 +562,7 @@ def test_budget_is_shared_by_hooks_of_the_same_connection(
     assert errors == []
     ledger = server.ledger()
     assert ledger["requests"]["model"] == 12
-    # Two separate budgets of 5 would send 10 requests at once, past the emulator's 6: 429s.
+    # Two separate budgets of 5 would send 10 requests at once, past the emulator's 5: 429s.
     assert ledger["responses_429"] == 0
     assert elapsed >= 2 * RATE_WINDOW - 0.05  # 12 requests at 5 per window span three windows
 
@@ -778,7 +774,8 @@ async def test_async_errors_are_mapped_and_not_retried(
 ) -> None:
     good = Blip2Hook(add_connection(monkeypatch, "blip2_async_good", emulator.url), retry_policy=FAST_RETRIES)
     bad = Blip2Hook(
-        add_connection(monkeypatch, "blip2_async_bad", emulator.url, api_key="wrong"), retry_policy=FAST_RETRIES
+        add_connection(monkeypatch, "blip2_async_bad", emulator.url, api_key="wrong"),
+        retry_policy=FAST_RETRIES,
     )
     try:
         with pytest.raises(Blip2NotFoundError) as not_found:
@@ -796,7 +793,9 @@ async def test_async_errors_are_mapped_and_not_retried(
 
 async def test_async_closed_port_raises_unsent_transport_error(monkeypatch: pytest.MonkeyPatch) -> None:
     policy = recording_policy()
-    hook = Blip2Hook(add_connection(monkeypatch, "blip2_async_closed", closed_port_url()), retry_policy=policy)
+    hook = Blip2Hook(
+        add_connection(monkeypatch, "blip2_async_closed", closed_port_url()), retry_policy=policy
+    )
     try:
         with pytest.raises(Blip2TransportError) as caught:
             await hook.aget_prediction("00000000-0000-4000-8000-000000000003")

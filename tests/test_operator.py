@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from airflow.providers.common.compat.sdk import AirflowException, TaskDeferred
@@ -44,7 +44,9 @@ LATENCY = {
     "failed_deferred": 2.0,
     "timeout_sync": 2000.0,
     "timeout_deferred": 2000.0,
-    "retry_sync": 40.0,
+    # The first tries of the other tasks run between retry_sync's two tries: 8 s keeps its prediction
+    # running until the retry. retry_deferred runs after it, alone, so its retry comes at once.
+    "retry_sync": 160.0,
     "retry_deferred": 40.0,
 }
 MAPPED_IMAGES = ["chelsea.jpg", "coffee.png", "rocket.webp"]
@@ -139,7 +141,7 @@ with DAG(
         poll_interval=0.2,
         deferrable=True,
     )
-    CrashAfterSubmit(
+    retry_sync = CrashAfterSubmit(
         task_id="retry_sync",
         blip2_conn_id="bl_retry_sync",
         image=signed("coffee.png"),
@@ -148,7 +150,7 @@ with DAG(
         retry_delay=datetime.timedelta(0),
         deferrable=False,
     )
-    CrashAfterSubmit(
+    retry_deferred = CrashAfterSubmit(
         task_id="retry_deferred",
         blip2_conn_id="bl_retry_deferred",
         image=signed("rocket.webp"),
@@ -157,6 +159,7 @@ with DAG(
         retry_delay=datetime.timedelta(0),
         deferrable=True,
     )
+    retry_sync >> retry_deferred
 '''
 
 
@@ -228,7 +231,8 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Iter
             base / "home",
             dags_folder=dags,
             connections={
-                f"bl_{task_id}": json.loads(connection_json(server.url)) for task_id, server in emulators.items()
+                f"bl_{task_id}": json.loads(connection_json(server.url))
+                for task_id, server in emulators.items()
             },
         )
         sandbox.migrate()
@@ -241,6 +245,7 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Iter
             timeout=240,
             check=False,
         )
+        (base / "dags_test.log").write_text(result.stdout + "\n" + result.stderr)
         yield DagRunResult(
             sandbox=sandbox,
             emulators=emulators,
@@ -257,9 +262,8 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Iter
 def test_the_run_ran_every_scenario(dag_run: DagRunResult) -> None:
     states = dag_run.sandbox.task_states(DAG_ID)
     expected_failures = {"invalid", "failed_sync", "failed_deferred", "timeout_sync", "timeout_deferred"}
-    assert {task for task, state in states.items() if state == "failed"} == expected_failures, dag_run.output[
-        -5000:
-    ]
+    failed = {task for task, state in states.items() if state == "failed"}
+    assert failed == expected_failures, dag_run.output[-5000:]
     assert all(state == "success" for task, state in states.items() if task not in expected_failures)
     assert dag_run.returncode != 0  # some tasks failed on purpose: the run failed
     assert "Traceback" not in dag_run.task_log("sync")
@@ -420,7 +424,8 @@ def test_the_api_key_is_in_no_file_airflow_wrote(dag_run: DagRunResult) -> None:
 
 def test_image_urls_are_masked_in_rendered_fields(dag_run: DagRunResult) -> None:
     rows = dag_run.query(
-        "SELECT task_id, map_index, rendered_fields FROM rendered_task_instance_fields WHERE dag_id = ?", DAG_ID
+        "SELECT task_id, map_index, rendered_fields FROM rendered_task_instance_fields WHERE dag_id = ?",
+        DAG_ID,
     )
     rendered = {(task_id, map_index): json.loads(fields) for task_id, map_index, fields in rows}
     assert {task_id for task_id, _ in rendered} >= {"sync", "deferred", "mapped", "templated", "invalid"}
@@ -471,7 +476,7 @@ def _operator(image: str, **kwargs: Any) -> Blip2PredictionOperator:
 
 def _execute(operator: Blip2PredictionOperator, store: DictStateStore) -> tuple[Any, FakeTI]:
     ti = FakeTI()
-    return operator.execute({"ti": ti, "task_state_store": store}), ti  # type: ignore[arg-type]
+    return operator.execute(cast(Any, {"ti": ti, "task_state_store": store})), ti
 
 
 def test_execute_stores_the_id_and_a_second_try_reattaches(
@@ -568,4 +573,3 @@ def test_invalid_input_makes_no_request_and_names_the_field(
     with pytest.raises(AirflowFailException, match=r"question='What is this\?'.*caption=True"):
         _execute(operator, DictStateStore())
     assert emulator.ledger()["requests"] == {}
-

@@ -264,7 +264,9 @@ def test_parse_prediction_uses_requested_id_when_body_has_none() -> None:
         ),
     ],
 )
-def test_parse_prediction_error_details(payload: dict[str, Any], error: str | None, error_code: str | None) -> None:
+def test_parse_prediction_error_details(
+    payload: dict[str, Any], error: str | None, error_code: str | None
+) -> None:
     prediction = parse_prediction(payload, prediction_id="p-2")
     assert prediction.status.is_terminal
     assert prediction.status is not PredictionStatus.SUCCEEDED
@@ -372,7 +374,10 @@ def test_raise_for_status_returns_successful_prediction() -> None:
     ("payload", "fragments", "error_code"),
     [
         (
-            {"status": "error", "output": {"error_message": "bad image", "error_code": "INPUT_VALIDATION_ERROR"}},
+            {
+                "status": "error",
+                "output": {"error_message": "bad image", "error_code": "INPUT_VALIDATION_ERROR"},
+            },
             ["prediction p-9 ended error", "[INPUT_VALIDATION_ERROR]", "bad image"],
             "INPUT_VALIDATION_ERROR",
         ),
@@ -417,7 +422,11 @@ ERROR_CLASSES: list[tuple[int, type[Blip2Error]]] = [
 ]
 
 BODIES: list[tuple[str, bytes, str | None]] = [
-    ("json-error", b'{"error": "invalid input: image is required", "status": "error"}', "invalid input: image is required"),
+    (
+        "json-error",
+        b'{"error": "invalid input: image is required", "status": "error"}',
+        "invalid input: image is required",
+    ),
     ("json-message", b'{"message": "slow down"}', "slow down"),
     ("json-detail", b'{"detail": "prediction not found"}', "prediction not found"),
     ("empty-object", b"{}", None),
@@ -666,8 +675,10 @@ def test_temperature_accepted(value: Any, expected: float) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [0.49, 0.4999999, 1.0000001, 1.01, 0, 2, -1, "1.5", "0.1", math.nan, "nan", math.inf, "-inf"]
-    + [True, False, "abc", "", None, [0.7], {"t": 1}],
+    [
+        *(0.49, 0.4999999, 1.0000001, 1.01, 0, 2, -1, "1.5", "0.1"),
+        *(math.nan, "nan", math.inf, "-inf", True, False, "abc", "", None, [0.7], {"t": 1}),
+    ],
 )
 def test_temperature_refused(value: Any) -> None:
     with pytest.raises(Blip2InputError) as caught:
@@ -883,7 +894,12 @@ def test_redact_url_never_raises_nor_leaks(url: str) -> None:
 def test_request_builders() -> None:
     body = build_create_body(build_prediction_input(IMAGE), model="blip-2", version="0.0.1")
     create = create_prediction_request(body)
-    assert (create.method, create.path, create.creates, create.json_body) == ("POST", "/v1/prediction/", True, body)
+    assert (create.method, create.path, create.creates, create.json_body) == (
+        "POST",
+        "/v1/prediction/",
+        True,
+        body,
+    )
     get = get_prediction_request("abc")
     assert (get.method, get.path, get.creates) == ("GET", "/v1/prediction/abc", False)
     cancel = cancel_prediction_request("abc")
@@ -992,7 +1008,12 @@ def test_wait_uses_backoff_when_no_retry_after(error: BaseException | None) -> N
 
 def test_retry_policy_defaults() -> None:
     policy = RetryPolicy()
-    assert (policy.max_attempts, policy.max_elapsed, policy.initial_wait, policy.max_wait) == (6, 120.0, 1.0, 30.0)
+    assert (policy.max_attempts, policy.max_elapsed, policy.initial_wait, policy.max_wait) == (
+        6,
+        120.0,
+        1.0,
+        30.0,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1001,26 +1022,62 @@ def test_retry_policy_defaults() -> None:
 def test_budget_sliding_window() -> None:
     clock = FakeClock()
     budget = RequestBudget(3, 10, window=60.0, clock=clock)
-    for _ in range(3):
+    for _ in range(3):  # requests answered 0.5 s after they were reserved, one a second
         assert budget.reserve_request() == 0.0
-        clock.advance(1.0)
-    # t=1003: requests at 1000, 1001, 1002 fill the window; the oldest leaves at 1060.
-    assert budget.reserve_request() == pytest.approx(57.0)
-    assert budget.reserve_request() == pytest.approx(57.0)  # a refused request takes no slot
-    clock.advance(56.5)
+        clock.advance(0.5)
+        budget.request_done()
+        clock.advance(0.5)
+    # t=1003: requests finished at 1000.5, 1001.5 and 1002.5 fill the window; the first leaves at 1060.5.
+    assert budget.reserve_request() == pytest.approx(57.5)
+    assert budget.reserve_request() == pytest.approx(57.5)  # a refused request takes no slot
+    clock.advance(57.0)
     assert budget.reserve_request() == pytest.approx(0.5)
-    clock.advance(0.5)  # t=1060: the request of 1000 expires
+    clock.advance(0.5)  # t=1060.5: the request finished at 1000.5 no longer counts
     assert budget.reserve_request() == 0.0
-    assert budget.reserve_request() == pytest.approx(1.0)  # next to expire: 1001
+    assert budget.reserve_request() == pytest.approx(1.0)  # next to leave: finished at 1001.5
     clock.advance(1.0)
     assert budget.reserve_request() == 0.0
+    assert budget.reserve_request() > 0  # two requests still open, one finished at 1002.5
+
+
+def test_budget_counts_a_request_from_reservation_until_a_window_after_it_finished() -> None:
+    clock = FakeClock()
+    budget = RequestBudget(1, 10, window=60.0, clock=clock)
+    assert budget.reserve_request() == 0.0
+    clock.advance(500.0)  # an open request counts however long it takes
+    assert budget.reserve_request() > 0
+    budget.request_done()  # finished at 1500: counts until 1560
+    clock.advance(59.0)
     assert budget.reserve_request() == pytest.approx(1.0)
+    clock.advance(1.0)
+    assert budget.reserve_request() == 0.0
+
+
+def test_budget_open_requests_without_finished_ones_ask_again_soon() -> None:
+    budget = RequestBudget(2, 10, window=60.0, clock=FakeClock())
+    assert budget.reserve_request() == 0.0
+    assert budget.reserve_request() == 0.0
+    wait = budget.reserve_request()
+    assert 0 < wait < 1  # nothing finished yet, so no expiry to wait for: poll again shortly
+    budget.request_done()
+    assert budget.reserve_request() == pytest.approx(60.0)
+
+
+def test_budget_request_done_never_goes_below_zero_open() -> None:
+    clock = FakeClock()
+    budget = RequestBudget(2, 10, window=10.0, clock=clock)
+    budget.request_done()  # unmatched: counts as a finished request, frees nothing
+    assert budget.reserve_request() == 0.0
+    assert budget.reserve_request() > 0
+    clock.advance(10.0)
+    assert budget.reserve_request() == 0.0
 
 
 def test_budget_wait_is_never_zero_when_refused() -> None:
     clock = FakeClock()
     budget = RequestBudget(1, 1, window=10.0, clock=clock)
     assert budget.reserve_request() == 0.0
+    budget.request_done()
     clock.advance(9.99999999)
     assert budget.reserve_request() > 0
 
@@ -1094,14 +1151,15 @@ def test_budget_in_flight_ttl() -> None:
 def test_budget_for_is_per_connection_and_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(protocol, "_BUDGETS", {})
     first = budget_for("conn_a", "https://api.eachlabs.ai", 60, 10)
+    assert first.window == 60.0
     assert budget_for("conn_a", "https://api.eachlabs.ai", 60, 10) is first
     assert budget_for("conn_b", "https://api.eachlabs.ai", 60, 10) is not first
     assert budget_for("conn_a", "http://127.0.0.1:1", 60, 10) is not first
     # Changed limits apply to the existing budget (and its state).
     assert first.reserve_request() == 0.0
-    updated = budget_for("conn_a", "https://api.eachlabs.ai", 1, 3)
+    updated = budget_for("conn_a", "https://api.eachlabs.ai", 1, 3, 3.0)
     assert updated is first
-    assert (first.requests_per_minute, first.max_concurrency) == (1, 3)
+    assert (first.requests_per_minute, first.max_concurrency, first.window) == (1, 3, 3.0)
     assert first.reserve_request() > 0
 
 
@@ -1118,6 +1176,7 @@ def test_settings_defaults() -> None:
         request_timeout=DEFAULT_REQUEST_TIMEOUT,
         requests_per_minute=DEFAULT_REQUESTS_PER_MINUTE,
         max_concurrency=DEFAULT_MAX_CONCURRENCY,
+        rate_window=60.0,
     )
     assert (settings.requests_per_minute, settings.max_concurrency) == (60, 10)
     assert "sekrit" not in repr(settings)
@@ -1165,12 +1224,25 @@ def test_settings_from_extra_strings() -> None:
     assert isinstance(settings.requests_per_minute, int)
     assert settings.max_concurrency == 3
     assert isinstance(settings.max_concurrency, int)
+    assert settings.rate_window == 60.0
+
+
+def test_settings_rate_window() -> None:
+    settings = ClientSettings.from_connection_values(host=None, password="k", extra={"rate_window": "3"})
+    assert settings.rate_window == 3.0
+    assert (
+        ClientSettings.from_connection_values(host=None, password="k", extra={"rate_window": 0.6}).rate_window
+        == 0.6
+    )
 
 
 @pytest.mark.parametrize("empty", [None, ""])
 def test_settings_empty_extra_fields_mean_default(empty: Any) -> None:
-    extra = {name: empty for name in ("model", "request_timeout", "requests_per_minute", "max_concurrency")}
-    settings = ClientSettings.from_connection_values(host=None, password="k", extra=extra)
+    names = ("model", "request_timeout", "requests_per_minute", "max_concurrency", "rate_window")
+    settings = ClientSettings.from_connection_values(
+        host=None, password="k", extra={name: empty for name in names}
+    )
+    assert settings.rate_window == 60.0
     assert settings.model == DEFAULT_MODEL
     assert settings.request_timeout == DEFAULT_REQUEST_TIMEOUT
     assert settings.requests_per_minute == DEFAULT_REQUESTS_PER_MINUTE
@@ -1194,6 +1266,9 @@ def test_settings_empty_extra_fields_mean_default(empty: Any) -> None:
         ("request_timeout", "-1"),
         ("request_timeout", "soon"),
         ("request_timeout", "inf"),
+        ("rate_window", 0),
+        ("rate_window", "-3"),
+        ("rate_window", "a minute"),
     ],
 )
 def test_settings_invalid_values_name_the_field(name: str, value: Any) -> None:

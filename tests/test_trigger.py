@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
 from airflow.sdk import serde
-from airflow.sdk._shared.module_loading import import_string
+from airflow.sdk.module_loading import import_string
 from airflow.triggers.base import TriggerEvent
 
 from airflow_provider_blip2.emulator import EmulatorServer
@@ -184,7 +185,7 @@ def test_trigger_built_by_operator_has_no_secret(
     ti, store = _FakeTI(), _Store()
     started = time.time()
     with pytest.raises(TaskDeferred) as deferred:
-        operator.execute({"ti": ti, "task_state_store": store})  # type: ignore[arg-type]
+        operator.execute(cast(Any, {"ti": ti, "task_state_store": store}))
     trigger = deferred.value.trigger
     assert isinstance(trigger, Blip2PredictionTrigger)
     assert deferred.value.method_name == "execute_complete"
@@ -377,7 +378,9 @@ async def test_a_persistent_auth_error_ends_with_an_error_event(
     )
 
     started = time.monotonic()
-    events = await _events(_trigger(prediction_id, poll_interval=0.05, deadline=60, conn_id="blip2_wrong_key"))
+    events = await _events(
+        _trigger(prediction_id, poll_interval=0.05, deadline=60, conn_id="blip2_wrong_key")
+    )
 
     assert time.monotonic() - started < 5.0  # far from the 60 s deadline
     assert len(events) == 1
@@ -519,6 +522,6 @@ async def test_run_does_not_block_the_event_loop(
         beat.cancel()
 
     assert [event.payload["status"] for event in events] == ["success"]
-    gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(ticks)]
     assert len(ticks) > 5
     assert max(gaps) < 0.2  # the triggerer warns about anything blocking longer

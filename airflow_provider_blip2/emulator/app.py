@@ -41,6 +41,10 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class InjectedDrop(Exception):
+    """Raised to make an ASGI server abort a connection for the drop fault (fallback only)."""
+
+
 @dataclass
 class RequestContext:
     """Per-request data shared between the handlers and the outer ASGI layer.
@@ -108,11 +112,13 @@ async def drop_connection(send: Send) -> None:
     """Close the client connection without a response.
 
     Under uvicorn the server's ``send`` is a method of the request cycle, whose transport is closed
-    directly: the client sees the connection end before any byte of a response. Elsewhere, a response
-    is started with a ``content-length`` the body never fills, which makes the server abort the
-    connection mid-response.
+    directly: the client sees the connection end before any byte of a response. Elsewhere (another
+    server, or uvicorn at log level ``trace``, which wraps ``send``), a response is started with a
+    ``content-length`` that no body fills and the app fails, so the server aborts the connection
+    mid-response and logs the :class:`InjectedDrop` error.
 
     :param send: the ASGI send callable of the server (not a wrapper of it).
+    :raises InjectedDrop: in the fallback case.
     """
     cycle = getattr(send, "__self__", None)
     transport = getattr(cycle, "transport", None)
@@ -128,9 +134,8 @@ async def drop_connection(send: Send) -> None:
         "status": 200,
         "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
     }
-    with contextlib.suppress(Exception):
-        await send(start)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await send(start)
+    raise InjectedDrop("connection dropped by the emulator's drop fault")
 
 
 def format_retry_after(seconds: float, time_scale: float) -> tuple[str, int | float]:

@@ -240,13 +240,22 @@ class Emulator:
         self._rng = random.Random(self.config.seed)
 
     async def aclose(self) -> None:
-        """Stop every running prediction and close the download client."""
+        """Stop every running prediction (it ends with a retryable error) and close the downloads."""
         tasks = [p.task for p in self.predictions.values() if p.task is not None and not p.task.done()]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        stopped = PredictionFailure(
+            "PROVIDER_FAILED",
+            "emulator stopped",
+            "the emulator stopped before the prediction finished",
+            category="provider",
+            retryable=True,
+        )
+        for prediction in self.predictions.values():
+            self._finish(prediction, stopped)
         if self._downloads is not None:
             await self._downloads.aclose()
             self._downloads = None

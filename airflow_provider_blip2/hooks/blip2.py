@@ -415,7 +415,11 @@ class Blip2Hook(BaseHook):
         import httpx
 
         if self._async_client is None:
-            self._async_client = httpx.AsyncClient(verify=_shared_ssl_context(), follow_redirects=False)
+            # Building a TLS context reads the CA bundle from disk: do it once, off the event loop, and
+            # only for https (httpx builds one even for plain-http clients unless told not to).
+            uses_tls = settings.base_url.startswith("https://")
+            tls: ssl.SSLContext | bool = await asyncio.to_thread(_shared_ssl_context) if uses_tls else False
+            self._async_client = httpx.AsyncClient(verify=tls, follow_redirects=False)
         try:
             answer = await self._async_client.request(
                 request.method,

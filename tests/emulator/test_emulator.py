@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -402,7 +403,10 @@ def test_redirects_are_followed(client: httpx.Client, files: str) -> None:
     assert body["output"] == "[emulated] a landscape photo, mostly green, 512x342"
 
 
-def test_presigned_query_string_is_never_echoed(client: httpx.Client, files: str) -> None:
+def test_presigned_query_string_is_never_echoed(
+    client: httpx.Client, files: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     url = f"{files}/green.png?X-Amz-Signature=s3cr3t&X-Amz-Credential=k3y"
     body = predict(client, url, caption=True)
     assert body["status"] == "success"
@@ -413,6 +417,8 @@ def test_presigned_query_string_is_never_echoed(client: httpx.Client, files: str
     assert "s3cr3t" not in json.dumps(ledger)
     failed = predict(client, f"{files}/nothing.png?sig=s3cr3t")
     assert "s3cr3t" not in json.dumps(failed)
+    assert caplog.records  # debug logging of every logger (server thread included) was captured ...
+    assert "s3cr3t" not in caplog.text  # ... and no line holds the query string
 
 
 # ---- cancel and read -------------------------------------------------------------------------------
@@ -732,7 +738,7 @@ def test_reset_clears_rate_windows(make_server: ServerFactory) -> None:
 
 
 def test_server_lifecycle(files: str) -> None:
-    server = EmulatorServer(EmulatorConfig(time_scale=FAST), port=0)
+    server = EmulatorServer(EmulatorConfig(time_scale=FAST, latency=100.0), port=0)  # 5 s predictions
     for _ in range(2):  # start, stop, start again
         with server:
             assert server.url.startswith("http://127.0.0.1:")
@@ -742,7 +748,10 @@ def test_server_lifecycle(files: str) -> None:
             with httpx.Client(base_url=server.url, headers=HEADERS) as http:
                 prediction_id = create(http, f"{files}/green.png")
         assert not server.running
-        assert server.app.emulator.predictions[prediction_id].task is not None
+        stopped = server.app.emulator.predictions[prediction_id]
+        assert stopped.status == "error"
+        assert stopped.output["retryable"] is True
+    assert server.ledger()["creates"] == 2
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(f"http://127.0.0.1:{free_port()}/v1/model", timeout=2)
 
