@@ -190,8 +190,22 @@ def redact_url(url: str) -> str:
     if not parts.scheme or not parts.netloc:
         return url if len(url) <= 80 and "?" not in url else "<redacted>"
     host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
     suffix = "?<redacted>" if parts.query else ""
     return f"{parts.scheme}://{host}{port}{parts.path}{suffix}"
+
+
+def image_name(url: str) -> str:
+    """
+    The file name at the end of an image URL's path, for logs: no host, no query string.
+
+    :param url: The image URL.
+    """
+    try:
+        path = urlsplit(url).path
+    except ValueError:
+        return "<unparseable URL>"
+    return path.rstrip("/").rsplit("/", 1)[-1] or "<no file name>"
 
 
 @dataclass(frozen=True)
@@ -229,9 +243,9 @@ class PredictionInput:
         return payload
 
     def describe(self) -> str:
-        """A one-line description safe for logs: the image URL is redacted."""
+        """A one-line description safe for logs: only the image's file name, never its URL."""
         task = "caption" if self.caption else f"question {self.question!r}"
-        return f"{task} of {redact_url(self.image)}"
+        return f"{task} of image {image_name(self.image)!r}"
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -262,8 +276,10 @@ def _check_temperature(value: Any) -> float:
 
 
 def _check_image_url(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise Blip2InputError(f"image must be a non-empty URL string, got {value!r}")
+    if not isinstance(value, str):
+        raise Blip2InputError(f"image must be a non-empty URL string, got {type(value).__name__}")
+    if not value.strip():
+        raise Blip2InputError("image must be a non-empty URL string, got an empty string")
     image = value.strip()
     parts = urlsplit(image)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -739,7 +755,7 @@ class RetryPolicy:
         retry_after = getattr(error, "retry_after", None)
         if isinstance(retry_after, (int, float)):
             jitter = (rng or random).uniform(0, min(1.0, self.initial_wait))
-            return min(self.max_wait, float(retry_after)) + jitter * 0.1
+            return min(self.max_wait, float(retry_after) + jitter * 0.1)
         ceiling = min(self.max_wait, self.initial_wait * (2 ** (attempt - 1)))
         return (rng or random).uniform(ceiling / 2, ceiling)
 
@@ -967,11 +983,12 @@ def normalise_base_url(host: str | None) -> str:
 
     :param host: ``https://api.eachlabs.ai``, ``api.eachlabs.ai``, ``http://127.0.0.1:8765`` or empty.
     """
-    value = (host or "").strip().rstrip("/")
+    value = (host or "").strip()
     if not value:
         return DEFAULT_BASE_URL
     if "://" not in value:
         value = f"https://{value}"
+    value = value.rstrip("/")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Blip2InputError(

@@ -9,8 +9,8 @@ triggerer, so it costs no worker slot. The ``report`` task joins everything into
 from __future__ import annotations
 
 import pendulum
-
 from airflow.providers.common.compat.sdk import DAG, Param, task
+
 from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
 
 QUESTION = "Is there an animal in this picture?"

@@ -839,10 +839,12 @@ def test_to_api_is_json_serialisable_and_build_create_body() -> None:
     assert json.loads(json.dumps(body)) == {"model": "blip-2", "version": "0.0.1", "input": inputs.to_api()}
 
 
-def test_describe_redacts_the_image_url() -> None:
-    assert build_prediction_input(SIGNED_IMAGE, caption=True).describe() == f"caption of {IMAGE}?<redacted>"
+def test_describe_names_the_image_file_but_not_its_url() -> None:
+    name = IMAGE.rsplit("/", 1)[-1]
+    assert build_prediction_input(SIGNED_IMAGE, caption=True).describe() == f"caption of image {name!r}"
     described = build_prediction_input(SIGNED_IMAGE, question="Why?").describe()
-    assert described == f"question 'Why?' of {IMAGE}?<redacted>"
+    assert described == f"question 'Why?' of image {name!r}"
+    assert "://" not in described
 
 
 def test_prediction_input_is_frozen() -> None:

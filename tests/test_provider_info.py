@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import airflow
 import jsonschema
 import pytest
 
-import airflow
 from airflow_provider_blip2.get_provider_info import get_provider_info
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from airflow_provider_blip2.protocol import Prediction, PredictionInput
 
 PREDICTION_ID_XCOM_KEY = "prediction_id"
+# Status reported for a stored prediction id the API does not know: a retry then creates a new one.
+PREDICTION_NOT_FOUND = "not found"
 
 
 class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
@@ -149,14 +151,20 @@ class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
         return self.prediction_id
 
     def get_job_status(self, external_id: Any, context: Context) -> str:
-        """Return the raw status of a stored prediction id."""
-        return self.hook.get_prediction(str(external_id)).raw_status
+        """Return the raw status of a stored prediction id (``not found`` when the API has none)."""
+        from airflow_provider_blip2.protocol import Blip2NotFoundError
+
+        try:
+            return self.hook.get_prediction(str(external_id)).raw_status
+        except Blip2NotFoundError:
+            self.log.warning("The previous try's prediction %s no longer exists", external_id)
+            return PREDICTION_NOT_FOUND
 
     def is_job_active(self, status: str) -> bool:
         """Whether a prediction with this raw status is still running."""
         from airflow_provider_blip2.protocol import normalise_status
 
-        return not normalise_status(status).is_terminal
+        return status != PREDICTION_NOT_FOUND and not normalise_status(status).is_terminal
 
     def is_job_succeeded(self, status: str) -> bool:
         """Whether a prediction with this raw status succeeded."""

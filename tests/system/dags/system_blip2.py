@@ -1,0 +1,29 @@
+"""DAGs for the system tests: one deferrable prediction, one on the worker with a retry."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.common.compat.sdk import DAG
+
+from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
+
+for dag_id, deferrable in (("system_blip2_deferrable", True), ("system_blip2_on_worker", False)):
+    with DAG(
+        dag_id=dag_id,
+        schedule=None,
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        params={"image": "https://example.invalid/missing.jpg"},
+    ):
+        Blip2PredictionOperator(
+            task_id="ask",
+            image="{{ params.image }}",
+            question="Is there a cat in this picture?",
+            deferrable=deferrable,
+            poll_interval=0.5,
+            timeout=600,
+            retries=1,
+            retry_delay=timedelta(seconds=1),
+        )

@@ -1,0 +1,142 @@
+"""
+System tests: a real Airflow deployment (API server, scheduler with LocalExecutor, DAG processor,
+triggerer) on loopback, against the API emulator. What `dags test` cannot show: the triggerer
+holding the wait, a triggerer restart, a user marking a deferred task failed, a worker crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
+from scripts.deployment import AirflowDeployment
+from scripts.sandbox import AirflowSandbox
+from tests.conftest import API_KEY, SAMPLE_IMAGES
+
+DAGS = Path(__file__).parent / "dags"
+pytestmark = pytest.mark.timeout(600)
+DEFERRABLE = "system_blip2_deferrable"
+ON_WORKER = "system_blip2_on_worker"
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[EmulatorServer]:
+    with EmulatorServer(EmulatorConfig(api_keys=(API_KEY,), latency=2.0)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def image(emulator: EmulatorServer) -> Iterator[str]:
+    with serve_directory(SAMPLE_IMAGES) as base_url:
+        yield f"{base_url}/chelsea.jpg"
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, emulator: EmulatorServer
+) -> Iterator[AirflowDeployment]:
+    connection = {"conn_type": "blip2", "host": emulator.url, "password": API_KEY}
+    sandbox = AirflowSandbox(
+        tmp_path_factory.mktemp("system-home"),
+        dags_folder=DAGS,
+        connections={"blip2_default": connection},
+        extra_env={"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "10"},
+    )
+    sandbox.migrate()
+    deployment = AirflowDeployment(sandbox)
+    deployment.start()
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+@pytest.fixture
+def fresh_emulator(emulator: EmulatorServer) -> EmulatorServer:
+    emulator.reset()
+    emulator.config.latency = 2.0
+    return emulator
+
+
+def explain(deployment: AirflowDeployment) -> str:
+    return "\n".join(f"===== {name}\n{text[-4000:]}" for name, text in deployment.logs().items())
+
+
+def test_deferred_prediction_succeeds_and_leaks_nothing(
+    deployment: AirflowDeployment, fresh_emulator: EmulatorServer, image: str
+) -> None:
+    run_id = deployment.trigger(DEFERRABLE, {"image": image})
+    deployment.wait_for_task_state(DEFERRABLE, run_id, "ask", {"deferred", "success", "failed"})
+    assert deployment.wait_for_run(DEFERRABLE, run_id) == "success", explain(deployment)
+
+    ledger = fresh_emulator.ledger()
+    assert ledger["creates"] == 1
+    assert ledger["responses_429"] == 0
+    xcom = deployment.api(
+        "GET", f"/dags/{DEFERRABLE}/dagRuns/{run_id}/taskInstances/ask/xcomEntries/return_value"
+    )
+    assert str(xcom["value"]).startswith("[emulated]")
+    ti = deployment.task_instance(DEFERRABLE, run_id, "ask")
+    assert image not in json.dumps(ti), "the rendered image URL must be masked"
+    leaks = [str(p) for p in deployment.written_files() if API_KEY.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+def test_triggerer_restart_does_not_create_again(
+    deployment: AirflowDeployment, fresh_emulator: EmulatorServer, image: str
+) -> None:
+    fresh_emulator.config.latency = 12.0
+    run_id = deployment.trigger(DEFERRABLE, {"image": image})
+    deployment.wait_for_task_state(DEFERRABLE, run_id, "ask", {"deferred"})
+    deployment.stop("triggerer")
+    deployment.start("triggerer")
+
+    assert deployment.wait_for_run(DEFERRABLE, run_id) == "success", explain(deployment)
+    ledger = fresh_emulator.ledger()
+    assert ledger["creates"] == 1
+    assert ledger["statuses"]["success"] == 1
+
+
+def test_marking_a_deferred_task_failed_cancels_the_prediction(
+    deployment: AirflowDeployment, fresh_emulator: EmulatorServer, image: str
+) -> None:
+    fresh_emulator.config.latency = 120.0
+    run_id = deployment.trigger(DEFERRABLE, {"image": image})
+    deployment.wait_for_task_state(DEFERRABLE, run_id, "ask", {"deferred"})
+    # Only a trigger that is running in the triggerer has anything to kill: wait for its first poll.
+    deployment.wait_for(
+        lambda: fresh_emulator.ledger()["requests"].get("get", 0) >= 1, timeout=60, what="the trigger's poll"
+    )
+    deployment.set_task_state(DEFERRABLE, run_id, "ask", "failed")
+
+    deployment.wait_for(
+        lambda: fresh_emulator.ledger()["statuses"]["cancelled"] == 1,
+        timeout=60,
+        what="the trigger's on_kill to cancel the prediction",
+    )
+    assert fresh_emulator.ledger()["creates"] == 1
+
+
+def test_a_retry_after_a_worker_crash_reattaches_to_the_prediction(
+    deployment: AirflowDeployment, fresh_emulator: EmulatorServer, image: str
+) -> None:
+    fresh_emulator.config.latency = 30.0
+    run_id = deployment.trigger(ON_WORKER, {"image": image})
+    deployment.wait_for(lambda: fresh_emulator.ledger()["creates"] == 1, timeout=120, what="the create")
+    pid = deployment.wait_for(
+        lambda: deployment.task_instance(ON_WORKER, run_id, "ask").get("pid"),
+        timeout=30,
+        what="the task's pid",
+    )
+    os.kill(int(pid), signal.SIGKILL)  # the task process dies mid-wait, as on an OOM kill
+
+    assert deployment.wait_for_run(ON_WORKER, run_id, timeout=300) == "success", explain(deployment)
+    ti = deployment.task_instance(ON_WORKER, run_id, "ask")
+    assert ti["try_number"] == 2
+    assert fresh_emulator.ledger()["creates"] == 1
