@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fault-slow", type=float, default=0.0, help="probability of a slow answer")
     parser.add_argument("--fault-drop", type=float, default=0.0, help="probability of a dropped connection")
     parser.add_argument("--slow-seconds", type=float, default=defaults.slow_seconds)
+    parser.add_argument(
+        "--spelling",
+        choices=("current", "legacy"),
+        default="current",
+        help="legacy: 201 on create, completed/failed/canceled, empty error bodies, body-only retry_after",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default: %(default)s)")
     return parser
 
@@ -63,6 +69,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         fault_slow=args.fault_slow,
         fault_drop=args.fault_drop,
         slow_seconds=args.slow_seconds,
+        spelling=args.spelling,
     )
 
 

@@ -138,6 +138,10 @@ async def drop_connection(send: Send) -> None:
     raise InjectedDrop("connection dropped by the emulator's drop fault")
 
 
+# How the older docs and SDKs spell the statuses (the current ones: success, error, cancelled).
+LEGACY_STATUSES = {"success": "completed", "error": "failed", "cancelled": "canceled"}
+
+
 def format_retry_after(seconds: float, time_scale: float) -> tuple[str, int | float]:
     """Render a Retry-After value: whole seconds (rounded up) at ``time_scale >= 1``, else a decimal.
 
@@ -288,7 +292,8 @@ async def create_prediction(request: Request) -> Response:
         )
     prediction = emulator.create(admission.api_key, raw_input, model_input)
     return JSONResponse(
-        {"status": "success", "message": "Prediction created successfully", "predictionID": prediction.id}
+        {"status": "success", "message": "Prediction created successfully", "predictionID": prediction.id},
+        status_code=201 if emulator.config.legacy else 200,
     )
 
 
@@ -304,10 +309,14 @@ async def get_prediction(request: Request) -> Response:
     admission = await admit(request, "get")
     if admission.drop:
         return Response()
-    prediction = _emulator(request).get(request.path_params["prediction_id"], admission.api_key)
+    emulator = _emulator(request)
+    prediction = emulator.get(request.path_params["prediction_id"], admission.api_key)
     if prediction is None:
         raise ApiError(404, {"error": "prediction not found"})
-    return JSONResponse(prediction.to_json(_base_url(request)))
+    body = prediction.to_json(_base_url(request))
+    if emulator.config.legacy:
+        body["status"] = LEGACY_STATUSES.get(body["status"], body["status"])
+    return JSONResponse(body)
 
 
 async def cancel_prediction(request: Request) -> Response:
@@ -364,7 +373,16 @@ async def reset_state(request: Request) -> Response:
 
 async def _api_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
+    if _emulator(request).config.legacy:
+        return _legacy_error(exc)
     return JSONResponse(exc.body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _legacy_error(exc: ApiError) -> Response:
+    """The older error shape: an empty body, and a 429's wait only as the body's ``retry_after``."""
+    headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() != "retry-after"}
+    body = {"retry_after": exc.body["retry_after"]} if "retry_after" in exc.body else {}
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 async def _http_error_handler(request: Request, exc: Exception) -> Response:

@@ -11,6 +11,9 @@ INJECTED_RETRY_AFTER_SECONDS = 1.0
 _FAULT_FIELDS = ("fault_5xx", "fault_429", "fault_slow", "fault_drop")
 
 
+SPELLINGS = ("current", "legacy")
+
+
 @dataclass
 class EmulatorConfig:
     """Settings of one emulator instance.
@@ -35,6 +38,9 @@ class EmulatorConfig:
     :param slow_seconds: delay of a slow fault, before ``time_scale``.
     :param max_image_bytes: largest image the emulator downloads.
     :param download_timeout: timeout in seconds of the image download (real time, not scaled).
+    :param spelling: ``current`` answers as the current docs say; ``legacy`` uses the other
+        spellings the API's docs and SDKs show: 201 on create, statuses ``completed``, ``failed`` and
+        ``canceled``, empty ``{}`` error bodies, and 429s with only a body ``retry_after``.
     :param cost_per_prediction: ``metrics.cost`` reported by a successful prediction.
     """
 
@@ -53,6 +59,7 @@ class EmulatorConfig:
     max_image_bytes: int = 50 * 1024 * 1024
     download_timeout: float = 30.0
     cost_per_prediction: float = 0.0011
+    spelling: str = "current"
 
     def __post_init__(self) -> None:
         """Normalise and validate the settings.
@@ -72,7 +79,14 @@ class EmulatorConfig:
         for name in ("requests_per_minute", "max_in_flight", "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.spelling not in SPELLINGS:
+            raise ValueError(f"spelling must be one of {', '.join(SPELLINGS)}, got {self.spelling!r}")
         self.validate_faults()
+
+    @property
+    def legacy(self) -> bool:
+        """Whether answers use the API's older spellings."""
+        return self.spelling == "legacy"
 
     def validate_faults(self) -> None:
         """Check that every fault probability lies in [0, 1].
