@@ -17,7 +17,6 @@ from airflow.providers.common.compat.sdk import (
 )
 
 if TYPE_CHECKING:
-    import jinja2
     from airflow.providers.common.compat.sdk import Context
 
     from airflow_provider_blip2.hooks.blip2 import Blip2Hook
@@ -101,14 +100,9 @@ class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
 
         return Blip2Hook(blip2_conn_id=self.blip2_conn_id)
 
-    def render_template_fields(self, context: Context, jinja_env: jinja2.Environment | None = None) -> None:
-        """Render the templated fields, then mask the image URL before Airflow stores rendered fields."""
-        super().render_template_fields(context, jinja_env)
-        if isinstance(self.image, str) and self.image:
-            mask_secret(self.image)
-
     def _do_render_template_fields(self, parent: Any, *args: Any, **kwargs: Any) -> None:
-        # A mapped task (.expand) renders through here and never calls render_template_fields.
+        """Render the templated fields, then mask the image URL before Airflow stores rendered fields."""
+        # Plain and mapped (.expand) tasks both render through here, before rendered fields are stored.
         super()._do_render_template_fields(parent, *args, **kwargs)
         if parent is self and isinstance(self.image, str) and self.image:
             mask_secret(self.image)
