@@ -32,6 +32,7 @@ from airflow_provider_blip2.protocol import (
     Blip2TransportError,
     ClientSettings,
     Prediction,
+    PredictionInput,
     RequestBudget,
     RetryPolicy,
     ambiguous_create_error,
@@ -202,14 +203,23 @@ class Blip2Hook(BaseHook):
         :param temperature: 0.5 to 1.0, used with nucleus sampling.
         :param use_nucleus_sampling: Sample instead of beam search.
         """
-        inputs = build_prediction_input(
-            image,
-            question=question,
-            context=context,
-            caption=caption,
-            temperature=temperature,
-            use_nucleus_sampling=use_nucleus_sampling,
+        return self.submit_prediction(
+            build_prediction_input(
+                image,
+                question=question,
+                context=context,
+                caption=caption,
+                temperature=temperature,
+                use_nucleus_sampling=use_nucleus_sampling,
+            )
         )
+
+    def submit_prediction(self, inputs: PredictionInput) -> str:
+        """
+        Create a prediction from already validated inputs and return its id.
+
+        :param inputs: From :func:`~airflow_provider_blip2.protocol.build_prediction_input`.
+        """
         settings = self.settings
         budget = self._budget(settings)
         _wait_sync(budget.reserve_prediction)
@@ -399,14 +409,7 @@ class Blip2Hook(BaseHook):
             self._session.mount("http://", HTTPAdapter(max_retries=0))
             self._session.mount("https://", HTTPAdapter(max_retries=0))
         try:
-            answer = self._session.request(
-                request.method,
-                settings.base_url + request.path,
-                params=request.params or None,
-                json=request.json_body,
-                headers=auth_headers(settings.api_key),
-                timeout=settings.request_timeout,
-            )
+            answer = self._session.request(**_request_arguments(settings, request))
         except requests.RequestException as error:
             raise _transport_error(request, error, sent=_requests_error_was_sent(error)) from None
         return ApiResponse(answer.status_code, dict(answer.headers), answer.content)
@@ -421,14 +424,7 @@ class Blip2Hook(BaseHook):
             tls: ssl.SSLContext | bool = await asyncio.to_thread(_shared_ssl_context) if uses_tls else False
             self._async_client = httpx.AsyncClient(verify=tls, follow_redirects=False)
         try:
-            answer = await self._async_client.request(
-                request.method,
-                settings.base_url + request.path,
-                params=request.params or None,
-                json=request.json_body,
-                headers=auth_headers(settings.api_key),
-                timeout=settings.request_timeout,
-            )
+            answer = await self._async_client.request(**_request_arguments(settings, request))
         except httpx.UnsupportedProtocol as error:
             raise Blip2InputError(f"connection host is not an http(s) URL: {error}") from None
         except httpx.HTTPError as error:
@@ -461,6 +457,18 @@ class Blip2Hook(BaseHook):
             "before_sleep": before_sleep,
             "reraise": True,
         }
+
+
+def _request_arguments(settings: ClientSettings, request: ApiRequest) -> dict[str, Any]:
+    """Keyword arguments of one request, the same for ``requests`` and ``httpx``."""
+    return {
+        "method": request.method,
+        "url": settings.base_url + request.path,
+        "params": request.params or None,
+        "json": request.json_body,
+        "headers": auth_headers(settings.api_key),
+        "timeout": settings.request_timeout,
+    }
 
 
 def _checked(request: ApiRequest, response: ApiResponse) -> ApiResponse:

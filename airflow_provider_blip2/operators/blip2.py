@@ -132,15 +132,7 @@ class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
 
     def submit_job(self, context: Context) -> str:
         """Create the prediction and push its id to XCom."""
-        inputs = self.prediction_input()
-        self.prediction_id = self.hook.create_prediction(
-            inputs.image,
-            question=inputs.question,
-            context=inputs.context,
-            caption=inputs.caption,
-            temperature=inputs.temperature,
-            use_nucleus_sampling=inputs.use_nucleus_sampling,
-        )
+        self.prediction_id = self.hook.submit_prediction(self.prediction_input())
         context["ti"].xcom_push(key=PREDICTION_ID_XCOM_KEY, value=self.prediction_id)
         return self.prediction_id
 
