@@ -5,8 +5,14 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 CONSTRAINTS := requirements/constraints.txt
 INSTALLED := $(VENV)/.installed
+# The oldest Airflow the provider supports gets a virtualenv and a test run of its own.
+VENV_AIRFLOW2 ?= .venv-airflow2
+CONSTRAINTS_AIRFLOW2 := requirements/constraints-airflow2.txt
+INSTALLED_AIRFLOW2 := $(VENV_AIRFLOW2)/.installed
+AIRFLOW2_TESTS := tests/test_protocol.py tests/test_hook.py tests/test_trigger.py tests/test_operator.py \
+	tests/test_provider_info.py tests/test_example_dags.py tests/test_legacy_spellings.py
 
-.PHONY: demo test lint typecheck pytest bench lock emulator clean
+.PHONY: demo test lint typecheck pytest pytest-airflow2 bench lock emulator clean
 
 $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +20,19 @@ $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/uv pip install --python $(BIN)/python --quiet -c $(CONSTRAINTS) -e ".[dev,emulator]"
 	touch $@
 
+$(INSTALLED_AIRFLOW2): pyproject.toml $(CONSTRAINTS_AIRFLOW2)
+	$(PYTHON) -m venv $(VENV_AIRFLOW2)
+	$(VENV_AIRFLOW2)/bin/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(VENV_AIRFLOW2)/bin/uv pip install --python $(VENV_AIRFLOW2)/bin/python --quiet \
+		-c $(CONSTRAINTS_AIRFLOW2) -e ".[dev,emulator]" -r requirements/airflow2.in
+	touch $@
+
 ## demo: run the example DAG with `airflow dags test` against the local API emulator
 demo: $(INSTALLED)
 	$(BIN)/python -m scripts.demo
 
-## test: lint, type-check and run every test
-test: lint typecheck pytest
+## test: lint, type-check and run every test (on Airflow 3.3, then the Airflow 2.11 subset)
+test: lint typecheck pytest pytest-airflow2
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
@@ -30,6 +43,9 @@ typecheck: $(INSTALLED)
 
 pytest: $(INSTALLED)
 	$(BIN)/pytest
+
+pytest-airflow2: $(INSTALLED_AIRFLOW2)
+	$(VENV_AIRFLOW2)/bin/pytest $(AIRFLOW2_TESTS)
 
 ## bench: print the benchmark numbers (import cost, batch throughput against the limits)
 bench: $(INSTALLED)
@@ -44,6 +60,8 @@ emulator: $(INSTALLED)
 lock: $(INSTALLED)
 	$(BIN)/uv pip compile pyproject.toml --extra dev --extra emulator --universal --python-version 3.11 \
 		-o $(CONSTRAINTS) --quiet
+	$(BIN)/uv pip compile pyproject.toml requirements/airflow2.in --extra dev --extra emulator --universal \
+		--python-version 3.11 -o $(CONSTRAINTS_AIRFLOW2) --quiet
 
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_AIRFLOW2) .demo .mypy_cache .pytest_cache .ruff_cache

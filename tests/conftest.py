@@ -9,7 +9,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import airflow
 import pytest
+from packaging.version import Version
 
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
 from airflow_provider_blip2.protocol import RetryPolicy
@@ -22,6 +24,12 @@ FAST_RETRIES = RetryPolicy(max_attempts=6, max_elapsed=20.0, initial_wait=0.01, 
 TIME_SCALE = 0.05
 
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
+
+AIRFLOW_VERSION = Version(Version(airflow.__version__).base_version)
+requires_airflow_3_3 = pytest.mark.skipif(
+    Version("3.3") > AIRFLOW_VERSION, reason="task_state_store (retry reattach) arrived in Airflow 3.3"
+)
+requires_airflow_3 = pytest.mark.skipif(Version("3.0") > AIRFLOW_VERSION, reason="Airflow 3 behaviour")
 
 
 @pytest.fixture(scope="session")

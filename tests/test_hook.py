@@ -32,7 +32,7 @@ from airflow_provider_blip2.protocol import (
     PredictionStatus,
     RetryPolicy,
 )
-from tests.conftest import API_KEY, FAST_RETRIES, connection_json
+from tests.conftest import API_KEY, FAST_RETRIES, connection_json, requires_airflow_3_3
 
 POLL = 0.02
 UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -672,6 +672,7 @@ async def apoll(hook: Blip2Hook, prediction_id: str, timeout: float = 10.0) -> P
         await asyncio.sleep(POLL)
 
 
+@requires_airflow_3_3
 async def test_async_settings_are_resolved_without_the_sync_lookup(
     emulator: EmulatorServer, blip2_connection: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

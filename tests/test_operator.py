@@ -27,7 +27,7 @@ from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer
 from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
 from airflow_provider_blip2.triggers.blip2 import Blip2PredictionTrigger
 from scripts.sandbox import AirflowSandbox
-from tests.conftest import API_KEY, TIME_SCALE, connection_json
+from tests.conftest import API_KEY, TIME_SCALE, connection_json, requires_airflow_3_3
 
 DAG_ID = "blip2_operator_scenarios"
 SIGNATURE = "X-Amz-Signature=0c9e7a51d2b4f6a8"
@@ -372,16 +372,13 @@ def test_a_timeout_cancels_the_prediction_and_fails_the_task(dag_run: DagRunResu
     log = dag_run.task_log(task_id)
     assert "cancelled" in log
     assert prediction.id in log
-    [(start, end)] = dag_run.query(
-        "SELECT start_date, end_date FROM task_instance WHERE dag_id = ? AND task_id = ?", DAG_ID, task_id
-    )
-    assert start and end
 
 
 # ---- retries -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("task_id", ["retry_sync", "retry_deferred"])
+@requires_airflow_3_3
 def test_a_retry_reattaches_to_the_first_tries_prediction(dag_run: DagRunResult, task_id: str) -> None:
     assert dag_run.state(task_id) == "success"
     [(try_number,)] = dag_run.query(
@@ -479,6 +476,7 @@ def _execute(operator: Blip2PredictionOperator, store: DictStateStore) -> tuple[
     return operator.execute(cast(Any, {"ti": ti, "task_state_store": store})), ti
 
 
+@requires_airflow_3_3
 def test_execute_stores_the_id_and_a_second_try_reattaches(
     blip2_connection: str, emulator: EmulatorServer, image_url: Callable[[str], str]
 ) -> None:
@@ -498,6 +496,7 @@ def test_execute_stores_the_id_and_a_second_try_reattaches(
     assert emulator.ledger()["requests"]["create"] == 1
 
 
+@requires_airflow_3_3
 def test_execute_reattaches_to_a_running_prediction(
     start_emulator: Callable[..., EmulatorServer],
     monkeypatch: pytest.MonkeyPatch,
@@ -521,6 +520,7 @@ def test_execute_reattaches_to_a_running_prediction(
     assert ti.xcom.get("prediction_id") == prediction_id
 
 
+@requires_airflow_3_3
 def test_a_deferrable_retry_defers_on_the_stored_prediction(
     start_emulator: Callable[..., EmulatorServer],
     monkeypatch: pytest.MonkeyPatch,
@@ -543,6 +543,7 @@ def test_a_deferrable_retry_defers_on_the_stored_prediction(
     assert server.ledger()["creates"] == 1
 
 
+@requires_airflow_3_3
 def test_a_stored_failed_prediction_leads_to_a_fresh_create(
     blip2_connection: str, emulator: EmulatorServer, image_url: Callable[[str], str]
 ) -> None:

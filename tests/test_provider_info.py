@@ -13,6 +13,7 @@ import pytest
 
 from airflow_provider_blip2.get_provider_info import get_provider_info
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+from tests.conftest import requires_airflow_3
 
 
 def core_schema(name: str) -> dict:
@@ -41,6 +42,7 @@ def test_every_listed_module_imports() -> None:
                 importlib.import_module(module)
 
 
+@requires_airflow_3
 def test_providers_manager_discovers_the_connection_form() -> None:
     from airflow.providers_manager import ProvidersManager
 
