@@ -12,6 +12,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
@@ -46,7 +47,10 @@ def deployment(
         tmp_path_factory.mktemp("system-home"),
         dags_folder=DAGS,
         connections={"blip2_default": connection},
-        extra_env={"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "10"},
+        extra_env={
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "10",
+            "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",
+        },
     )
     sandbox.migrate()
     deployment = AirflowDeployment(sandbox)
@@ -140,3 +144,32 @@ def test_a_retry_after_a_worker_crash_reattaches_to_the_prediction(
     ti = deployment.task_instance(ON_WORKER, run_id, "ask")
     assert ti["try_number"] == 2
     assert fresh_emulator.ledger()["creates"] == 1
+
+
+def test_the_ui_shows_the_blip2_connection_form(deployment: AirflowDeployment) -> None:
+    metadata = httpx.get(f"{deployment.url}/ui/connections/hook_meta", timeout=30).json()
+    [form] = [entry for entry in metadata if entry["connection_type"] == "blip2"]
+    assert form["hook_name"] == "BLIP-2 (Eachlabs)"
+    standard = form["standard_fields"]
+    assert standard["password"]["title"] == "API Key"
+    assert standard["host"]["placeholder"] == "https://api.eachlabs.ai"
+    assert all(standard[name]["hidden"] for name in ("login", "url_schema", "port"))
+    extra = form["extra_fields"]
+    assert set(extra) >= {
+        "model",
+        "model_version",
+        "request_timeout",
+        "requests_per_minute",
+        "max_concurrency",
+    }
+    assert extra["requests_per_minute"]["value"] == 60
+
+
+def test_test_connection_in_the_ui_checks_the_key(
+    deployment: AirflowDeployment, emulator: EmulatorServer
+) -> None:
+    body = {"connection_id": "blip2_probe", "conn_type": "blip2", "host": emulator.url, "password": API_KEY}
+    good = deployment.api("POST", "/connections/test", json=body)
+    assert good["status"] is True, good
+    bad = deployment.api("POST", "/connections/test", json={**body, "password": "not-the-key"})
+    assert bad["status"] is False and "API key" in bad["message"]
