@@ -403,13 +403,17 @@ class Blip2Hook(BaseHook):
         except Blip2Error as error:
             raise _final_error(request, error) from error
 
-    def _send_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
+    def get_conn(self) -> requests.Session:
+        """The HTTP session of the sync calls (retries are the hook's, not urllib3's)."""
         if self._session is None:
             self._session = requests.Session()
             self._session.mount("http://", HTTPAdapter(max_retries=0))
             self._session.mount("https://", HTTPAdapter(max_retries=0))
+        return self._session
+
+    def _send_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
         try:
-            answer = self._session.request(**_request_arguments(settings, request))
+            answer = self.get_conn().request(**_request_arguments(settings, request))
         except requests.RequestException as error:
             raise _transport_error(request, error, sent=_requests_error_was_sent(error)) from None
         return ApiResponse(answer.status_code, dict(answer.headers), answer.content)
