@@ -624,10 +624,10 @@ class Prediction:
             raise Blip2PredictionFailedError(
                 f"prediction {self.id} has not finished (status {self.raw_status})", prediction_id=self.id
             )
-        reason = self.error or f"status {self.raw_status}"
-        code = f" [{self.error_code}]" if self.error_code else ""
         raise Blip2PredictionFailedError(
-            f"prediction {self.id} ended {self.status.value}{code}: {reason}",
+            failure_message(
+                self.id, self.status.value, self.error or f"status {self.raw_status}", self.error_code
+            ),
             prediction_id=self.id,
             error_code=self.error_code,
         )
@@ -642,6 +642,19 @@ class Prediction:
             "error_code": self.error_code,
             "predict_time": self.predict_time,
         }
+
+
+def failure_message(prediction_id: str, status: str, error: str | None, error_code: str | None) -> str:
+    """
+    How a failed or cancelled prediction is reported, on the worker and after a trigger alike.
+
+    :param prediction_id: The prediction.
+    :param status: Its normalised status (``error`` or ``cancelled``).
+    :param error: The readable reason.
+    :param error_code: The API's error code, if any.
+    """
+    code = f" [{error_code}]" if error_code else ""
+    return f"prediction {prediction_id} ended {status}{code}: {error}"
 
 
 def _output_text(output: Any) -> str | None:

@@ -213,10 +213,11 @@ class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
             prediction.raise_for_status()
         except Blip2PredictionFailedError as error:
             raise AirflowException(str(error)) from error
-        self.log.info(
-            "Prediction %s succeeded in %s s: %r", prediction.id, prediction.predict_time, prediction.output
-        )
-        return prediction.output
+        return self._succeeded(prediction.id, prediction.predict_time, prediction.output)
+
+    def _succeeded(self, prediction_id: str, predict_time: float | None, output: str | None) -> str | None:
+        self.log.info("Prediction %s succeeded in %s s: %r", prediction_id, predict_time, output)
+        return output
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> str | None:
         """
@@ -229,20 +230,17 @@ class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
         self.prediction_id = prediction_id
         status = event.get("status")
         if status == "success":
-            self.log.info(
-                "Prediction %s succeeded in %s s: %r",
-                prediction_id,
-                event.get("predict_time"),
-                event.get("output"),
-            )
-            return event.get("output")
+            return self._succeeded(prediction_id, event.get("predict_time"), event.get("output"))
         if status == "timeout":
             self._cancel_quietly(prediction_id)
             raise AirflowException(
                 f"Prediction {prediction_id} did not finish within {self.timeout:g} s; it was cancelled"
             )
-        code = f" [{event['error_code']}]" if event.get("error_code") else ""
-        raise AirflowException(f"Prediction {prediction_id} ended {status}{code}: {event.get('error')}")
+        from airflow_provider_blip2.protocol import failure_message
+
+        raise AirflowException(
+            failure_message(prediction_id, str(status), event.get("error"), event.get("error_code"))
+        )
 
     def on_kill(self) -> None:
         """Cancel the prediction this try is waiting for on the worker (sync mode)."""
