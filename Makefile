@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+comma := ,
 UV_VERSION := 0.13.9
 CONSTRAINTS := requirements/constraints.txt
+# The main environment has the storage extras and the local S3/GCS servers; the Airflow 2.11 one has
+# neither, so its run also proves that https-only use works without them.
+EXTRAS := dev,emulator,amazon,google,storage-servers
 INSTALLED := $(VENV)/.installed
 # The oldest Airflow the provider supports gets a virtualenv and a test run of its own.
 VENV_AIRFLOW2 ?= .venv-airflow2
@@ -17,7 +21,7 @@ AIRFLOW2_TESTS := tests/test_protocol.py tests/test_hook.py tests/test_trigger.p
 $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
-	$(BIN)/uv pip install --python $(BIN)/python --quiet -c $(CONSTRAINTS) -e ".[dev,emulator]"
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $@
 
 $(INSTALLED_AIRFLOW2): pyproject.toml $(CONSTRAINTS_AIRFLOW2)
@@ -58,8 +62,8 @@ emulator: $(INSTALLED)
 
 ## lock: re-resolve the pinned development environment
 lock: $(INSTALLED)
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra emulator --universal --python-version 3.11 \
-		-o $(CONSTRAINTS) --quiet
+	$(BIN)/uv pip compile pyproject.toml $(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra)) \
+		--universal --python-version 3.11 -o $(CONSTRAINTS) --quiet
 	$(BIN)/uv pip compile pyproject.toml requirements/airflow2.in --extra dev --extra emulator --universal \
 		--python-version 3.11 -o $(CONSTRAINTS_AIRFLOW2) --quiet
 
