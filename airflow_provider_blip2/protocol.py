@@ -17,8 +17,8 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -878,6 +878,43 @@ class RequestBudget:
         with self._lock:
             return len(self._in_flight) + self._pending_slots
 
+    def recent_requests(self) -> list[float]:
+        """
+        Unix times of the requests that still count against the window (open ones count as now).
+
+        Hand them to the next process that works for the same job (worker -> triggerer and back),
+        which passes them to :meth:`note_requests`, so a handover does not start with a full window.
+        """
+        with self._lock:
+            now = self._clock()
+            offset = time.time() - now
+            times = [t + offset for t in self._finished_requests if t > now - self.window]
+            return sorted(round(t, 3) for t in times + [now + offset] * self._open_requests)
+
+    def note_requests(self, unix_times: Sequence[float]) -> None:
+        """
+        Count requests another process made (from its :meth:`recent_requests`) against the window.
+
+        Times this budget already counts (the same process on both sides) are not added twice.
+
+        :param unix_times: Unix times of the requests.
+        """
+        with self._lock:
+            now = self._clock()
+            offset = time.time() - now
+            unmatched = list(self._finished_requests)
+            added = []
+            for unix_time in unix_times:
+                moment = float(unix_time) - offset
+                if moment <= now - self.window:
+                    continue
+                twin = next((k for k in unmatched if abs(moment - k) < 0.005), None)
+                if twin is None:
+                    added.append(moment)
+                else:
+                    unmatched.remove(twin)
+            self._finished_requests = deque(sorted([*self._finished_requests, *added]))
+
 
 _BUDGETS: dict[tuple[str, str], RequestBudget] = {}
 _BUDGETS_LOCK = threading.Lock()
@@ -946,6 +983,25 @@ class ClientSettings:
     requests_per_minute: int = DEFAULT_REQUESTS_PER_MINUTE
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     rate_window: float = 60.0
+
+    def with_limits(
+        self, *, requests_per_minute: int | None = None, max_concurrency: int | None = None
+    ) -> ClientSettings:
+        """
+        Return these settings with a task's own limits in place of the connection's.
+
+        :param requests_per_minute: Requests per window, or ``None`` for the connection's.
+        :param max_concurrency: Predictions in flight, or ``None`` for the connection's.
+        """
+        return replace(
+            self,
+            requests_per_minute=self.requests_per_minute
+            if requests_per_minute is None
+            else int(check_positive_number("requests_per_minute", requests_per_minute, integer=True)),
+            max_concurrency=self.max_concurrency
+            if max_concurrency is None
+            else int(check_positive_number("max_concurrency", max_concurrency, integer=True)),
+        )
 
     @classmethod
     def from_connection_values(

@@ -1,24 +1,45 @@
 """
-`make demo`: run the example DAG through a real `airflow dags test` against the local emulator.
+`make demo`: run the example DAGs through a real `airflow dags test` against local servers.
 
-No account and no network: the emulator of the Eachlabs API and a file server for the sample
-images both listen on 127.0.0.1, and Airflow runs in a throwaway home under ``.demo/``.
+No account and no network: the emulator of the Eachlabs API, a file server for the sample images
+and a local S3 (moto) all listen on 127.0.0.1, and Airflow runs in a throwaway home under ``.demo/``.
+The sample images are uploaded to the local S3 as the day's user uploads and as a product
+catalogue; the moderation and alt-text DAGs then run batch tasks over those prefixes. The emulator
+answers the moderation questions from a script (``MODERATION_ANSWERS``), so the report is known.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
+from example_dags.example_blip2_moderation import MODERATION_QUESTIONS
 from scripts.sandbox import EXAMPLE_DAGS, REPO_ROOT, AirflowSandbox
+from scripts.storage_servers import LocalS3, local_s3
 
 DAG_ID = "example_blip2_caption"
 API_KEY = "emulator-key"
 IMAGES = sorted(p.name for p in (EXAMPLE_DAGS / "data").iterdir() if p.suffix in {".jpg", ".png", ".webp"})
+UPLOADS_BUCKET = "user-uploads"
+CATALOGUE_BUCKET = "catalogue"
+#: What the emulator answers to the moderation questions: the rocket is taken for a weapon.
+MODERATION_ANSWERS = {
+    "answers": [
+        {"image": "rocket.webp", "question": MODERATION_QUESTIONS["weapon"], "output": "yes"},
+        *(
+            {"image": name, "question": q, "output": "no"}
+            for name in IMAGES
+            for q in MODERATION_QUESTIONS.values()
+        ),
+    ]
+}
 
 
 def print_table(rows: list[dict[str, str]], columns: list[str]) -> None:
@@ -33,6 +54,31 @@ def print_table(rows: list[dict[str, str]], columns: list[str]) -> None:
     print(line)
 
 
+def upload_samples(s3: LocalS3, day: str) -> None:
+    """Put the sample images in the local S3: as the day's uploads and as a product catalogue."""
+    s3.create_bucket(UPLOADS_BUCKET)
+    s3.create_bucket(CATALOGUE_BUCKET)
+    for name in IMAGES:
+        data = (EXAMPLE_DAGS / "data" / name).read_bytes()
+        s3.put_object(UPLOADS_BUCKET, f"uploads/{day}/user-{len(name)}/{name}", data)
+        s3.put_object(CATALOGUE_BUCKET, f"products/{name}", data)
+    s3.put_object(UPLOADS_BUCKET, f"uploads/{day}/notes.txt", b"not an image: the listing skips it")
+
+
+def run(sandbox: AirflowSandbox, dag_id: str, **kwargs: Any) -> dict[str, str]:
+    """Run a DAG with ``airflow dags test``; return its task states."""
+    print(f"Running `airflow dags test {dag_id}` ...")
+    started = time.monotonic()
+    sandbox.dags_test(dag_id, **kwargs)
+    states = sandbox.task_states(dag_id)
+    print(
+        f"  {len(states)} task instances, {time.monotonic() - started:.1f} s: {sorted(set(states.values()))}"
+    )
+    if any(state != "success" for state in states.values()):
+        raise RuntimeError(f"{dag_id} did not succeed: {states}")
+    return states
+
+
 def main() -> int:
     """Run the demo; return the exit code."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -40,38 +86,59 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=2.0, help="emulated seconds per prediction")
     args = parser.parse_args()
     shutil.rmtree(args.home, ignore_errors=True)
+    args.home.mkdir(parents=True)
+    answers = args.home.parent / "moderation-answers.json"
+    answers.write_text(json.dumps(MODERATION_ANSWERS, indent=2))
+    day = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
 
-    config = EmulatorConfig(api_keys=(API_KEY,), latency=args.latency)
-    with EmulatorServer(config) as api, serve_directory(EXAMPLE_DAGS / "data") as images:
-        print(f"BLIP-2 API emulator on {api.url}; sample images on {images}")
+    config = EmulatorConfig(api_keys=(API_KEY,), latency=args.latency, answers_file=str(answers))
+    with EmulatorServer(config) as api, serve_directory(EXAMPLE_DAGS / "data") as images, local_s3() as s3:
+        print(f"BLIP-2 API emulator on {api.url}; sample images on {images}; local S3 on {s3.endpoint_url}")
+        upload_samples(s3, day)
         sandbox = AirflowSandbox(
             args.home,
-            connections={"blip2_default": {"conn_type": "blip2", "host": api.url, "password": API_KEY}},
+            connections={
+                "blip2_default": {"conn_type": "blip2", "host": api.url, "password": API_KEY},
+                "aws_default": s3.connection(),
+            },
         )
         print(f"Creating a throwaway Airflow home in {args.home} ...")
         sandbox.migrate()
-        urls = [f"{images}/{name}" for name in IMAGES]
-        print(f"Running `airflow dags test {DAG_ID}` on {len(urls)} images (deferrable tasks) ...")
-        started = time.monotonic()
         try:
-            sandbox.dags_test(DAG_ID, conf={"image_urls": urls})
+            run(
+                sandbox, "example_blip2_caption", conf={"image_urls": [f"{images}/{name}" for name in IMAGES]}
+            )
+            captions = sandbox.xcom("example_blip2_caption", "report")[0]
+            run(sandbox, "example_blip2_moderation", logical_date=day)
+            moderation = sandbox.xcom("example_blip2_moderation", "moderate")[0]
+            flags = sandbox.xcom("example_blip2_moderation", "flag")[0]
+            quarantined = sandbox.xcom("example_blip2_moderation", "quarantine")[0]
+            run(sandbox, "example_blip2_alt_text", logical_date=day)
+            alt_text = {
+                name: s3.client()
+                .get_object(Bucket=CATALOGUE_BUCKET, Key=f"products/{name}.alt.txt")["Body"]
+                .read()
+                .decode()
+                for name in IMAGES
+            }
         except RuntimeError as error:
             print(error, file=sys.stderr)
             return 1
-        elapsed = time.monotonic() - started
-        states = sandbox.task_states(DAG_ID)
-        rows = sandbox.xcom(DAG_ID, "report")
         ledger = api.ledger()
 
-    if not rows or any(state != "success" for state in states.values()):
-        print(f"The DAG run did not succeed: {states}", file=sys.stderr)
-        return 1
-    print()
-    print_table(rows[0], ["image", "caption", "answer"])
+    print("\nexample_blip2_caption: one caption and one answer per image")
+    print_table(captions, ["image", "caption", "answer"])
+    print(f"\nexample_blip2_moderation: {moderation}")
+    rows = [{"image": image, "flags": ", ".join(reasons)} for image, reasons in flags["flagged"].items()]
+    rows += [{"image": image, "flags": "clean, published"} for image in flags["clean"]]
+    print_table(rows, ["image", "flags"])
+    print("quarantined: " + ", ".join(quarantined))
+    print("\nexample_blip2_alt_text: products/<image>.alt.txt written next to each image")
+    print_table([{"image": name, "alt text": text} for name, text in alt_text.items()], ["image", "alt text"])
     print(
-        f"\n{len(states)} task instances succeeded in {elapsed:.1f} s; the emulator saw "
-        f"{ledger['creates']} creates and {sum(ledger['requests'].values())} requests in all. "
-        "Outputs marked [emulated] come from the emulator, not from the model."
+        f"\nThe emulator saw {ledger['creates']} creates, {sum(ledger['requests'].values())} requests and "
+        f"{ledger['responses_429']} 429 answers. Outputs marked [emulated] come from the emulator, "
+        "not from the model."
     )
     return 0
 

@@ -88,14 +88,17 @@ class AirflowSandbox:
         if not self.database.exists():
             self.airflow("db", "migrate")
 
-    def dags_test(self, dag_id: str, conf: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
+    def dags_test(
+        self, dag_id: str, conf: dict[str, Any] | None = None, *, logical_date: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """
         Run one DAG with ``airflow dags test``; deferred tasks run their trigger inline.
 
         :param dag_id: The DAG.
         :param conf: The run's conf.
+        :param logical_date: The run's logical date (``YYYY-MM-DD``); default now.
         """
-        args = ["dags", "test", dag_id]
+        args = ["dags", "test", dag_id, *([logical_date] if logical_date else [])]
         if conf is not None:
             args += ["--conf", json.dumps(conf)]
         return self.airflow(*args)

@@ -106,3 +106,60 @@ def blip2_connection(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) 
     """
     monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
     return "blip2_default"
+
+
+# --------------------------------------------------------------------------------------------------
+# Object storage: a local S3 (moto) and a local GCS (gcp-storage-emulator), and connections to them
+# --------------------------------------------------------------------------------------------------
+# scripts.storage_servers and the cloud libraries are imported inside the fixtures only: the Airflow 2.11
+# environment has neither the amazon/google providers nor the servers, and still imports this file.
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from scripts.storage_servers import LocalGcs, LocalS3
+
+
+@pytest.fixture(scope="session")
+def local_s3() -> Iterator[LocalS3]:
+    """A moto S3 server on 127.0.0.1 for the whole session; skips without moto or the amazon provider."""
+    pytest.importorskip("moto.server", reason="needs moto[server] (the storage-servers extra)")
+    pytest.importorskip("airflow.providers.amazon.aws.hooks.s3", reason="needs the amazon provider")
+    from scripts.storage_servers import local_s3 as run_local_s3
+
+    with run_local_s3() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def local_gcs() -> Iterator[LocalGcs]:
+    """A gcp-storage-emulator on 127.0.0.1 for the whole session; skips without it or the google provider."""
+    pytest.importorskip("gcp_storage_emulator", reason="needs gcp-storage-emulator (storage-servers extra)")
+    pytest.importorskip("cryptography", reason="needs cryptography for the throwaway service-account key")
+    pytest.importorskip("airflow.providers.google.cloud.hooks.gcs", reason="needs the google provider")
+    from scripts.storage_servers import local_gcs as run_local_gcs
+
+    with run_local_gcs() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_connection(local_s3: LocalS3, monkeypatch: pytest.MonkeyPatch) -> LocalS3:
+    """``aws_default`` pointing at ``local_s3``, which is emptied first; returns the server."""
+    local_s3.reset()
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(local_s3.connection()))
+    return local_s3
+
+
+@pytest.fixture
+def gcs_connection(local_gcs: LocalGcs, monkeypatch: pytest.MonkeyPatch) -> LocalGcs:
+    """
+    ``google_cloud_default`` (a throwaway service-account key) and ``STORAGE_EMULATOR_HOST`` pointing at
+    ``local_gcs``, which is emptied first; returns the server.
+    """
+    local_gcs.reset()
+    for name, value in local_gcs.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", json.dumps(local_gcs.connection()))
+    return local_gcs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -25,9 +26,52 @@ def example_dag_ids() -> list[str]:
     return ids
 
 
+DAY = "2026-11-27"
+#: The DAGs over object storage: the images each one expects in the local S3, and its run conf.
+S3_SAMPLES = {
+    "example_blip2_moderation": ("uploads-test", [f"uploads/{DAY}/{name}" for name in SAMPLES]),
+    "example_blip2_alt_text": ("catalogue-test", [f"products/{name}" for name in SAMPLES]),
+}
+QUESTIONS = [
+    "Does this image contain nudity? Answer yes or no.",
+    "Does this image show violence or blood? Answer yes or no.",
+    "Is there a weapon in this image? Answer yes or no.",
+]
+#: Scripted moderation answers: the rocket is taken for a weapon, the coffee answer is unclear.
+MODERATION_ANSWERS = {
+    "answers": [
+        {
+            "image": "rocket.webp",
+            "question": "Is there a weapon in this image? Answer yes or no.",
+            "output": "yes",
+        },
+        {
+            "image": "coffee.png",
+            "question": "Does this image contain nudity? Answer yes or no.",
+            "output": "maybe",
+        },
+        *(
+            {"image": name, "question": question, "output": "no"}
+            for name in SAMPLES
+            for question in QUESTIONS
+        ),
+    ]
+}
+
+
 def run_conf(dag_id: str, image_url: Callable[[str], str]) -> dict[str, Any]:
     """The conf each example DAG is run with."""
-    confs = {"example_blip2_caption": {"image_urls": [image_url(name) for name in SAMPLES]}}
+    confs: dict[str, dict[str, Any]] = {
+        "example_blip2_caption": {"image_urls": [image_url(name) for name in SAMPLES]},
+        "example_blip2_moderation": {
+            "bucket": S3_SAMPLES["example_blip2_moderation"][0],
+            "uploads": "uploads",
+        },
+        "example_blip2_alt_text": {
+            "bucket": S3_SAMPLES["example_blip2_alt_text"][0],
+            "catalogue": "products",
+        },
+    }
     assert dag_id in confs, f"add a run conf for the new example DAG {dag_id}"
     return confs[dag_id]
 
@@ -41,7 +85,30 @@ def migrated_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def sandbox(migrated_home: Path, tmp_path: Path, emulator: EmulatorServer) -> Iterator[AirflowSandbox]:
+def emulator(start_emulator: Callable[..., EmulatorServer], tmp_path: Path) -> EmulatorServer:
+    """The emulator, with the scripted moderation answers."""
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(MODERATION_ANSWERS))
+    return start_emulator(answers_file=str(answers))
+
+
+@pytest.fixture
+def storage_connections(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+    """``aws_default`` on the local S3, when the amazon provider and moto are installed."""
+    try:
+        local_s3 = request.getfixturevalue("s3_connection")
+    except pytest.skip.Exception:
+        return {}
+    return {"aws_default": local_s3.connection()}
+
+
+@pytest.fixture
+def sandbox(
+    migrated_home: Path,
+    tmp_path: Path,
+    emulator: EmulatorServer,
+    storage_connections: dict[str, dict[str, Any]],
+) -> Iterator[AirflowSandbox]:
     home = tmp_path / "airflow-home"
     shutil.copytree(migrated_home, home)
     connection = {
@@ -50,7 +117,7 @@ def sandbox(migrated_home: Path, tmp_path: Path, emulator: EmulatorServer) -> It
         "password": API_KEY,
         "extra": {"requests_per_minute": 1200},
     }
-    yield AirflowSandbox(home, connections={"blip2_default": connection})
+    yield AirflowSandbox(home, connections={"blip2_default": connection, **storage_connections})
 
 
 def test_examples_are_found() -> None:
@@ -59,10 +126,22 @@ def test_examples_are_found() -> None:
 
 @pytest.mark.parametrize("dag_id", example_dag_ids())
 def test_example_dag_runs_end_to_end(
-    dag_id: str, sandbox: AirflowSandbox, emulator: EmulatorServer, image_url: Callable[[str], str]
+    dag_id: str,
+    sandbox: AirflowSandbox,
+    emulator: EmulatorServer,
+    image_url: Callable[[str], str],
+    image_dir: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     conf = run_conf(dag_id, image_url)
-    sandbox.dags_test(dag_id, conf=conf)
+    s3 = None
+    if dag_id in S3_SAMPLES:
+        s3 = request.getfixturevalue("s3_connection")
+        bucket, keys = S3_SAMPLES[dag_id]
+        s3.create_bucket(bucket)
+        for key in keys:
+            s3.put_object(bucket, key, (image_dir / key.rsplit("/", 1)[1]).read_bytes())
+    sandbox.dags_test(dag_id, conf=conf, logical_date=DAY)
 
     states = sandbox.task_states(dag_id)
     assert states and set(states.values()) == {"success"}, states
@@ -76,6 +155,36 @@ def test_example_dag_runs_end_to_end(
         assert all(row["answer"] in ("[emulated] yes", "[emulated] no") for row in rows)
         prediction_ids = sandbox.xcom(dag_id, "caption", key="prediction_id")
         assert len(set(prediction_ids)) == len(SAMPLES)
+    if dag_id == "example_blip2_moderation":
+        assert s3 is not None
+        assert ledger["creates"] == 3 * len(SAMPLES)
+        base = f"s3://uploads-test/uploads/{DAY}/"
+        (flags,) = sandbox.xcom(dag_id, "flag")
+        assert flags["flagged"] == {
+            base + "coffee.png": ["nudity: needs review ('maybe')"],
+            base + "rocket.webp": ["weapon"],
+        }
+        assert flags["clean"] == [base + "astronaut.jpg", base + "chelsea.jpg"]
+        keys = s3.client().list_objects_v2(Bucket="uploads-test")["Contents"]
+        written = {item["Key"] for item in keys}
+        assert {f"quarantine/{DAY}/coffee.png", f"quarantine/{DAY}/rocket.webp"} <= written
+        assert f"quarantine/{DAY}/chelsea.jpg" not in written
+        report = json.loads(
+            s3.client().get_object(Bucket="uploads-test", Key=f"moderation/{DAY}/report.json")["Body"].read()
+        )
+        assert report["flagged"] == flags["flagged"]
+        manifest_key = f"published/{DAY}/manifest.json"
+        manifest = json.loads(s3.client().get_object(Bucket="uploads-test", Key=manifest_key)["Body"].read())
+        assert manifest["images"] == flags["clean"] and manifest["held_back"] == 2
+    if dag_id == "example_blip2_alt_text":
+        assert s3 is not None
+        assert ledger["creates"] == len(SAMPLES)
+        for name in SAMPLES:
+            body = (
+                s3.client().get_object(Bucket="catalogue-test", Key=f"products/{name}.alt.txt")["Body"].read()
+            )
+            assert body.decode().startswith("[emulated]")
+        assert sandbox.xcom(dag_id, "write_alt_text") == [len(SAMPLES)]
 
 
 def test_api_key_appears_in_nothing_airflow_wrote(

@@ -1280,3 +1280,35 @@ def test_settings_invalid_values_name_the_field(name: str, value: Any) -> None:
     assert message.startswith(name)
     assert "greater than 0" in message
     assert repr(value) in message
+
+
+def test_budget_hands_recent_requests_to_another_process() -> None:
+    clock = FakeClock()
+    worker = RequestBudget(3, 10, window=60.0, clock=clock)
+    for _ in range(3):
+        assert worker.reserve_request() == 0
+        worker.request_done()
+    handed = worker.recent_requests()
+    assert len(handed) == 3
+    triggerer = RequestBudget(3, 10, window=60.0, clock=FakeClock(clock.now))
+    triggerer.note_requests(handed)
+    assert triggerer.reserve_request() > 0  # the window is full across the handover
+    # Noting the same requests twice (both sides in one process) does not count them twice.
+    worker.note_requests(handed)
+    assert len(worker.recent_requests()) == 3
+
+
+def test_budget_forgets_handed_requests_older_than_the_window() -> None:
+    import time
+
+    budget = RequestBudget(1, 10, window=60.0)
+    budget.note_requests([time.time() - 61.0])
+    assert budget.reserve_request() == 0
+
+
+def test_settings_with_own_limits() -> None:
+    settings = ClientSettings.from_connection_values(host=None, password="k", extra={})
+    own = settings.with_limits(requests_per_minute=30, max_concurrency=None)
+    assert (own.requests_per_minute, own.max_concurrency) == (30, settings.max_concurrency)
+    with pytest.raises(Blip2InputError, match="max_concurrency"):
+        settings.with_limits(max_concurrency=0)

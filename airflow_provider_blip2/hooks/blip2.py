@@ -71,6 +71,10 @@ class Blip2Hook(BaseHook):
         password = API key, extra fields ``model``, ``model_version``, ``request_timeout``,
         ``requests_per_minute`` and ``max_concurrency``.
     :param retry_policy: How failed requests are retried; the default suits the public API.
+    :param requests_per_minute: This hook's own request budget instead of the connection's. A hook
+        with limits of its own paces itself within them and does not share the connection's
+        budget with the other hooks of the process.
+    :param max_concurrency: This hook's own limit of predictions in flight instead of the connection's.
     """
 
     conn_name_attr = "blip2_conn_id"
@@ -83,11 +87,15 @@ class Blip2Hook(BaseHook):
         blip2_conn_id: str = default_conn_name,
         *,
         retry_policy: RetryPolicy | None = None,
+        requests_per_minute: int | None = None,
+        max_concurrency: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.blip2_conn_id = blip2_conn_id
         self.retry_policy = retry_policy or RetryPolicy()
+        self.requests_per_minute = requests_per_minute
+        self.max_concurrency = max_concurrency
         self._settings: ClientSettings | None = None
         self._session: requests.Session | None = None
         self._async_client: httpx.AsyncClient | None = None
@@ -147,8 +155,10 @@ class Blip2Hook(BaseHook):
         """The connection's settings, read (synchronously) on first use."""
         if self._settings is None:
             conn = self.get_connection(self.blip2_conn_id)
-            self._settings = ClientSettings.from_connection_values(
-                host=conn.host, password=conn.password, extra=conn.extra_dejson
+            self._settings = self._with_own_limits(
+                ClientSettings.from_connection_values(
+                    host=conn.host, password=conn.password, extra=conn.extra_dejson
+                )
             )
         return self._settings
 
@@ -162,14 +172,30 @@ class Blip2Hook(BaseHook):
 
             conn = await get_async_connection(self.blip2_conn_id, hook=self)
             extra = await get_async_extra_dejson(conn)
-            self._settings = ClientSettings.from_connection_values(
-                host=conn.host, password=conn.password, extra=extra
+            self._settings = self._with_own_limits(
+                ClientSettings.from_connection_values(host=conn.host, password=conn.password, extra=extra)
             )
         return self._settings
 
+    def _with_own_limits(self, settings: ClientSettings) -> ClientSettings:
+        return settings.with_limits(
+            requests_per_minute=self.requests_per_minute, max_concurrency=self.max_concurrency
+        )
+
+    def budget(self) -> RequestBudget:
+        """The request budget this hook's calls are paced by (shared per connection in a process)."""
+        return self._budget(self.settings)
+
+    async def abudget(self) -> RequestBudget:
+        """:meth:`budget`, resolving the connection without blocking the event loop."""
+        return self._budget(await self.aget_settings())
+
     def _budget(self, settings: ClientSettings) -> RequestBudget:
+        own_limits = self.requests_per_minute is not None or self.max_concurrency is not None
         return budget_for(
-            self.blip2_conn_id,
+            f"{self.blip2_conn_id}[{settings.requests_per_minute}/{settings.max_concurrency}]"
+            if own_limits
+            else self.blip2_conn_id,
             settings.base_url,
             settings.requests_per_minute,
             settings.max_concurrency,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_blip2.batch import BatchResult
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from airflow_provider_blip2.protocol import (
     Blip2AuthenticationError,
@@ -16,12 +18,56 @@ from airflow_provider_blip2.protocol import (
     Blip2InputError,
     Blip2NotFoundError,
     Prediction,
+    PredictionStatus,
 )
 
 # Errors that polling again cannot fix once they have been seen this many times in a row.
 PERSISTENT_ERROR_LIMIT = 3
 # Bound on the remote cancel when a user kills the task.
 ON_KILL_TIMEOUT = 20.0
+
+
+class PredictionReader:
+    """
+    Read predictions for a trigger, telling passing trouble from errors that end the wait.
+
+    Transient errors (network, 5xx, 429 after the hook's retries) are logged and read again later.
+    An authentication error or a missing prediction seen :data:`PERSISTENT_ERROR_LIMIT` times in a
+    row for the same prediction, or invalid input, ends the wait for it.
+
+    :param hook: The hook to read with.
+    :param log: Where to log failed reads.
+    """
+
+    def __init__(self, hook: Blip2Hook, log: logging.Logger | Any) -> None:
+        self.hook = hook
+        self.log = log
+        self._errors_in_a_row: dict[str, int] = {}
+
+    async def read(self, prediction_id: str) -> Prediction | str | None:
+        """
+        Read one prediction.
+
+        :param prediction_id: The prediction.
+        :return: The prediction; or an error message when waiting for it should end; or ``None``
+            after a failed read worth repeating.
+        """
+        try:
+            prediction = await self.hook.aget_prediction(prediction_id)
+        except (Blip2AuthenticationError, Blip2NotFoundError, Blip2InputError) as error:
+            count = self._errors_in_a_row[prediction_id] = self._errors_in_a_row.get(prediction_id, 0) + 1
+            self.log.warning("Polling prediction %s failed: %s", prediction_id, error)
+            if count >= PERSISTENT_ERROR_LIMIT or isinstance(error, Blip2InputError):
+                return str(error)
+            return None
+        except Blip2Error as error:
+            self._errors_in_a_row.pop(prediction_id, None)
+            self.log.warning("Polling prediction %s failed, will poll again: %s", prediction_id, error)
+            return None
+        self._errors_in_a_row.pop(prediction_id, None)
+        if not prediction.status.is_terminal:
+            self.log.debug("Prediction %s is %s", prediction_id, prediction.raw_status)
+        return prediction
 
 
 class Blip2PredictionTrigger(BaseTrigger):
@@ -79,27 +125,16 @@ class Blip2PredictionTrigger(BaseTrigger):
         yield TriggerEvent(payload)
 
     async def _poll(self, hook: Blip2Hook) -> dict[str, Any]:
-        persistent_errors = 0
+        reader = PredictionReader(hook, self.log)
         while True:
             if time.time() >= self.end_time:
                 return self._payload("timeout", error="the prediction did not finish before the deadline")
-            try:
-                prediction = await hook.aget_prediction(self.prediction_id)
-            except (Blip2AuthenticationError, Blip2NotFoundError, Blip2InputError) as error:
-                persistent_errors += 1
-                self.log.warning("Polling prediction %s failed: %s", self.prediction_id, error)
-                if persistent_errors >= PERSISTENT_ERROR_LIMIT or isinstance(error, Blip2InputError):
-                    return self._payload("error", error=str(error))
-            except Blip2Error as error:
-                persistent_errors = 0
-                self.log.warning(
-                    "Polling prediction %s failed, will poll again: %s", self.prediction_id, error
-                )
-            else:
-                persistent_errors = 0
-                if prediction.status.is_terminal:
-                    return self._prediction_payload(prediction)
-                self.log.debug("Prediction %s is %s", self.prediction_id, prediction.raw_status)
+            outcome = await reader.read(self.prediction_id)
+            if isinstance(outcome, Prediction):
+                if outcome.status.is_terminal:
+                    return self._prediction_payload(outcome)
+            elif outcome is not None:
+                return self._payload("error", error=outcome)
             await asyncio.sleep(max(0.0, min(self.poll_interval, self.end_time - time.time())))
 
     def _prediction_payload(self, prediction: Prediction) -> dict[str, Any]:
@@ -139,3 +174,138 @@ class Blip2PredictionTrigger(BaseTrigger):
             self.log.warning("Could not cancel prediction %s: %s", self.prediction_id, error)
         finally:
             await hook.aclose()
+
+
+class Blip2BatchPredictionTrigger(BaseTrigger):
+    """
+    Poll the in-flight predictions of a batch; yield one event once enough of them have ended.
+
+    The batch operator creates predictions on the worker, defers with their ids, and creates more
+    when this trigger hands back the ones that ended, so waiting costs no worker slot and a
+    triggerer restart only re-reads predictions (it never creates one). Predictions are polled
+    round-robin, each at most every ``poll_interval`` seconds, within the request budget.
+
+    The event payload is ``{"finished": {prediction_id: result}, "recent_requests": [...]}``: a result
+    has ``status`` (``success``, ``error``, ``cancelled`` or ``timeout``), ``output``, ``error``,
+    ``error_code``, ``prediction_id`` and ``predict_time``; ``recent_requests`` are the Unix times of
+    the requests still counting against the rate window, for the worker's budget. No inputs, URLs or keys.
+
+    :param predictions: Prediction id -> Unix time after which it is reported as ``timeout``.
+    :param blip2_conn_id: The ``blip2`` connection.
+    :param poll_interval: Seconds between two polls of the same prediction.
+    :param resume_after: Yield once this many predictions have ended (or all of them).
+    :param recent_requests: Unix times of the worker's requests still counting against the window.
+    :param requests_per_minute: The task's own request budget, or ``None`` for the connection's.
+    :param max_concurrency: The task's own limit of predictions in flight, or ``None``.
+    """
+
+    def __init__(
+        self,
+        predictions: dict[str, float],
+        blip2_conn_id: str,
+        poll_interval: float,
+        resume_after: int,
+        recent_requests: list[float] | None = None,
+        requests_per_minute: int | None = None,
+        max_concurrency: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.predictions = {str(k): float(v) for k, v in predictions.items()}
+        self.blip2_conn_id = blip2_conn_id
+        self.poll_interval = float(poll_interval)
+        self.resume_after = max(1, int(resume_after))
+        self.recent_requests = [float(t) for t in recent_requests or []]
+        self.requests_per_minute = requests_per_minute
+        self.max_concurrency = max_concurrency
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Return the class path and the (primitive, non-secret) keyword arguments."""
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "predictions": self.predictions,
+                "blip2_conn_id": self.blip2_conn_id,
+                "poll_interval": self.poll_interval,
+                "resume_after": self.resume_after,
+                "recent_requests": self.recent_requests,
+                "requests_per_minute": self.requests_per_minute,
+                "max_concurrency": self.max_concurrency,
+            },
+        )
+
+    def _hook(self) -> Blip2Hook:
+        return Blip2Hook(
+            blip2_conn_id=self.blip2_conn_id,
+            requests_per_minute=self.requests_per_minute,
+            max_concurrency=self.max_concurrency,
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Poll until ``resume_after`` predictions ended; then yield them and the recent requests."""
+        hook = self._hook()
+        try:
+            budget = await hook.abudget()
+            budget.note_requests(self.recent_requests)
+            finished = await self._poll(hook)
+            recent_requests = budget.recent_requests()
+        finally:
+            await hook.aclose()
+        yield TriggerEvent({"finished": finished, "recent_requests": recent_requests})
+
+    async def _poll(self, hook: Blip2Hook) -> dict[str, dict[str, Any]]:
+        reader = PredictionReader(hook, self.log)
+        waiting = dict(self.predictions)
+        start = time.time()
+        next_poll = dict.fromkeys(waiting, start + self.poll_interval)
+        finished: dict[str, dict[str, Any]] = {}
+        while waiting and len(finished) < self.resume_after:
+            prediction_id = min(waiting, key=lambda pid: min(next_poll[pid], waiting[pid]))
+            deadline = waiting[prediction_id]
+            await asyncio.sleep(max(0.0, min(next_poll[prediction_id], deadline) - time.time()))
+            if time.time() >= deadline:
+                error = "the prediction did not finish before the deadline"
+                finished[prediction_id] = BatchResult(
+                    "timeout", error=error, prediction_id=prediction_id
+                ).to_json()
+            else:
+                outcome = await reader.read(prediction_id)
+                next_poll[prediction_id] = time.time() + self.poll_interval
+                if isinstance(outcome, Prediction) and outcome.status.is_terminal:
+                    finished[prediction_id] = _result_of(outcome).to_json()
+                elif isinstance(outcome, str):
+                    finished[prediction_id] = BatchResult(
+                        "error", error=outcome, prediction_id=prediction_id
+                    ).to_json()
+            if prediction_id in finished:
+                del waiting[prediction_id]
+        return finished
+
+    async def on_kill(self) -> None:
+        """Cancel the in-flight predictions when a user marks the deferred task failed, success or cleared."""
+        hook = self._hook()
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(hook.acancel_prediction(pid) for pid in self.predictions), return_exceptions=True
+                ),
+                timeout=ON_KILL_TIMEOUT,
+            )
+            for prediction_id, result in zip(self.predictions, results, strict=True):
+                if isinstance(result, BaseException):
+                    self.log.warning("Could not cancel prediction %s: %s", prediction_id, result)
+        except asyncio.TimeoutError:
+            self.log.warning("Cancelling %d predictions timed out", len(self.predictions))
+        finally:
+            await hook.aclose()
+
+
+def _result_of(prediction: Prediction) -> BatchResult:
+    """A batch result from a finished prediction."""
+    return BatchResult(
+        status=prediction.status.value,
+        output=prediction.output if prediction.status is PredictionStatus.SUCCEEDED else None,
+        error=prediction.error,
+        error_code=prediction.error_code,
+        prediction_id=prediction.id,
+        predict_time=prediction.predict_time,
+    )

@@ -1,0 +1,648 @@
+"""
+One interface over ``s3://``, ``gs://``, local paths and ``http(s)://`` URLs, for the Airflow worker.
+
+``s3://`` goes through the amazon provider's ``S3Hook`` and ``gs://`` through the google provider's
+``GCSHook``. Both providers are optional extras, imported on first use only: importing this module
+loads nothing but the standard library, so a deployment that only captions ``https://`` images
+needs neither boto3 nor the Google client libraries.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import mimetypes
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+    from google.cloud.storage import Client as GcsClient
+
+log = logging.getLogger(__name__)
+
+#: Glob patterns of the image files :meth:`ObjectStorage.list_images` keeps by default.
+IMAGE_PATTERNS: tuple[str, ...] = ("*.jpg", "*.jpeg", "*.png", "*.webp")
+#: The longest validity S3 and GCS accept for a signed URL: 7 days.
+MAX_SIGNED_URL_SECONDS = 7 * 24 * 3600
+#: Threads :meth:`ObjectStorage.check_all_exist` uses for remote objects.
+EXISTENCE_CHECK_THREADS = 8
+#: How many missing URIs an error message lists.
+MAX_LISTED_MISSING = 10
+
+_REMOTE_SCHEMES = ("s3", "gs")
+_HTTP_SCHEMES = ("http", "https")
+_EXTRAS = {"s3": "amazon", "gs": "google"}
+_T = TypeVar("_T")
+
+
+class StorageError(Exception):
+    """An object store operation failed."""
+
+
+class ObjectNotFoundError(StorageError):
+    """The object, or its bucket, does not exist."""
+
+
+class MissingExtraError(StorageError):
+    """The provider package a URI scheme needs is not installed."""
+
+
+class SigningError(StorageError):
+    """The connection's credentials cannot sign a URL."""
+
+
+def is_remote_object(uri: str) -> bool:
+    """
+    Tell whether ``uri`` names an object in S3 or GCS.
+
+    :param uri: Any URI or path.
+    :return: True for ``s3://`` and ``gs://`` URIs.
+    """
+    return _scheme(uri) in _REMOTE_SCHEMES
+
+
+def split_uri(uri: str) -> tuple[str, str, str]:
+    """
+    Split an ``s3://`` or ``gs://`` URI.
+
+    :param uri: ``s3://bucket/key`` or ``gs://bucket/object``; the key may be empty (``s3://bucket/``).
+    :return: ``(scheme, bucket, key)``, e.g. ``("s3", "bucket", "photos/cat.jpg")``.
+    :raises ValueError: For other schemes, or when the bucket is missing.
+    """
+    scheme = _scheme(uri)
+    if scheme not in _REMOTE_SCHEMES:
+        raise ValueError(f"{uri!r} is not an s3:// or gs:// URI")
+    rest = uri.split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} names no bucket: expected {scheme}://<bucket>/<key>")
+    if any(c in bucket for c in "?#") or bucket.strip() != bucket:
+        raise ValueError(f"{uri!r} has an invalid bucket name {bucket!r}")
+    return scheme, bucket, key
+
+
+def _scheme(uri: str) -> str:
+    """The lower-cased scheme of ``uri``; ``""`` for a plain path."""
+    if "://" not in uri:
+        return ""
+    return uri.split("://", 1)[0].lower()
+
+
+def _is_local(uri: str) -> bool:
+    return _scheme(uri) in ("", "file")
+
+
+def _local_path(uri: str) -> Path:
+    """The path a plain path or ``file://`` URI names."""
+    if _scheme(uri) != "file":
+        return Path(uri)
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"{uri!r}: file:// URIs must name a local path (file:///path/to/file)")
+    return Path(unquote(parts.path))
+
+
+def _object_key(uri: str) -> tuple[str, str, str]:
+    """Like :func:`split_uri`, but the URI must name an object, not just a bucket."""
+    scheme, bucket, key = split_uri(uri)
+    if not key or key.endswith("/"):
+        raise ValueError(f"{uri!r} names a bucket or a folder, not an object")
+    return scheme, bucket, key
+
+
+def _missing_key(uri: str) -> ObjectNotFoundError:
+    return ObjectNotFoundError(f"{uri} does not exist")
+
+
+def _missing_bucket(bucket: str, uri: str) -> ObjectNotFoundError:
+    return ObjectNotFoundError(f"bucket {bucket!r} does not exist ({uri})")
+
+
+class ObjectStorage:
+    """
+    Read, write, list, check and sign objects in S3, GCS, local files and HTTP(S) URLs.
+
+    ``s3://`` needs the ``amazon`` extra, ``gs://`` the ``google`` extra; hooks and clients are created
+    on first use and reused. Errors of the cloud libraries surface as :class:`StorageError`
+    subclasses: :class:`ObjectNotFoundError` names the missing object or bucket,
+    :class:`MissingExtraError` the extra to install. No error message contains a signed URL.
+
+    :param aws_conn_id: The Airflow connection of type ``aws`` used for ``s3://`` URIs.
+    :param gcp_conn_id: The Airflow connection of type ``google_cloud_platform`` used for ``gs://`` URIs.
+    """
+
+    def __init__(
+        self, *, aws_conn_id: str = "aws_default", gcp_conn_id: str = "google_cloud_default"
+    ) -> None:
+        self.aws_conn_id = aws_conn_id
+        self.gcp_conn_id = gcp_conn_id
+        self._lock = threading.Lock()
+        self._s3_hook_instance: S3Hook | None = None
+        self._s3_client_instance: Any = None
+        self._s3_presign_hook_instance: S3Hook | None = None
+        self._gcs_hook_instance: GCSHook | None = None
+        self._gcs_client_instance: GcsClient | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Public API
+    # ----------------------------------------------------------------------------------------------
+
+    def signed_url(self, uri: str, *, expires_in: float) -> str:
+        """
+        Return a URL anyone can GET the object from, without credentials, until it expires.
+
+        ``http(s)://`` URLs are returned unchanged. ``s3://`` objects get a presigned URL, ``gs://``
+        objects a V4 signed URL. The object's existence is not checked (see :meth:`check_exists`).
+        Every signed URL is registered with Airflow's secret masker before it is returned, so it is
+        masked in task logs.
+
+        :param uri: An ``s3://``, ``gs://`` or ``http(s)://`` URI.
+        :param expires_in: Validity in seconds, clamped to 1 s .. 7 days (the S3 and GCS maximum).
+        :return: The URL.
+        :raises ValueError: For local paths and other schemes.
+        :raises SigningError: When the ``gs://`` credentials cannot sign.
+        """
+        scheme = _scheme(uri)
+        if scheme in _HTTP_SCHEMES:
+            return uri
+        if scheme not in _REMOTE_SCHEMES:
+            raise ValueError(
+                f"cannot make a URL for {uri!r}: expected an s3://, gs://, http:// or https:// URI"
+            )
+        seconds = int(min(max(expires_in, 1), MAX_SIGNED_URL_SECONDS))
+        url = self._s3_signed_url(uri, seconds) if scheme == "s3" else self._gcs_signed_url(uri, seconds)
+        from airflow.providers.common.compat.sdk import mask_secret
+
+        mask_secret(url)
+        return url
+
+    def check_exists(self, uri: str) -> None:
+        """
+        Check that an object exists.
+
+        ``s3://`` and ``gs://`` objects are checked with a metadata request, local paths on disk;
+        ``http(s)://`` URLs are not checked.
+
+        :param uri: An ``s3://``, ``gs://`` or ``http(s)://`` URI, or a local path.
+        :raises ObjectNotFoundError: Naming the URI; the message tells a missing bucket from a
+            missing key.
+        """
+        scheme = _scheme(uri)
+        if scheme in _HTTP_SCHEMES:
+            return
+        if _is_local(uri):
+            if not _local_path(uri).is_file():
+                raise _missing_key(uri)
+            return
+        if scheme == "s3":
+            self._s3_check_exists(uri)
+        elif scheme == "gs":
+            self._gcs_check_exists(uri)
+        else:
+            raise ValueError(f"unsupported URI {uri!r}: expected s3://, gs://, http(s):// or a local path")
+
+    def check_all_exist(self, uris: Sequence[str]) -> None:
+        """
+        Check that every object exists, remote ones :data:`EXISTENCE_CHECK_THREADS` at a time.
+
+        :param uris: URIs and paths as accepted by :meth:`check_exists`.
+        :raises ObjectNotFoundError: Listing the first :data:`MAX_LISTED_MISSING` missing URIs and how
+            many are missing in all.
+        """
+        unique = list(dict.fromkeys(uris))
+        for uri in unique:
+            if not (_scheme(uri) in _HTTP_SCHEMES or _is_local(uri)):
+                # Reject bad URIs before any request, and create the clients outside the threads.
+                _object_key(uri)
+                self._client_for(_scheme(uri))
+
+        def missing(uri: str) -> bool:
+            try:
+                self.check_exists(uri)
+            except ObjectNotFoundError:
+                return True
+            return False
+
+        remote = [uri for uri in unique if is_remote_object(uri)]
+        absent: set[str] = {uri for uri in unique if not is_remote_object(uri) and missing(uri)}
+        if remote:
+            with ThreadPoolExecutor(max_workers=min(EXISTENCE_CHECK_THREADS, len(remote))) as pool:
+                gone = pool.map(missing, remote)
+                absent.update(uri for uri, is_missing in zip(remote, gone, strict=True) if is_missing)
+        if absent:
+            ordered = [uri for uri in unique if uri in absent]
+            listed = ", ".join(ordered[:MAX_LISTED_MISSING])
+            extra = len(ordered) - MAX_LISTED_MISSING
+            more = f" and {extra} more" if extra > 0 else ""
+            raise ObjectNotFoundError(f"{len(ordered)} of {len(unique)} objects do not exist: {listed}{more}")
+
+    def list_images(self, prefix: str, patterns: Sequence[str] = IMAGE_PATTERNS) -> list[str]:
+        """
+        List the objects under a prefix whose base name matches one of ``patterns``, recursively.
+
+        The prefix is a plain key prefix, as in S3 and GCS: end it with ``/`` to list a folder.
+        Folder placeholder objects (keys ending in ``/``) are skipped.
+
+        :param prefix: ``s3://bucket/some/prefix/`` or ``gs://bucket/some/prefix/``.
+        :param patterns: ``fnmatch`` globs matched case-insensitively against the base name.
+        :return: The full URIs (``s3://bucket/key``), sorted; empty when nothing matches.
+        :raises ObjectNotFoundError: When the bucket does not exist.
+        """
+        scheme, bucket, key_prefix = split_uri(prefix)
+        lowered = [pattern.lower() for pattern in patterns]
+        keys = self._s3_list(bucket, key_prefix) if scheme == "s3" else self._gcs_list(bucket, key_prefix)
+        return sorted(
+            f"{scheme}://{bucket}/{key}"
+            for key in keys
+            if not key.endswith("/")
+            and any(fnmatch.fnmatchcase(key.rsplit("/", 1)[-1].lower(), pattern) for pattern in lowered)
+        )
+
+    def read_bytes(self, uri: str) -> bytes:
+        """
+        Read a whole object.
+
+        :param uri: An ``s3://`` or ``gs://`` URI, a local path or a ``file://`` URI.
+        :return: The content.
+        :raises ObjectNotFoundError: When the object or its bucket does not exist.
+        """
+        if _is_local(uri):
+            try:
+                return _local_path(uri).read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise _missing_key(uri) from None
+        scheme, bucket, key = self._remote_object(uri)
+        if scheme == "s3":
+            response = self._s3_call(uri, lambda: self._s3_client().get_object(Bucket=bucket, Key=key))
+            return self._s3_call(uri, response["Body"].read)
+        blob = self._gcs_client().bucket(bucket).blob(key)
+        return self._gcs_call(uri, blob.download_as_bytes)
+
+    def write_bytes(self, uri: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
+        """
+        Write a whole object, replacing any existing one.
+
+        :param uri: An ``s3://`` or ``gs://`` URI, a local path or a ``file://`` URI; missing parent
+            directories of a local path are created.
+        :param data: The content.
+        :param content_type: The object's ``Content-Type`` (ignored for local files).
+        :raises ObjectNotFoundError: When the bucket does not exist.
+        """
+        if _is_local(uri):
+            path = _local_path(uri)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            return
+        scheme, bucket, key = self._remote_object(uri)
+        if scheme == "s3":
+            self._s3_call(
+                uri,
+                lambda: self._s3_client().put_object(
+                    Bucket=bucket, Key=key, Body=data, ContentType=content_type
+                ),
+            )
+            return
+        blob = self._gcs_client().bucket(bucket).blob(key)
+        self._gcs_call(uri, lambda: blob.upload_from_string(data, content_type=content_type))
+
+    def copy(self, source: str, destination: str) -> None:
+        """
+        Copy an object.
+
+        Within S3 or within GCS the store copies server-side; otherwise the content is read and
+        written (its content type is guessed from the destination name).
+
+        :param source: An ``s3://`` or ``gs://`` URI, a local path or a ``file://`` URI.
+        :param destination: Same choice as ``source``.
+        :raises ObjectNotFoundError: When the source, or the destination bucket, does not exist.
+        :raises ValueError: When source and destination are the same.
+        """
+        if source == destination:
+            raise ValueError(f"cannot copy {source!r} onto itself")
+        scheme = _scheme(source)
+        if scheme in _REMOTE_SCHEMES and scheme == _scheme(destination):
+            _, source_bucket, source_key = _object_key(source)
+            _, destination_bucket, destination_key = _object_key(destination)
+            if scheme == "s3":
+                self._s3_copy(
+                    source, destination, source_bucket, source_key, destination_bucket, destination_key
+                )
+            else:
+                self._gcs_copy(
+                    source, destination, source_bucket, source_key, destination_bucket, destination_key
+                )
+            return
+        content_type = mimetypes.guess_type(destination.rsplit("/", 1)[-1])[0] or "application/octet-stream"
+        self.write_bytes(destination, self.read_bytes(source), content_type=content_type)
+
+    # ----------------------------------------------------------------------------------------------
+    # Shared helpers
+    # ----------------------------------------------------------------------------------------------
+
+    def _remote_object(self, uri: str) -> tuple[str, str, str]:
+        if not is_remote_object(uri):
+            raise ValueError(f"unsupported URI {uri!r}: expected s3://, gs://, a local path or file://")
+        return _object_key(uri)
+
+    def _client_for(self, scheme: str) -> Any:
+        if scheme == "s3":
+            return self._s3_client()
+        if scheme == "gs":
+            return self._gcs_client()
+        raise ValueError(f"no client for scheme {scheme!r}")
+
+    @staticmethod
+    def _missing_extra(scheme: str, error: ImportError) -> MissingExtraError:
+        provider = _EXTRAS[scheme]
+        return MissingExtraError(
+            f"{scheme}:// URIs need the {provider} provider: "
+            f"pip install 'airflow-provider-blip2[{provider}]' ({error})"
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # S3
+    # ----------------------------------------------------------------------------------------------
+
+    def _s3_hook(self) -> S3Hook:
+        with self._lock:
+            if self._s3_hook_instance is None:
+                try:
+                    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+                except ImportError as error:
+                    raise self._missing_extra("s3", error) from None
+                self._s3_hook_instance = S3Hook(aws_conn_id=self.aws_conn_id)
+            return self._s3_hook_instance
+
+    def _s3_client(self) -> Any:
+        hook = self._s3_hook()
+        with self._lock:
+            if self._s3_client_instance is None:
+                self._s3_client_instance = hook.get_conn()
+            return self._s3_client_instance
+
+    def _s3_call(self, uri: str, call: Callable[[], _T]) -> _T:
+        """Run an S3 request for ``uri``, translating botocore errors."""
+        self._s3_hook()  # MissingExtraError without the amazon provider, before botocore is imported
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return call()
+        except ClientError as error:
+            self._raise_s3_error(uri, error)
+        except BotoCoreError as error:
+            raise StorageError(f"{uri}: {error}") from error
+
+    def _raise_s3_error(self, uri: str, error: Any) -> NoReturn:
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        _, bucket, _ = split_uri(uri)
+        if code == "NoSuchBucket":
+            raise _missing_bucket(bucket, uri) from None
+        if code == "NoSuchKey":
+            raise _missing_key(uri) from None
+        if code in ("404", "NotFound") or status == 404:
+            # HEAD responses have no body, so a missing bucket and a missing key look alike.
+            if not self._s3_bucket_exists(bucket):
+                raise _missing_bucket(bucket, uri) from None
+            raise _missing_key(uri) from None
+        message = error.response.get("Error", {}).get("Message") or code
+        raise StorageError(f"{uri}: {code or status}: {message}") from error
+
+    def _s3_bucket_exists(self, bucket: str) -> bool:
+        """False only when S3 says the bucket is missing (no permission to check counts as present)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self._s3_client().head_bucket(Bucket=bucket)
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return not (code in ("404", "NoSuchBucket", "NotFound") or status == 404)
+        return True
+
+    def _s3_presign_hook(self) -> S3Hook:
+        """
+        The hook that presigns: the connection's, forced to Signature Version 4.
+
+        Unless a signature version is configured, botocore presigns with the deprecated SigV2 in the
+        older regions (us-east-1 among them), which buckets created since June 2020 reject. The
+        connection's own ``config_kwargs`` are kept; an explicit ``signature_version`` in them wins.
+        """
+        hook = self._s3_hook()
+        with self._lock:
+            if self._s3_presign_hook_instance is None:
+                from botocore.config import Config
+
+                configured = hook.conn_config.botocore_config
+                if configured is not None and configured.signature_version:
+                    self._s3_presign_hook_instance = hook
+                else:
+                    config = (configured or Config()).merge(Config(signature_version="s3v4"))
+                    self._s3_presign_hook_instance = type(hook)(aws_conn_id=self.aws_conn_id, config=config)
+            return self._s3_presign_hook_instance
+
+    def _s3_signed_url(self, uri: str, seconds: int) -> str:
+        _, bucket, key = _object_key(uri)
+        url = self._s3_presign_hook().generate_presigned_url(
+            "get_object", params={"Bucket": bucket, "Key": key}, expires_in=seconds
+        )
+        if not url:
+            raise StorageError(f"cannot presign a URL for {uri} with connection {self.aws_conn_id!r}")
+        return url
+
+    def _s3_check_exists(self, uri: str) -> None:
+        _, bucket, key = _object_key(uri)
+        self._s3_call(uri, lambda: self._s3_client().head_object(Bucket=bucket, Key=key))
+
+    def _s3_list(self, bucket: str, prefix: str) -> list[str]:
+        uri = f"s3://{bucket}/{prefix}"
+
+        def list_all() -> list[str]:
+            paginator = self._s3_client().get_paginator("list_objects_v2")
+            return [
+                item["Key"]
+                for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+                for item in page.get("Contents", ())
+            ]
+
+        return self._s3_call(uri, list_all)
+
+    def _s3_copy(
+        self,
+        source: str,
+        destination: str,
+        source_bucket: str,
+        source_key: str,
+        destination_bucket: str,
+        destination_key: str,
+    ) -> None:
+        hook = self._s3_hook()
+        from airflow.providers.amazon.aws.hooks.s3 import NO_ACL
+        from botocore.exceptions import ClientError
+
+        try:
+            # NO_ACL: the copy gets the destination bucket's default permissions, which also works
+            # for buckets whose ACLs are disabled (object ownership "bucket owner enforced").
+            hook.copy_object(
+                source_bucket_key=source_key,
+                dest_bucket_key=destination_key,
+                source_bucket_name=source_bucket,
+                dest_bucket_name=destination_bucket,
+                acl_policy=NO_ACL,
+            )
+        except ClientError as error:
+            # The source object, its bucket or the destination bucket may be missing: find out which.
+            self.check_exists(source)
+            if not self._s3_bucket_exists(destination_bucket):
+                raise _missing_bucket(destination_bucket, destination) from None
+            code = error.response.get("Error", {}).get("Code", "")
+            message = error.response.get("Error", {}).get("Message") or code
+            raise StorageError(f"{source} -> {destination}: {code}: {message}") from error
+
+    # ----------------------------------------------------------------------------------------------
+    # GCS
+    # ----------------------------------------------------------------------------------------------
+
+    def _gcs_hook(self) -> GCSHook:
+        with self._lock:
+            if self._gcs_hook_instance is None:
+                try:
+                    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+                except ImportError as error:
+                    raise self._missing_extra("gs", error) from None
+                self._gcs_hook_instance = GCSHook(gcp_conn_id=self.gcp_conn_id)
+            return self._gcs_hook_instance
+
+    def _gcs_client(self) -> GcsClient:
+        hook = self._gcs_hook()
+        with self._lock:
+            if self._gcs_client_instance is None:
+                self._gcs_client_instance = hook.get_conn()
+            return self._gcs_client_instance
+
+    def _gcs_call(self, uri: str, call: Callable[[], _T]) -> _T:
+        """Run a GCS request for ``uri``, translating Google API errors."""
+        self._gcs_hook()  # MissingExtraError without the google provider, before google.* is imported
+        from google.api_core.exceptions import GoogleAPICallError, NotFound
+
+        try:
+            return call()
+        except NotFound:
+            _, bucket, _ = split_uri(uri)
+            # GCS answers 404 for a missing bucket and a missing object alike.
+            if not self._gcs_bucket_exists(bucket):
+                raise _missing_bucket(bucket, uri) from None
+            raise _missing_key(uri) from None
+        except GoogleAPICallError as error:
+            raise StorageError(f"{uri}: {error.code}: {error.message}") from error
+
+    def _gcs_bucket_exists(self, bucket: str) -> bool:
+        """False only when GCS says the bucket is missing (no permission to check counts as present)."""
+        from google.api_core.exceptions import GoogleAPICallError
+
+        try:
+            return bool(self._gcs_client().bucket(bucket).exists())
+        except GoogleAPICallError:
+            return True
+
+    def _gcs_check_exists(self, uri: str) -> None:
+        _, bucket, key = _object_key(uri)
+        blob = self._gcs_client().bucket(bucket).blob(key)
+        self._gcs_call(uri, blob.reload)
+
+    def _gcs_list(self, bucket: str, prefix: str) -> list[str]:
+        uri = f"gs://{bucket}/{prefix}"
+        client = self._gcs_client()
+        return self._gcs_call(uri, lambda: [blob.name for blob in client.list_blobs(bucket, prefix=prefix)])
+
+    def _gcs_copy(
+        self,
+        source: str,
+        destination: str,
+        source_bucket: str,
+        source_key: str,
+        destination_bucket: str,
+        destination_key: str,
+    ) -> None:
+        hook = self._gcs_hook()
+        from google.api_core.exceptions import GoogleAPICallError, NotFound
+
+        try:
+            hook.copy(source_bucket, source_key, destination_bucket, destination_key)
+        except NotFound:
+            # The source object, its bucket or the destination bucket: find out which.
+            self.check_exists(source)
+            raise _missing_bucket(destination_bucket, destination) from None
+        except GoogleAPICallError as error:
+            raise StorageError(f"{source} -> {destination}: {error.code}: {error.message}") from error
+
+    def _gcs_signed_url(self, uri: str, seconds: int) -> str:
+        """
+        A V4 signed GET URL.
+
+        Credentials with a private key (a service-account key file) sign locally. Token-only
+        credentials (Compute Engine, GKE workload identity) sign through the IAM ``signBlob`` API as
+        their service account, which needs ``roles/iam.serviceAccountTokenCreator`` on itself.
+
+        With ``STORAGE_EMULATOR_HOST`` set (a local emulator) the URL points at the emulator, which
+        serves objects at ``/{bucket}/{object}`` - the path form of signed URLs - without checking
+        the signature. Otherwise it points at the client's endpoint, ``https://storage.googleapis.com``.
+        """
+        _, bucket, key = _object_key(uri)
+        hook = self._gcs_hook()
+        from google.auth.credentials import Signing
+
+        blob = self._gcs_client().bucket(bucket).blob(key)
+        credentials, _ = hook.get_credentials_and_project_id()
+        options: dict[str, Any] = {
+            "version": "v4",
+            "expiration": timedelta(seconds=seconds),
+            "method": "GET",
+            "credentials": credentials,
+        }
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        if emulator:
+            options["api_access_endpoint"] = emulator if "://" in emulator else f"http://{emulator}"
+        if isinstance(credentials, Signing):
+            try:
+                return str(blob.generate_signed_url(**options))
+            except Exception as error:
+                raise self._signing_error(uri, credentials, error) from None
+        email, token = self._iam_signer(uri, credentials)
+        try:
+            return str(blob.generate_signed_url(**options, service_account_email=email, access_token=token))
+        except Exception as error:
+            raise self._signing_error(uri, credentials, error) from None
+
+    def _iam_signer(self, uri: str, credentials: Any) -> tuple[str, str]:
+        """The service account and fresh access token to sign with through IAM ``signBlob``."""
+        if not hasattr(credentials, "service_account_email"):
+            raise self._signing_error(uri, credentials, None)
+        try:
+            from google.auth.transport.requests import Request
+
+            credentials.refresh(Request())
+        except Exception as error:
+            raise self._signing_error(uri, credentials, error) from None
+        email = getattr(credentials, "service_account_email", None)
+        token = getattr(credentials, "token", None)
+        if not email or email == "default" or not token:
+            raise self._signing_error(uri, credentials, None)
+        return str(email), str(token)
+
+    def _signing_error(self, uri: str, credentials: Any, error: Exception | None) -> SigningError:
+        reason = f": {type(error).__name__}: {error}" if error is not None else ""
+        return SigningError(
+            f"cannot sign a URL for {uri} with the credentials of connection {self.gcp_conn_id!r} "
+            f"({type(credentials).__name__}): use a service-account key, or grant the service account "
+            "roles/iam.serviceAccountTokenCreator on itself (permission iam.serviceAccounts.signBlob)"
+            f"{reason}"
+        )

@@ -1,0 +1,136 @@
+"""
+Nightly content moderation of the images users uploaded to S3 that day.
+
+1. ``moderate``: every image under ``s3://<bucket>/uploads/<ds>/`` is asked a set of yes/no
+   moderation questions by one deferrable batch task (within the API's limits; waiting costs no
+   worker slot). The answers land as JSON lines in ``s3://<bucket>/moderation/<ds>/answers.jsonl``.
+2. ``flag``: the answers become flags per image. An answer that is neither yes nor no, or a
+   prediction that failed, flags the image for review: nothing unchecked gets published.
+3. ``write_report``: the flags are written to ``s3://<bucket>/moderation/<ds>/report.json``.
+4. ``quarantine``: flagged images are copied to ``s3://<bucket>/quarantine/<ds>/``.
+5. ``publish``: only then are the clean images published (here: a manifest of them is written to
+   ``s3://<bucket>/published/<ds>/manifest.json``, the hand-off point to the publishing system).
+
+The bucket and prefixes are run parameters; the AWS connection is ``aws_default``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pendulum
+from airflow.providers.common.compat.sdk import DAG, Param, task
+
+from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
+
+#: Label -> yes/no question. "yes" to any of them flags the image.
+MODERATION_QUESTIONS = {
+    "nudity": "Does this image contain nudity? Answer yes or no.",
+    "violence": "Does this image show violence or blood? Answer yes or no.",
+    "weapon": "Is there a weapon in this image? Answer yes or no.",
+}
+BASE = "s3://{{ params.bucket }}"
+
+with DAG(
+    dag_id="example_blip2_moderation",
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    tags=["example", "blip2", "moderation"],
+    params={
+        "bucket": Param("user-uploads", type="string", description="Bucket of the uploads"),
+        "uploads": Param("uploads", type="string", description="Prefix of the uploads; the day is appended"),
+    },
+) as dag:
+    moderate = Blip2BatchPredictionOperator(
+        task_id="moderate",
+        images=BASE + "/{{ params.uploads }}/{{ ds }}/",
+        questions=MODERATION_QUESTIONS,
+        output_uri=BASE + "/moderation/{{ ds }}/answers.jsonl",
+        # A few images the service cannot read are flagged for review, not a reason to stop.
+        max_failed_ratio=0.1,
+        deferrable=True,
+        poll_interval=2.0,
+        timeout=600,
+    )
+
+    @task
+    def flag(summary: dict[str, Any]) -> dict[str, Any]:
+        """Turn the answers into flags per image: ``{image: [reasons]}`` for every flagged image."""
+        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+
+        answers = ObjectStorage().read_bytes(summary["output_uri"]).decode().splitlines()
+        images: dict[str, list[str]] = {}
+        for line in map(json.loads, answers):
+            reasons = images.setdefault(line["image"], [])
+            verdict = yes_or_no(line["output"]) if line["status"] == "success" else None
+            if verdict is None:
+                reasons.append(f"{line['label']}: needs review ({line['error'] or line['output']!r})")
+            elif verdict:
+                reasons.append(line["label"])
+        flagged = {image: reasons for image, reasons in images.items() if reasons}
+        clean = sorted(image for image, reasons in images.items() if not reasons)
+        print(f"Checked {len(images)} images: {len(flagged)} flagged, {len(clean)} clean")
+        return {"flagged": flagged, "clean": clean, "checked": len(images)}
+
+    @task
+    def write_report(
+        flags: dict[str, Any], params: dict[str, Any] | None = None, ds: str | None = None
+    ) -> str:
+        """Write the day's report next to the answers; return its URI."""
+        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+
+        uri = f"s3://{(params or {})['bucket']}/moderation/{ds}/report.json"
+        body = json.dumps({"date": ds, **flags}, indent=2).encode()
+        ObjectStorage().write_bytes(uri, body, content_type="application/json")
+        return uri
+
+    @task
+    def quarantine(
+        flags: dict[str, Any], params: dict[str, Any] | None = None, ds: str | None = None
+    ) -> list[str]:
+        """Copy every flagged image to the quarantine prefix, keeping its path below the day."""
+        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+
+        storage = ObjectStorage()
+        bucket = (params or {})["bucket"]
+        day = f"s3://{bucket}/{(params or {})['uploads']}/{ds}/"
+        copies = []
+        for image in sorted(flags["flagged"]):
+            target = f"s3://{bucket}/quarantine/{ds}/{image.removeprefix(day)}"
+            storage.copy(image, target)
+            copies.append(target)
+        return copies
+
+    @task
+    def publish(
+        flags: dict[str, Any],
+        quarantined: list[str],
+        params: dict[str, Any] | None = None,
+        ds: str | None = None,
+    ) -> str:
+        """Publish the clean images: write the manifest the publishing system picks up."""
+        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+
+        uri = f"s3://{(params or {})['bucket']}/published/{ds}/manifest.json"
+        manifest = {"date": ds, "images": flags["clean"], "held_back": len(quarantined)}
+        ObjectStorage().write_bytes(
+            uri, json.dumps(manifest, indent=2).encode(), content_type="application/json"
+        )
+        return uri
+
+    flags = flag(moderate.output)
+    report = write_report(flags)
+    quarantined = quarantine(flags)
+    manifest = publish(flags, quarantined)
+    report >> manifest
+
+
+def yes_or_no(answer: str | None) -> bool | None:
+    """``True`` for a yes, ``False`` for a no, ``None`` when the answer is neither (or both)."""
+    words = set(re.findall(r"[a-z]+", (answer or "").lower()))
+    if ("yes" in words) == ("no" in words):
+        return None
+    return "yes" in words

@@ -1,0 +1,561 @@
+"""
+Tests of batch bookkeeping (journal, results) and of the batch operator and trigger against the emulator.
+
+The operator runs in this process the way Airflow drives it: ``execute`` until it defers, the
+trigger rebuilt from its serialized kwargs (as a triggerer does), ``execute_complete`` with the
+event, and so on. The task state store is a dict. Full Airflow runs are in ``test_batch_dags.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from airflow.providers.common.compat.sdk import AirflowFailException, TaskDeferred
+
+from airflow_provider_blip2.batch import (
+    BatchItem,
+    BatchJournal,
+    BatchResult,
+    BatchState,
+    build_items,
+    failed_ratio_exceeded,
+    format_duration,
+)
+from airflow_provider_blip2.emulator import EmulatorServer
+from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
+from airflow_provider_blip2.protocol import Blip2InputError, redact_url
+from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
+from tests.conftest import TIME_SCALE, connection_json
+
+# ------------------------------------------------------------------------------------------------
+# Bookkeeping
+# ------------------------------------------------------------------------------------------------
+
+
+class DictStore:
+    """A task state store in memory, counting writes."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.writes = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        # Round-trip through JSON like the real store does.
+        return json.loads(json.dumps(self.values[key])) if key in self.values else default
+
+    def set(self, key: str, value: Any) -> None:
+        self.values[key] = json.loads(json.dumps(value))
+        self.writes += 1
+
+    def clear(self) -> None:
+        self.values.clear()
+
+
+def test_build_items_questions_and_captions() -> None:
+    items = build_items(
+        ["a", "b"],
+        questions={"nsfw": "Is it explicit?", "gun": "Is there a gun?"},
+        question=None,
+        caption=False,
+    )
+    assert [(i.image, i.label) for i in items] == [("a", "nsfw"), ("a", "gun"), ("b", "nsfw"), ("b", "gun")]
+    assert build_items(["a"], questions=None, question=None, caption=True) == [
+        BatchItem("a", "caption", None)
+    ]
+    assert build_items(["a"], questions=None, question="", caption=False) == [BatchItem("a", "caption", None)]
+    assert build_items(["a"], questions=None, question="Why?", caption=False) == [
+        BatchItem("a", "question", "Why?")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"questions": {}, "question": None, "caption": False}, "questions is empty"),
+        ({"questions": {"x": "q"}, "question": "q", "caption": False}, "not both"),
+        ({"questions": {"x": "q"}, "question": None, "caption": True}, "not both"),
+        ({"questions": {"x": "  "}, "question": None, "caption": False}, "questions['x']"),
+    ],
+)
+def test_build_items_refuses_ambiguous_inputs(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(Blip2InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        build_items(["a"], **kwargs)
+
+
+def test_journal_keeps_created_and_finished_across_loads_and_compacts() -> None:
+    store = DictStore()
+    items = [BatchItem(f"s3://b/{n}.jpg", "caption", None) for n in range(40)]
+    journal = BatchJournal(store)
+    journal.start(items, now=1000.0)
+    for cycle in range(30):
+        journal = BatchJournal(store)  # a new worker process every cycle
+        loaded_state = journal.load()
+        assert loaded_state is not None
+        state = loaded_state
+        journal.begin_cycle(state)
+        if cycle:
+            journal.record_finished(
+                state, {cycle - 1: BatchResult("success", output=f"o{cycle}", prediction_id=f"p{cycle - 1}")}
+            )
+        journal.record_created(state, cycle, f"p{cycle}", 2000.0 + cycle)
+    loaded = BatchJournal(store).load()
+    assert loaded is not None
+    assert loaded.created == {n: (f"p{n}", 2000.0 + n) for n in range(30)}
+    assert sorted(loaded.finished) == list(range(29))
+    assert loaded.finished[3] == BatchResult("success", output="o4", prediction_id="p3")
+    assert list(loaded.in_flight) == [29]
+    assert loaded.pending() == list(range(30, 40))
+    # Compaction bounds the number of parts a load reads.
+    assert int(store.values["blip2_batch/parts"]) < BatchJournal.COMPACT_EVERY
+    assert loaded.started_at == 1000.0
+
+
+def test_journal_load_of_a_new_batch_is_none() -> None:
+    assert BatchJournal(DictStore()).load() is None
+
+
+def test_result_lines_summary_and_failed_ratio() -> None:
+    state = BatchState(
+        items=[
+            BatchItem("https://h/a.jpg?X-Amz-Signature=abc", "caption", None),
+            BatchItem("s3://b/k.png", "q", "Why?"),
+        ],
+        started_at=100.0,
+    )
+    state.finished[0] = BatchResult("success", output="a cat", prediction_id="p0", predict_time=1.5)
+    state.finished[1] = BatchResult(
+        "error", error="cannot download", error_code="INPUT_DOWNLOAD_ERROR", prediction_id="p1"
+    )
+    lines = [json.loads(line) for line in state.result_lines().splitlines()]
+    assert lines[0] == {
+        "image": "https://h/a.jpg?<redacted>",
+        "label": "caption",
+        "question": None,
+        "output": "a cat",
+        "status": "success",
+        "error": None,
+        "prediction_id": "p0",
+        "predict_time": 1.5,
+    }
+    assert "Signature" not in state.result_lines()
+    assert lines[1]["image"] == "s3://b/k.png" and lines[1]["status"] == "error"
+    summary = state.summary("s3://out/r.jsonl", now=112.5)
+    assert summary == {
+        "total": 2,
+        "succeeded": 1,
+        "failed": 1,
+        "images": 2,
+        "output_uri": "s3://out/r.jsonl",
+        "elapsed": 12.5,
+    }
+    assert failed_ratio_exceeded(state, 0.0)
+    assert failed_ratio_exceeded(state, 0.49)
+    assert not failed_ratio_exceeded(state, 0.5)
+
+
+def test_progress_line_and_durations() -> None:
+    state = BatchState(items=[BatchItem(str(n), "caption", None) for n in range(100)], started_at=0.0)
+    for n in range(25):
+        state.finished[n] = BatchResult("success", output="x")
+    state.created[25] = ("p25", 1e12)
+    assert state.progress_line(now=50.0) == "25/100 done (0 failed, 1 in flight), 30.0/min, ETA 2m 30s"
+    assert format_duration(3725) == "1h 02m 05s"
+    assert format_duration(4.2) == "5s"
+
+
+# ------------------------------------------------------------------------------------------------
+# The operator and trigger, in process, against the emulator
+# ------------------------------------------------------------------------------------------------
+
+
+class FakeTaskInstance:
+    task_id = "batch"
+    map_index = -1
+    try_number = 1
+    stats_tags: dict[str, str] = {}  # noqa: RUF012
+
+    def __init__(self) -> None:
+        self.xcom: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcom[key] = value
+
+    def xcom_pull(self, task_ids: str, key: str, map_indexes: int) -> Any:
+        return self.xcom.get(key)
+
+
+def run_batch(
+    operator: Blip2BatchPredictionOperator,
+    store: DictStore,
+    *,
+    interrupt: Callable[[int], float | None] = lambda cycle: None,
+) -> tuple[dict[str, Any], int]:
+    """
+    Drive a deferrable batch the way Airflow does; return its summary and the number of deferrals.
+
+    ``interrupt(cycle)`` may return seconds after which that cycle's trigger is torn down (a
+    triggerer restart); a new trigger is then built from the serialized kwargs and run again.
+    """
+    context: dict[str, Any] = {"ti": FakeTaskInstance(), "task_state_store": store}
+    deferrals = 0
+    try:
+        return operator.execute(context), deferrals  # type: ignore[arg-type]
+    except TaskDeferred as deferred:
+        pending = deferred
+    while True:
+        deferrals += 1
+        classpath, kwargs = pending.trigger.serialize()
+        assert classpath.endswith("Blip2BatchPredictionTrigger")
+        json.dumps(kwargs)  # primitives only
+        event = asyncio.run(_run_trigger(kwargs, interrupt(deferrals)))
+        fresh = operator  # the same task object resumes; its state comes from the store
+        try:
+            return fresh.execute_complete(context, event), deferrals  # type: ignore[arg-type]
+        except TaskDeferred as deferred:
+            pending = deferred
+
+
+async def _run_trigger(kwargs: dict[str, Any], tear_down_after: float | None) -> dict[str, Any]:
+    if tear_down_after is not None:
+        trigger = Blip2BatchPredictionTrigger(**kwargs)
+        # Torn down mid-way: the triggerer then restarts it from the same kwargs.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_first_payload(trigger), timeout=tear_down_after)
+    return await _first_payload(Blip2BatchPredictionTrigger(**kwargs))
+
+
+async def _first_payload(trigger: Blip2BatchPredictionTrigger) -> dict[str, Any]:
+    async for event in trigger.run():
+        return dict(event.payload)
+    raise AssertionError("no event")
+
+
+@pytest.fixture
+def batch_connection(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> EmulatorServer:
+    """``blip2_default`` with the emulator's own limits (60 per time-scaled minute, 10 in flight)."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_BLIP2_DEFAULT",
+        connection_json(emulator.url, requests_per_minute=60, rate_window=60 * TIME_SCALE),
+    )
+    return emulator
+
+
+def test_batch_captions_a_list_deferring_between_rounds(
+    batch_connection: EmulatorServer, image_url: Callable[[str], str], tmp_path: Path
+) -> None:
+    images = [image_url(name) for name in ("astronaut.jpg", "chelsea.jpg", "coffee.png", "rocket.webp")] * 1
+    images += [image_url(f"chelsea.jpg?copy={n}") for n in range(8)]
+    output = tmp_path / "out" / "captions.jsonl"
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images=images,
+        output_uri=str(output),
+        caption=True,
+        deferrable=True,
+        poll_interval=0.1,
+    )
+    store = DictStore()
+    summary, deferrals = run_batch(operator, store)
+    assert summary["total"] == 12 and summary["succeeded"] == 12 and summary["failed"] == 0
+    assert summary["output_uri"] == str(output)
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["image"] for line in lines] == [redact_url(image) for image in images]
+    assert all(line["status"] == "success" and line["output"] for line in lines)
+    ledger = batch_connection.ledger()
+    assert ledger["creates"] == 12
+    assert ledger["peak_in_flight"] <= 10
+    assert ledger["responses_429"] == 0
+    assert deferrals >= 2  # 12 images and 10 slots: at least two rounds
+    assert store.values == {}  # a finished batch forgets its progress
+
+
+def test_batch_resumes_after_trigger_teardowns_without_duplicate_creates(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    emulator = start_emulator(latency=20.0)  # 1 s per prediction at the time scale
+    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
+    images = [image_url(f"coffee.png?n={n}") for n in range(15)]
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images=images,
+        output_uri=str(tmp_path / "r.jsonl"),
+        questions={"cup": "Is there a cup?", "dog": "Is there a dog?"},
+        deferrable=True,
+        poll_interval=0.1,
+    )
+    summary, _ = run_batch(operator, DictStore(), interrupt=lambda cycle: 0.5)
+    assert summary["total"] == 30 and summary["succeeded"] == 30
+    assert emulator.ledger()["creates"] == 30
+
+
+def test_batch_retry_reuses_created_predictions_and_results(
+    batch_connection: EmulatorServer, image_url: Callable[[str], str], tmp_path: Path
+) -> None:
+    images = [image_url(f"rocket.webp?n={n}") for n in range(12)]
+    store = DictStore()
+
+    class DiesAfterFirstRound(Blip2BatchPredictionOperator):
+        def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+            self._journal(context)  # the worker dies before recording anything
+            raise RuntimeError("worker lost")
+
+    first = DiesAfterFirstRound(
+        task_id="batch",
+        images=images,
+        output_uri=str(tmp_path / "r.jsonl"),
+        caption=True,
+        deferrable=True,
+        poll_interval=0.1,
+    )
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_batch(first, store)
+    assert batch_connection.ledger()["creates"] == 10
+    retry = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images=images,
+        output_uri=str(tmp_path / "r.jsonl"),
+        caption=True,
+        deferrable=True,
+        poll_interval=0.1,
+    )
+    summary, _ = run_batch(retry, store)
+    assert summary["succeeded"] == 12
+    assert batch_connection.ledger()["creates"] == 12
+
+
+def test_batch_records_broken_images_and_fails_over_the_ratio(
+    batch_connection: EmulatorServer, image_url: Callable[[str], str], tmp_path: Path
+) -> None:
+    images = [
+        image_url("chelsea.jpg"),
+        image_url("not-an-image.jpg"),
+        image_url("missing.jpg"),
+        image_url("coffee.png"),
+    ]
+    output = tmp_path / "r.jsonl"
+    tolerant = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images=images,
+        output_uri=str(output),
+        caption=True,
+        max_failed_ratio=0.5,
+        deferrable=False,
+        poll_interval=0.1,
+    )
+    summary, deferrals = run_batch(tolerant, DictStore())
+    assert deferrals == 0  # deferrable=False waits on the worker
+    assert (summary["succeeded"], summary["failed"]) == (2, 2)
+    lines = {
+        json.loads(line)["image"].rsplit("/", 1)[1]: json.loads(line)
+        for line in output.read_text().splitlines()
+    }
+    assert lines["not-an-image.jpg"]["status"] == "error" and lines["not-an-image.jpg"]["error"]
+    assert lines["missing.jpg"]["status"] == "error"
+    assert lines["chelsea.jpg"]["status"] == "success"
+
+    strict = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images=images,
+        output_uri=str(output),
+        caption=True,
+        deferrable=False,
+        poll_interval=0.1,
+    )
+    output.unlink()
+    with pytest.raises(AirflowFailException, match=r"2 of 4 predictions failed.*max_failed_ratio=0"):
+        run_batch(strict, DictStore())
+    assert len(output.read_text().splitlines()) == 4  # the results are written before failing
+
+
+def test_batch_prediction_timeout_is_cancelled_and_recorded(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    emulator = start_emulator(latency=2000.0)
+    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images=[image_url("chelsea.jpg")],
+        output_uri=str(tmp_path / "r.jsonl"),
+        caption=True,
+        max_failed_ratio=1.0,
+        timeout=0.5,
+        poll_interval=0.1,
+        deferrable=True,
+    )
+    summary, _ = run_batch(operator, DictStore())
+    assert summary["failed"] == 1
+    line = json.loads((tmp_path / "r.jsonl").read_text())
+    assert line["status"] == "timeout" and "cancelled" in line["error"]
+    assert emulator.ledger()["requests"]["cancel"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"images": ["ftp://h/a.jpg"]}, "is not an https://"),
+        ({"images": ["https://h/a.jpg"], "temperature": 3}, "temperature"),
+        ({"images": ["https://h/a.jpg"], "questions": {}}, "questions is empty"),
+    ],
+)
+def test_batch_bad_input_fails_before_any_create(
+    batch_connection: EmulatorServer, tmp_path: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    operator = Blip2BatchPredictionOperator(task_id="batch", output_uri=str(tmp_path / "r.jsonl"), **kwargs)
+    with pytest.raises(AirflowFailException, match=message):
+        run_batch(operator, DictStore())
+    assert batch_connection.ledger()["creates"] == 0
+
+
+def test_batch_trigger_serializes_no_secrets_and_waits_for_resume_after(
+    batch_connection: EmulatorServer, image_url: Callable[[str], str]
+) -> None:
+    from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+
+    hook = Blip2Hook()
+    ids = [
+        hook.create_prediction(image_url("chelsea.jpg?X-Amz-Signature=feedbeef"), caption=True)
+        for _ in range(4)
+    ]
+    deadline = time.time() + 60
+    trigger = Blip2BatchPredictionTrigger(
+        predictions=dict.fromkeys(ids, deadline),
+        blip2_conn_id="blip2_default",
+        poll_interval=0.05,
+        resume_after=2,
+        recent_requests=hook.budget().recent_requests(),
+    )
+    _, kwargs = trigger.serialize()
+    text = json.dumps(kwargs) + repr(trigger)
+    assert "feedbeef" not in text and "test-api-key" not in text
+    payload = asyncio.run(_first_payload(trigger))
+    assert 2 <= len(payload["finished"]) <= 4
+    assert set(payload["finished"]) <= set(ids)
+    assert all(result["status"] == "success" and result["output"] for result in payload["finished"].values())
+    assert "feedbeef" not in json.dumps(payload)
+    assert payload["recent_requests"] and all(isinstance(t, float) for t in payload["recent_requests"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Images in S3 and GCS (local servers, real connections, real signing)
+# ------------------------------------------------------------------------------------------------
+
+SAMPLES = ["astronaut.jpg", "chelsea.jpg", "coffee.png", "rocket.webp"]
+
+
+def test_batch_over_an_s3_prefix_writes_results_to_s3(
+    batch_connection: EmulatorServer, s3_connection: Any, image_dir: Path
+) -> None:
+    s3_connection.create_bucket("uploads")
+    for name in SAMPLES:
+        s3_connection.put_object(
+            "uploads", f"2026-11-27/user-{name[0]}/{name}", (image_dir / name).read_bytes()
+        )
+    s3_connection.put_object("uploads", "2026-11-27/readme.txt", b"not an image")
+    s3_connection.put_object("uploads", "2026-11-28/later.jpg", (image_dir / "chelsea.jpg").read_bytes())
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images="s3://uploads/2026-11-27/",
+        questions={"cat": "Is there a cat?", "cup": "Is there a cup?"},
+        output_uri="s3://uploads/moderation/2026-11-27.jsonl",
+        deferrable=True,
+        poll_interval=0.1,
+    )
+    summary, _ = run_batch(operator, DictStore())
+    assert (summary["total"], summary["succeeded"], summary["images"]) == (8, 8, 4)
+    body = (
+        s3_connection.client().get_object(Bucket="uploads", Key="moderation/2026-11-27.jsonl")["Body"].read()
+    )
+    lines = [json.loads(line) for line in body.decode().splitlines()]
+    assert [line["image"] for line in lines[::2]] == sorted(
+        f"s3://uploads/2026-11-27/user-{name[0]}/{name}" for name in SAMPLES
+    )
+    assert "X-Amz-Signature" not in body.decode()
+    assert batch_connection.ledger()["creates"] == 8
+
+
+def test_batch_over_a_gcs_prefix_writes_results_to_gcs(
+    batch_connection: EmulatorServer, gcs_connection: Any, image_dir: Path
+) -> None:
+    gcs_connection.create_bucket("catalogue")
+    for name in SAMPLES:
+        gcs_connection.put_object("catalogue", f"products/{name}", (image_dir / name).read_bytes())
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images="gs://catalogue/products/",
+        caption=True,
+        output_uri="gs://catalogue/alt-text/captions.jsonl",
+        deferrable=False,
+        poll_interval=0.1,
+    )
+    summary, _ = run_batch(operator, DictStore())
+    assert (summary["total"], summary["succeeded"]) == (4, 4)
+    from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+
+    lines = ObjectStorage().read_bytes("gs://catalogue/alt-text/captions.jsonl").decode().splitlines()
+    assert [json.loads(line)["image"] for line in lines] == [
+        f"gs://catalogue/products/{name}" for name in SAMPLES
+    ]
+    assert all(json.loads(line)["output"].startswith("[emulated]") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (["s3://uploads/a.jpg", "s3://uploads/gone.jpg"], "s3://uploads/gone.jpg"),
+        ("s3://no-such-bucket/day/", "no-such-bucket"),
+        (["s3://no-such-bucket/a.jpg"], "no-such-bucket"),
+    ],
+)
+def test_batch_missing_objects_fail_before_any_create(
+    batch_connection: EmulatorServer,
+    s3_connection: Any,
+    image_dir: Path,
+    tmp_path: Path,
+    images: Any,
+    message: str,
+) -> None:
+    s3_connection.create_bucket("uploads")
+    s3_connection.put_object("uploads", "a.jpg", (image_dir / "chelsea.jpg").read_bytes())
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch", images=images, output_uri=str(tmp_path / "r"), caption=True
+    )
+    with pytest.raises(AirflowFailException, match=message):
+        run_batch(operator, DictStore())
+    assert batch_connection.ledger()["creates"] == 0
+
+
+def test_single_operator_signs_s3_and_gcs_images(
+    batch_connection: EmulatorServer, s3_connection: Any, gcs_connection: Any, image_dir: Path
+) -> None:
+    from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
+
+    s3_connection.create_bucket("photos")
+    s3_connection.put_object("photos", "cat.jpg", (image_dir / "chelsea.jpg").read_bytes())
+    gcs_connection.create_bucket("photos")
+    gcs_connection.put_object("photos", "cup.png", (image_dir / "coffee.png").read_bytes())
+    for image in ("s3://photos/cat.jpg", "gs://photos/cup.png"):
+        operator = Blip2PredictionOperator(
+            task_id="one", image=image, caption=True, deferrable=False, poll_interval=0.1
+        )
+        context: Any = {"ti": FakeTaskInstance(), "task_state_store": DictStore()}
+        assert str(operator.execute(context)).startswith("[emulated]")
+    assert batch_connection.ledger()["creates"] == 2
+    missing = Blip2PredictionOperator(
+        task_id="one", image="s3://photos/dog.jpg", caption=True, deferrable=False
+    )
+    with pytest.raises(AirflowFailException, match=r"s3://photos/dog\.jpg"):
+        missing.execute({"ti": FakeTaskInstance(), "task_state_store": DictStore()})  # type: ignore[typeddict-item]
+    assert batch_connection.ledger()["creates"] == 2
