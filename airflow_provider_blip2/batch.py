@@ -252,7 +252,10 @@ class BatchJournal:
 
     Layout: ``items`` (written once), ``base`` (a compacted snapshot), ``parts`` (a count) and
     ``part/<n>``: every worker cycle writes one part, and rewrites it after each prediction it
-    creates, so at most the create in progress can be lost when a worker dies. Parts are folded into
+    creates, so at most the create in progress can be lost when a worker dies. Results of
+    predictions are written with the next write (or :meth:`flush`): until then a lost result is read
+    again from the API, whose id is stored. Results without a prediction (an image that could not
+    be submitted) are written at once, or a retry would submit them again. Parts are folded into
     ``base`` every :attr:`COMPACT_EVERY` cycles, so loading costs a bounded number of reads.
 
     :param store: Where to keep it.
@@ -266,6 +269,7 @@ class BatchJournal:
         self.prefix = prefix
         self._part_number: int | None = None
         self._part_counted = False
+        self._dirty = False
         self._part: dict[str, dict[str, Any]] = {"created": {}, "finished": {}}
 
     def _key(self, name: str) -> str:
@@ -313,12 +317,14 @@ class BatchJournal:
             parts = 0
         self._part_number = parts
         self._part_counted = False
+        self._dirty = False
         self._part = {"created": {}, "finished": {}}
 
     def _write_part(self) -> None:
         if self._part_number is None:
             raise RuntimeError("begin_cycle() must be called before recording progress")
         self.store.set(self._key(f"part/{self._part_number}"), self._part)
+        self._dirty = False
         if not self._part_counted:
             self.store.set(self._key("parts"), self._part_number + 1)
             self._part_counted = True
@@ -343,9 +349,14 @@ class BatchJournal:
         :param state: The progress, updated in place.
         :param results: Item index -> result.
         """
-        if not results:
-            return
         for index, result in results.items():
             state.finished[index] = result
             self._part["finished"][str(index)] = result.to_json()
-        self._write_part()
+            self._dirty = True
+        if any(result.prediction_id is None for result in results.values()):
+            self._write_part()
+
+    def flush(self) -> None:
+        """Write results recorded since the last write (before deferring or finishing)."""
+        if self._dirty:
+            self._write_part()

@@ -10,7 +10,6 @@ needs neither boto3 nor the Google client libraries.
 from __future__ import annotations
 
 import fnmatch
-import logging
 import mimetypes
 import os
 import threading
@@ -25,8 +24,6 @@ if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
     from airflow.providers.google.cloud.hooks.gcs import GCSHook
     from google.cloud.storage import Client as GcsClient
-
-log = logging.getLogger(__name__)
 
 #: Glob patterns of the image files :meth:`ObjectStorage.list_images` keeps by default.
 IMAGE_PATTERNS: tuple[str, ...] = ("*.jpg", "*.jpeg", "*.png", "*.webp")
@@ -162,7 +159,8 @@ class ObjectStorage:
         ``http(s)://`` URLs are returned unchanged. ``s3://`` objects get a presigned URL, ``gs://``
         objects a V4 signed URL. The object's existence is not checked (see :meth:`check_exists`).
         Every signed URL is registered with Airflow's secret masker before it is returned, so it is
-        masked in task logs.
+        masked in task logs. Mind the cost in large batches: the masker recompiles one regular
+        expression of all its secrets for each new one, so masking n URLs takes O(n²) time.
 
         :param uri: An ``s3://``, ``gs://`` or ``http(s)://`` URI.
         :param expires_in: Validity in seconds, clamped to 1 s .. 7 days (the S3 and GCS maximum).

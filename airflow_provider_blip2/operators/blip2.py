@@ -450,10 +450,11 @@ class Blip2BatchPredictionOperator(BaseOperator):
             if event is not None:
                 self._record_event(journal, state, event)
             self._create_predictions(journal, state)
+            journal.flush()
             self.log.info("Batch progress: %s", state.progress_line())
             if state.done:
                 return self._finish(context, state)
-            trigger = self._trigger(state)
+            trigger = self._trigger(state, (event or {}).get("polled") or {})
             if self.deferrable:
                 self.defer(trigger=trigger, method_name="execute_complete")
             event = _first_event(trigger)
@@ -543,10 +544,16 @@ class Blip2BatchPredictionOperator(BaseOperator):
             results[index] = result
         journal.record_finished(state, results)
 
-    def _trigger(self, state: BatchState) -> Blip2BatchPredictionTrigger:
+    def _trigger(self, state: BatchState, polled: dict[str, float]) -> Blip2BatchPredictionTrigger:
+        """The trigger for the in-flight predictions; ``polled``: when the last trigger read them."""
         from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
 
         in_flight = state.in_flight
+        # First read a poll interval after the create, or after the previous trigger's last read.
+        poll_from = {
+            pid: max(deadline - self.timeout, float(polled.get(pid, 0.0))) + self.poll_interval
+            for pid, deadline in in_flight.values()
+        }
         if state.pending():
             # Come back when half the slots are free: each round trip through the scheduler costs
             # seconds in which no request is sent, so it must refill several slots at once.
@@ -555,6 +562,7 @@ class Blip2BatchPredictionOperator(BaseOperator):
             resume_after = len(in_flight)
         return Blip2BatchPredictionTrigger(
             predictions=dict(in_flight.values()),
+            poll_from=poll_from,
             blip2_conn_id=self.blip2_conn_id,
             poll_interval=self.poll_interval,
             resume_after=resume_after,

@@ -185,12 +185,15 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
     triggerer restart only re-reads predictions (it never creates one). Predictions are polled
     round-robin, each at most every ``poll_interval`` seconds, within the request budget.
 
-    The event payload is ``{"finished": {prediction_id: result}, "recent_requests": [...]}``: a result
-    has ``status`` (``success``, ``error``, ``cancelled`` or ``timeout``), ``output``, ``error``,
-    ``error_code``, ``prediction_id`` and ``predict_time``; ``recent_requests`` are the Unix times of
-    the requests still counting against the rate window, for the worker's budget. No inputs, URLs or keys.
+    The event payload is ``{"finished": {prediction_id: result}, "polled": {prediction_id: time},
+    "recent_requests": [...]}``: a result has ``status`` (``success``, ``error``, ``cancelled`` or
+    ``timeout``), ``output``, ``error``, ``error_code``, ``prediction_id`` and ``predict_time``;
+    ``polled`` says when each prediction still running was last read, so the next trigger does not
+    read it again at once; ``recent_requests`` are the Unix times of the requests still counting
+    against the rate window, for the worker's budget. No inputs, URLs or keys.
 
     :param predictions: Prediction id -> Unix time after which it is reported as ``timeout``.
+    :param poll_from: Prediction id -> Unix time of its first read (default: a poll interval from now).
     :param blip2_conn_id: The ``blip2`` connection.
     :param poll_interval: Seconds between two polls of the same prediction.
     :param resume_after: Yield once this many predictions have ended (or all of them).
@@ -205,12 +208,14 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
         blip2_conn_id: str,
         poll_interval: float,
         resume_after: int,
+        poll_from: dict[str, float] | None = None,
         recent_requests: list[float] | None = None,
         requests_per_minute: int | None = None,
         max_concurrency: int | None = None,
     ) -> None:
         super().__init__()
         self.predictions = {str(k): float(v) for k, v in predictions.items()}
+        self.poll_from = {str(k): float(v) for k, v in (poll_from or {}).items()}
         self.blip2_conn_id = blip2_conn_id
         self.poll_interval = float(poll_interval)
         self.resume_after = max(1, int(resume_after))
@@ -224,6 +229,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
                 "predictions": self.predictions,
+                "poll_from": self.poll_from,
                 "blip2_conn_id": self.blip2_conn_id,
                 "poll_interval": self.poll_interval,
                 "resume_after": self.resume_after,
@@ -246,17 +252,18 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
         try:
             budget = await hook.abudget()
             budget.note_requests(self.recent_requests)
-            finished = await self._poll(hook)
+            finished, polled = await self._poll(hook)
             recent_requests = budget.recent_requests()
         finally:
             await hook.aclose()
-        yield TriggerEvent({"finished": finished, "recent_requests": recent_requests})
+        yield TriggerEvent({"finished": finished, "polled": polled, "recent_requests": recent_requests})
 
-    async def _poll(self, hook: Blip2Hook) -> dict[str, dict[str, Any]]:
+    async def _poll(self, hook: Blip2Hook) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
         reader = PredictionReader(hook, self.log)
         waiting = dict(self.predictions)
-        start = time.time()
-        next_poll = dict.fromkeys(waiting, start + self.poll_interval)
+        default_start = time.time() + self.poll_interval
+        next_poll = {pid: self.poll_from.get(pid, default_start) for pid in waiting}
+        polled: dict[str, float] = {}
         finished: dict[str, dict[str, Any]] = {}
         while waiting and len(finished) < self.resume_after:
             prediction_id = min(waiting, key=lambda pid: min(next_poll[pid], waiting[pid]))
@@ -269,7 +276,8 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
                 ).to_json()
             else:
                 outcome = await reader.read(prediction_id)
-                next_poll[prediction_id] = time.time() + self.poll_interval
+                polled[prediction_id] = round(time.time(), 3)
+                next_poll[prediction_id] = polled[prediction_id] + self.poll_interval
                 if isinstance(outcome, Prediction) and outcome.status.is_terminal:
                     finished[prediction_id] = _result_of(outcome).to_json()
                 elif isinstance(outcome, str):
@@ -278,7 +286,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
                     ).to_json()
             if prediction_id in finished:
                 del waiting[prediction_id]
-        return finished
+        return finished, {pid: when for pid, when in polled.items() if pid in waiting}
 
     async def on_kill(self) -> None:
         """Cancel the in-flight predictions when a user marks the deferred task failed, success or cleared."""

@@ -1,0 +1,128 @@
+"""
+A batch of images captioned by ``Blip2BatchPredictionOperator`` against the API's default limits.
+
+N images are uploaded to a local S3 (moto) and captioned by one batch task over their prefix, in a
+real ``airflow dags test`` (deferrable: the trigger runs inline between worker cycles; and on the
+worker). The emulator enforces the API's limits (60 requests per minute counting every request, 10
+predictions in flight, about 2 s per prediction) with its time scaled so the run takes seconds; the
+connection's budget equals those limits. Prints the batch's own elapsed time against the minimum the
+limits allow, with creates, 429s, requests and failures from the emulator's ledger, once on a clean
+API and once with faults injected (5xx, 429, slow answers and dropped connections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer
+from benchmarks.budget import LATENCY, LIMIT_IN_FLIGHT, LIMIT_RPM, minimum_seconds
+from scripts.sandbox import AirflowSandbox
+from scripts.storage_servers import local_s3
+
+IMAGES = Path(__file__).resolve().parent.parent / "example_dags" / "data"
+API_KEY = "bench-key"
+BUCKET = "bench"
+FAULTS = {"fault_5xx": 0.05, "fault_429": 0.05, "fault_slow": 0.05, "fault_drop": 0.01}
+
+DAG_FILE = '''
+import pendulum
+from airflow.providers.common.compat.sdk import DAG
+from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
+
+for deferrable in (True, False):
+    with DAG(
+        dag_id="bench_batch_" + ("deferrable" if deferrable else "worker"),
+        schedule=None,
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+    ):
+        Blip2BatchPredictionOperator(
+            task_id="batch",
+            images="s3://{bucket}/images/",
+            caption=True,
+            output_uri="s3://{bucket}/out/{{{{ run_id }}}}.jsonl",
+            deferrable=deferrable,
+            poll_interval={poll_interval},
+            max_failed_ratio=0.2,
+        )
+'''
+
+
+def run_scenario(
+    home: Path, dags: Path, s3_connection: dict[str, Any], dag_id: str, faults: dict[str, float], scale: float
+) -> dict[str, Any]:
+    """Run one batch DAG against a fresh emulator; return its summary and the emulator's ledger."""
+    config = EmulatorConfig(api_keys=(API_KEY,), latency=LATENCY, time_scale=scale, seed=7, **faults)
+    with EmulatorServer(config) as api:
+        blip2 = {
+            "conn_type": "blip2",
+            "host": api.url,
+            "password": API_KEY,
+            "extra": {
+                "requests_per_minute": LIMIT_RPM,
+                "max_concurrency": LIMIT_IN_FLIGHT,
+                "rate_window": 60.0 * scale,
+            },
+        }
+        sandbox = AirflowSandbox(
+            home, dags_folder=dags, connections={"blip2_default": blip2, "aws_default": s3_connection}
+        )
+        sandbox.migrate()
+        sandbox.dags_test(dag_id)
+        (summary,) = sandbox.xcom(dag_id, "batch")
+        return {"summary": summary, "ledger": api.ledger()}
+
+
+def main() -> None:
+    """Run the scenarios and print their numbers."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--time-scale", type=float, default=0.05)
+    args = parser.parse_args()
+    scale = args.time_scale
+    names = sorted(p.name for p in IMAGES.iterdir() if p.suffix in {".jpg", ".png", ".webp"})
+    floor = minimum_seconds(args.images, 60.0 * scale, LATENCY * scale)
+    print(
+        f"{args.images} images under one S3 prefix, captioned by one batch task in `airflow dags test`; "
+        f"limits {LIMIT_RPM} req/min, {LIMIT_IN_FLIGHT} in flight, {LATENCY:g} s each; "
+        f"time scale {scale:g} (minute = {60 * scale:g} s)"
+    )
+    print(f"minimum the limits allow: {floor:.2f} s (a create and a read per prediction)")
+    with local_s3() as s3, tempfile.TemporaryDirectory(prefix="blip2-bench-") as tmp:
+        s3.create_bucket(BUCKET)
+        for i in range(args.images):
+            name = names[i % len(names)]
+            s3.put_object(BUCKET, f"images/{i:05d}-{name}", (IMAGES / name).read_bytes())
+        dags = Path(tmp) / "dags"
+        dags.mkdir()
+        (dags / "bench_batch.py").write_text(DAG_FILE.format(bucket=BUCKET, poll_interval=LATENCY * scale))
+        home = Path(tmp) / "home"
+        for dag_id, faults in [
+            ("bench_batch_deferrable", {}),
+            ("bench_batch_worker", {}),
+            ("bench_batch_deferrable", FAULTS),
+        ]:
+            result = run_scenario(home, dags, s3.connection(), dag_id, faults, scale)
+            summary, ledger = result["summary"], result["ledger"]
+            label = f"{dag_id.removeprefix('bench_batch_')}{' + faults' if faults else ''}"
+            elapsed = summary["elapsed"]
+            print(
+                f"{label:<20} elapsed {elapsed:6.2f} s = {elapsed / floor:4.2f}x minimum"
+                f" | creates {ledger['creates']} | 429s {ledger['responses_429']}"
+                f" | requests {sum(ledger['requests'].values())} | succeeded {summary['succeeded']}"
+                f" | failed {summary['failed']} | peak in flight {ledger['peak_in_flight']}"
+                + (
+                    f" | injected: 5xx {ledger['responses_5xx_injected']}, drops {ledger['drops_injected']}"
+                    if faults
+                    else ""
+                )
+            )
+    print(f"faults: {json.dumps(FAULTS)}")
+
+
+if __name__ == "__main__":
+    main()
