@@ -28,7 +28,7 @@ API_KEY = "bench-key"
 BUCKET = "bench"
 FAULTS = {"fault_5xx": 0.05, "fault_429": 0.05, "fault_slow": 0.05, "fault_drop": 0.01}
 
-DAG_FILE = '''
+DAG_FILE = """
 import pendulum
 from airflow.providers.common.compat.sdk import DAG
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
@@ -49,14 +49,16 @@ for deferrable in (True, False):
             poll_interval={poll_interval},
             max_failed_ratio=0.2,
         )
-'''
+"""
 
 
 def run_scenario(
     home: Path, dags: Path, s3_connection: dict[str, Any], dag_id: str, faults: dict[str, float], scale: float
 ) -> dict[str, Any]:
     """Run one batch DAG against a fresh emulator; return its summary and the emulator's ledger."""
-    config = EmulatorConfig(api_keys=(API_KEY,), latency=LATENCY, time_scale=scale, seed=7, **faults)
+    config = EmulatorConfig(api_keys=(API_KEY,), latency=LATENCY, time_scale=scale, seed=7)
+    for name, probability in faults.items():
+        setattr(config, name, probability)
     with EmulatorServer(config) as api:
         blip2 = {
             "conn_type": "blip2",
