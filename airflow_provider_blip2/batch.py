@@ -10,6 +10,7 @@ forgotten and no finished result is lost.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -17,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from airflow_provider_blip2.protocol import Blip2InputError, redact_url
+from airflow_provider_blip2.protocol import Blip2InputError
 
 #: Statuses of a finished item that count as failed.
 FAILED_STATUSES = frozenset({"error", "cancelled", "timeout"})
@@ -34,12 +35,17 @@ class BatchItem:
 
     :param image: The image URI as the user gave it (``s3://``, ``gs://`` or ``https://``).
     :param label: Name of the question (``questions`` key, ``caption`` or ``question``).
-    :param question: The question; ``None`` captions the image.
+    :param question: The question; ``None`` asks the API's default question, ``""`` captions.
     """
 
     image: str
     label: str
     question: str | None
+
+    @property
+    def captions(self) -> bool:
+        """Whether this item captions its image (an empty question, as in the API)."""
+        return self.question == ""
 
     def to_json(self) -> list[Any]:
         """Compact form for the journal."""
@@ -94,6 +100,21 @@ class BatchResult:
         )
 
 
+def image_key(uri: str) -> str:
+    """
+    How the journal and the results name an image: the URI, except for http(s) URLs with a query.
+
+    Their query may be a signature: it is replaced by ``?<redacted {hash}>``, the hash (8 hex digits of
+    the URL's SHA-256) telling apart URLs that differ only in their query.
+
+    :param uri: The image URI as given.
+    """
+    if not uri.startswith(("http://", "https://")) or "?" not in uri:
+        return uri
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:8]
+    return f"{uri.split('?', 1)[0]}?<redacted {digest}>"
+
+
 def build_items(
     images: Sequence[str], *, questions: Mapping[str, str] | None, question: str | None, caption: bool
 ) -> list[BatchItem]:
@@ -115,7 +136,7 @@ def build_items(
                 raise Blip2InputError(f"questions[{label!r}] must be a non-empty string, got {text!r}")
         return [BatchItem(image, str(label), text) for image in images for label, text in questions.items()]
     if caption or question == "":
-        return [BatchItem(image, CAPTION_LABEL, None) for image in images]
+        return [BatchItem(image, CAPTION_LABEL, "") for image in images]
     return [BatchItem(image, QUESTION_LABEL, question) for image in images]
 
 
@@ -161,7 +182,9 @@ class BatchState:
         return sum(result.failed for result in self.finished.values())
 
     def merge(self, part: Mapping[str, Any]) -> None:
-        """Apply one journal part (``{"created": {...}, "finished": {...}}``)."""
+        """Apply one journal part (``{"released": [...], "created": {...}, "finished": {...}}``)."""
+        for index in part.get("released", []):
+            self.created.pop(int(index), None)
         for index, (prediction_id, deadline) in part.get("created", {}).items():
             self.created[int(index)] = (str(prediction_id), float(deadline))
         for index, result in part.get("finished", {}).items():
@@ -180,9 +203,9 @@ class BatchState:
         for index, item in enumerate(self.items):
             result = self.finished.get(index) or BatchResult("error", error="no result")
             line = {
-                "image": redact_url(item.image) if item.image.startswith("http") else item.image,
+                "image": item.image,
                 "label": item.label,
-                "question": item.question,
+                "question": item.question or None,
                 "output": result.output,
                 "status": result.status,
                 "error": result.error,
@@ -270,7 +293,7 @@ class BatchJournal:
         self._part_number: int | None = None
         self._part_counted = False
         self._dirty = False
-        self._part: dict[str, dict[str, Any]] = {"created": {}, "finished": {}}
+        self._part: dict[str, Any] = {"created": {}, "finished": {}}
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -355,6 +378,18 @@ class BatchJournal:
             self._dirty = True
         if any(result.prediction_id is None for result in results.values()):
             self._write_part()
+
+    def release(self, state: BatchState, index: int) -> None:
+        """
+        Forget an item's prediction (cancelled before it ended), so the item is predicted again.
+
+        :param state: The progress, updated in place.
+        :param index: The item.
+        """
+        state.created.pop(index, None)
+        self._part.setdefault("released", []).append(index)
+        self._part["created"].pop(str(index), None)
+        self._write_part()
 
     def flush(self) -> None:
         """Write results recorded since the last write (before deferring or finishing)."""

@@ -27,10 +27,11 @@ from airflow_provider_blip2.batch import (
     build_items,
     failed_ratio_exceeded,
     format_duration,
+    image_key,
 )
 from airflow_provider_blip2.emulator import EmulatorServer
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
-from airflow_provider_blip2.protocol import Blip2InputError, redact_url
+from airflow_provider_blip2.protocol import Blip2InputError
 from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
 from tests.conftest import TIME_SCALE, connection_json
 
@@ -66,10 +67,11 @@ def test_build_items_questions_and_captions() -> None:
         caption=False,
     )
     assert [(i.image, i.label) for i in items] == [("a", "nsfw"), ("a", "gun"), ("b", "nsfw"), ("b", "gun")]
-    assert build_items(["a"], questions=None, question=None, caption=True) == [
-        BatchItem("a", "caption", None)
+    assert build_items(["a"], questions=None, question=None, caption=True) == [BatchItem("a", "caption", "")]
+    assert build_items(["a"], questions=None, question="", caption=False) == [BatchItem("a", "caption", "")]
+    assert build_items(["a"], questions=None, question=None, caption=False) == [
+        BatchItem("a", "question", None)
     ]
-    assert build_items(["a"], questions=None, question="", caption=False) == [BatchItem("a", "caption", None)]
     assert build_items(["a"], questions=None, question="Why?", caption=False) == [
         BatchItem("a", "question", "Why?")
     ]
@@ -124,7 +126,7 @@ def test_journal_load_of_a_new_batch_is_none() -> None:
 def test_result_lines_summary_and_failed_ratio() -> None:
     state = BatchState(
         items=[
-            BatchItem("https://h/a.jpg?X-Amz-Signature=abc", "caption", None),
+            BatchItem(image_key("https://h/a.jpg?X-Amz-Signature=abc"), "caption", ""),
             BatchItem("s3://b/k.png", "q", "Why?"),
         ],
         started_at=100.0,
@@ -135,7 +137,7 @@ def test_result_lines_summary_and_failed_ratio() -> None:
     )
     lines = [json.loads(line) for line in state.result_lines().splitlines()]
     assert lines[0] == {
-        "image": "https://h/a.jpg?<redacted>",
+        "image": image_key("https://h/a.jpg?X-Amz-Signature=abc"),
         "label": "caption",
         "question": None,
         "output": "a cat",
@@ -266,7 +268,10 @@ def test_batch_captions_a_list_deferring_between_rounds(
     assert summary["total"] == 12 and summary["succeeded"] == 12 and summary["failed"] == 0
     assert summary["output_uri"] == str(output)
     lines = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [line["image"] for line in lines] == [redact_url(image) for image in images]
+    assert [line["image"] for line in lines] == [image_key(image) for image in images]
+    assert all(
+        line["image"].startswith(image.split("?")[0]) for line, image in zip(lines, images, strict=True)
+    )
     assert all(line["status"] == "success" and line["output"] for line in lines)
     ledger = batch_connection.ledger()
     assert ledger["creates"] == 12
@@ -559,3 +564,137 @@ def test_single_operator_signs_s3_and_gcs_images(
     with pytest.raises(AirflowFailException, match=r"s3://photos/dog\.jpg"):
         missing.execute({"ti": FakeTaskInstance(), "task_state_store": DictStore()})  # type: ignore[typeddict-item]
     assert batch_connection.ledger()["creates"] == 2
+
+
+def test_image_key_redacts_queries_and_keeps_urls_apart() -> None:
+    signed = "https://h/a.jpg?X-Amz-Signature=abc"
+    assert image_key(signed).startswith("https://h/a.jpg?<redacted ")
+    assert "abc" not in image_key(signed)
+    assert image_key(signed) != image_key("https://h/a.jpg?X-Amz-Signature=abd")
+    assert image_key("https://h/a.jpg") == "https://h/a.jpg"
+    assert image_key("s3://b/k.jpg") == "s3://b/k.jpg"
+
+
+def test_batch_keeps_no_signed_url_in_its_progress(
+    batch_connection: EmulatorServer, image_url: Callable[[str], str], tmp_path: Path
+) -> None:
+    images = [image_url(f"chelsea.jpg?X-Amz-Signature=5ec7e7{n:02d}") for n in range(3)]
+    store = DictStore()
+
+    class StopsAfterFirstRound(Blip2BatchPredictionOperator):
+        def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+            raise RuntimeError("stop")
+
+    operator = StopsAfterFirstRound(
+        task_id="batch",
+        images=images,
+        output_uri=str(tmp_path / "r.jsonl"),
+        caption=True,
+        poll_interval=0.1,
+        deferrable=True,
+    )
+    with pytest.raises(RuntimeError, match="stop"):
+        run_batch(operator, store)
+    assert store.values and "5ec7e7" not in json.dumps(store.values)
+    summary, _ = run_batch(
+        Blip2BatchPredictionOperator(
+            task_id="batch",
+            images=images,
+            output_uri=str(tmp_path / "r.jsonl"),
+            caption=True,
+            poll_interval=0.1,
+        ),
+        store,
+    )
+    assert summary["succeeded"] == 3 and batch_connection.ledger()["creates"] == 3
+    assert "5ec7e7" not in (tmp_path / "r.jsonl").read_text()
+    changed = Blip2BatchPredictionOperator(
+        task_id="batch", images=images[:1], output_uri=str(tmp_path / "r.jsonl"), caption=True
+    )
+    store.values.clear()
+    BatchJournal(store).start([BatchItem(image_key(images[2]), "caption", "")])
+    with pytest.raises(AirflowFailException, match="images no longer holds the URL"):
+        run_batch(changed, store)
+
+
+def test_batch_predicts_again_what_a_killed_trigger_cancelled(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    emulator = start_emulator(latency=200.0)  # 10 s at the time scale: still running when killed
+    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
+    images = [image_url(f"coffee.png?n={n}") for n in range(3)]
+    store = DictStore()
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images=images,
+        output_uri=str(tmp_path / "r.jsonl"),
+        caption=True,
+        poll_interval=0.1,
+        deferrable=True,
+    )
+    context: Any = {"ti": FakeTaskInstance(), "task_state_store": store}
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute(context)
+    asyncio.run(deferred.value.trigger.on_kill())  # a user cleared the deferred task
+    assert emulator.ledger()["requests"]["cancel"] == 3
+    emulator.config.latency = 2.0
+    summary, _ = run_batch(
+        Blip2BatchPredictionOperator(
+            task_id="batch",
+            images=images,
+            output_uri=str(tmp_path / "r.jsonl"),
+            caption=True,
+            poll_interval=0.1,
+        ),
+        store,
+    )
+    assert (summary["succeeded"], summary["failed"]) == (3, 0)
+    assert emulator.ledger()["creates"] == 6
+
+
+def test_batch_refuses_an_output_bucket_that_does_not_exist(
+    batch_connection: EmulatorServer, s3_connection: Any, image_url: Callable[[str], str]
+) -> None:
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch", images=[image_url("chelsea.jpg")], output_uri="s3://no-reports/r.jsonl", caption=True
+    )
+    with pytest.raises(AirflowFailException, match="no-reports"):
+        run_batch(operator, DictStore())
+    assert batch_connection.ledger()["creates"] == 0
+
+
+def test_batch_expands_prefixes_in_a_list_and_uses_xcom_without_a_state_store(
+    batch_connection: EmulatorServer, s3_connection: Any, image_dir: Path, tmp_path: Path
+) -> None:
+    s3_connection.create_bucket("mixed")
+    for name in SAMPLES:
+        s3_connection.put_object("mixed", f"day/{name}", (image_dir / name).read_bytes())
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images=["s3://mixed/day/", "s3://mixed/day/chelsea.jpg"],
+        output_uri=str(tmp_path / "r.jsonl"),
+        question="Is there a cat?",
+        poll_interval=0.1,
+        deferrable=True,
+    )
+    ti = FakeTaskInstance()
+    context: Any = {"ti": ti}  # Airflow before 3.3: no task state store, the journal goes to XCom
+    pending: Any = None
+    try:
+        operator.execute(context)
+    except TaskDeferred as deferred:
+        pending = deferred
+    while pending is not None:
+        event = asyncio.run(_first_payload(pending.trigger))
+        try:
+            summary = operator.execute_complete(context, event)
+            pending = None
+        except TaskDeferred as deferred:
+            pending = deferred
+    assert (summary["total"], summary["succeeded"]) == (4, 4)
+    assert any(key.startswith("blip2_batch/") for key in ti.xcom)
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert {line["question"] for line in lines} == {"Is there a cat?"}

@@ -34,6 +34,14 @@ EXISTENCE_CHECK_THREADS = 8
 #: How many missing URIs an error message lists.
 MAX_LISTED_MISSING = 10
 
+#: Signed URLs one process registers with Airflow's secret masker. The masker recompiles one regular
+#: expression of all its secrets for each new one (O(n²) for n URLs: about 30 s for 350 URLs), so a
+#: large batch stops registering them; the provider never logs a signed URL (only file names), and
+#: scrubs URLs out of the API's error messages.
+MASKED_SIGNED_URLS_PER_PROCESS = 100
+
+_masked_signed_urls = 0
+_masked_signed_urls_lock = threading.Lock()
 _REMOTE_SCHEMES = ("s3", "gs")
 _HTTP_SCHEMES = ("http", "https")
 _EXTRAS = {"s3": "amazon", "gs": "google"}
@@ -158,9 +166,9 @@ class ObjectStorage:
 
         ``http(s)://`` URLs are returned unchanged. ``s3://`` objects get a presigned URL, ``gs://``
         objects a V4 signed URL. The object's existence is not checked (see :meth:`check_exists`).
-        Every signed URL is registered with Airflow's secret masker before it is returned, so it is
-        masked in task logs. Mind the cost in large batches: the masker recompiles one regular
-        expression of all its secrets for each new one, so masking n URLs takes O(n²) time.
+        Signed URLs are registered with Airflow's secret masker before they are returned, so they
+        are masked in task logs, up to :data:`MASKED_SIGNED_URLS_PER_PROCESS` per process (the
+        masker's cost grows with the square of their number).
 
         :param uri: An ``s3://``, ``gs://`` or ``http(s)://`` URI.
         :param expires_in: Validity in seconds, clamped to 1 s .. 7 days (the S3 and GCS maximum).
@@ -177,10 +185,26 @@ class ObjectStorage:
             )
         seconds = int(min(max(expires_in, 1), MAX_SIGNED_URL_SECONDS))
         url = self._s3_signed_url(uri, seconds) if scheme == "s3" else self._gcs_signed_url(uri, seconds)
-        from airflow.providers.common.compat.sdk import mask_secret
-
-        mask_secret(url)
+        _mask_signed_url(url)
         return url
+
+    def check_writable(self, uri: str) -> None:
+        """
+        Check, before any work, that results can be written to ``uri``: its extra is installed and
+        its bucket exists (``s3://``, ``gs://``), or it is a local path.
+
+        :param uri: An ``s3://`` or ``gs://`` object URI, or a local path.
+        :raises MissingExtraError: When the provider of the scheme is not installed.
+        :raises ObjectNotFoundError: When the bucket does not exist.
+        :raises ValueError: For ``http(s)://`` and other schemes, or a URI that names no object.
+        """
+        if _is_local(uri):
+            return
+        scheme, bucket, _key = _object_key(uri)
+        self._client_for(scheme)
+        exists = self._s3_bucket_exists(bucket) if scheme == "s3" else self._gcs_bucket_exists(bucket)
+        if not exists:
+            raise _missing_bucket(bucket, uri)
 
     def check_exists(self, uri: str) -> None:
         """
@@ -644,3 +668,15 @@ class ObjectStorage:
             "roles/iam.serviceAccountTokenCreator on itself (permission iam.serviceAccounts.signBlob)"
             f"{reason}"
         )
+
+
+def _mask_signed_url(url: str) -> None:
+    """Register a signed URL with the secret masker, within :data:`MASKED_SIGNED_URLS_PER_PROCESS`."""
+    global _masked_signed_urls
+    with _masked_signed_urls_lock:
+        _masked_signed_urls += 1
+        count = _masked_signed_urls
+    if count <= MASKED_SIGNED_URLS_PER_PROCESS:
+        from airflow.providers.common.compat.sdk import mask_secret
+
+        mask_secret(url)

@@ -129,7 +129,8 @@ class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
         """Render the templated fields, then mask the image URL before Airflow stores rendered fields."""
         # Plain and mapped (.expand) tasks both render through here, before rendered fields are stored.
         super()._do_render_template_fields(parent, *args, **kwargs)
-        if parent is self and isinstance(self.image, str) and self.image:
+        # s3:// and gs:// URIs are no secret (their signed URLs are masked when made), http(s) URLs may be.
+        if parent is self and isinstance(self.image, str) and self.image.startswith(("http://", "https://")):
             mask_secret(self.image)
 
     # ------------------------------------------------------------------------------------------
@@ -148,8 +149,9 @@ class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
             image_url = self.image
             if isinstance(image_url, str) and is_remote_object(image_url):
                 self.storage.check_exists(image_url)
-                expires_in = self.url_expiry or self.timeout + URL_QUEUEING_ALLOWANCE
-                image_url = self.storage.signed_url(image_url, expires_in=expires_in)
+                image_url = self.storage.signed_url(
+                    image_url, expires_in=_url_expiry(self.url_expiry, self.timeout)
+                )
             return build_prediction_input(
                 image_url,
                 question=self.question,
@@ -387,6 +389,8 @@ class Blip2BatchPredictionOperator(BaseOperator):
             raise ValueError(f"max_failed_ratio must be between 0 and 1, got {max_failed_ratio!r}")
         if poll_interval <= 0 or timeout <= 0:
             raise ValueError(f"poll_interval and timeout must be > 0, got {poll_interval} and {timeout}")
+        self._urls_by_key: dict[str, str] | None = None
+        self._waiting_for: list[str] = []
 
     @cached_property
     def hook(self) -> Blip2Hook:
@@ -427,7 +431,30 @@ class Blip2BatchPredictionOperator(BaseOperator):
             self.log.info("Starting a batch of %d predictions", len(state.items))
         else:
             self.log.info("Resuming the stored batch: %s", state.progress_line())
+            self._release_cancelled(journal, state)
         return self._run(context, journal, state, None)
+
+    def _release_cancelled(self, journal: BatchJournal, state: BatchState) -> None:
+        """
+        On a new try, predict again the items whose prediction was cancelled in flight.
+
+        That happens when a user cleared or failed the deferred task: its trigger cancels the
+        predictions it was waiting for. Their items are predicted again instead of counting as failed.
+        """
+        from airflow_provider_blip2.protocol import Blip2Error, PredictionStatus
+
+        journal.begin_cycle(state)
+        for index, (prediction_id, _deadline) in state.in_flight.items():
+            try:
+                status = self.hook.get_prediction(prediction_id).status
+            except Blip2Error as error:
+                self.log.warning("Could not read prediction %s: %s", prediction_id, error)
+                continue
+            if status is PredictionStatus.CANCELLED:
+                self.log.info(
+                    "Prediction %s was cancelled in flight; its image is predicted again", prediction_id
+                )
+                journal.release(state, index)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """
@@ -461,32 +488,61 @@ class Blip2BatchPredictionOperator(BaseOperator):
 
     def _items(self) -> list[BatchItem]:
         """Resolve ``images`` to the batch's items, failing before any create on bad input."""
-        from airflow_provider_blip2.batch import build_items
+        from airflow_provider_blip2.batch import build_items, image_key
         from airflow_provider_blip2.hooks.object_storage import StorageError, is_remote_object
         from airflow_provider_blip2.protocol import Blip2InputError
 
         try:
-            if isinstance(self.images, str) and is_remote_object(self.images):
-                uris = self.storage.list_images(self.images, self.image_patterns)
-                self.log.info("Found %d images under %s", len(uris), self.images)
-            else:
-                uris = _image_list(self.images)
-                self.storage.check_all_exist([uri for uri in uris if is_remote_object(uri)])
-            items = build_items(uris, questions=self.questions, question=self.question, caption=self.caption)
+            self.storage.check_writable(self.output_uri)
+            uris: list[str] = []
+            for entry in _image_list(self.images):
+                if is_remote_object(entry) and (isinstance(self.images, str) or entry.endswith("/")):
+                    listed = self.storage.list_images(entry, self.image_patterns)
+                    self.log.info("Found %d images under %s", len(listed), entry)
+                    uris += listed
+                else:
+                    uris.append(entry)
+            uris = list(dict.fromkeys(uris))
+            self.storage.check_all_exist([uri for uri in uris if is_remote_object(uri)])
+            keys = [image_key(uri) for uri in uris]
+            items = build_items(keys, questions=self.questions, question=self.question, caption=self.caption)
             for item in {(item.question,): item for item in items}.values():
                 self._prediction_input(item, "https://images.invalid/check.jpg")
         except (StorageError, Blip2InputError, ValueError) as error:
             raise AirflowFailException(f"Invalid batch for task {self.task_id}: {error}") from error
+        if not items:
+            self.log.warning("No images to predict: %s matched nothing", self.images)
         return items
+
+    def _image_url(self, key: str) -> str:
+        """
+        The image URI behind a journal key.
+
+        http(s) URLs with a query (perhaps a signature) are kept in the journal as a redacted key;
+        the URL itself comes from ``images``, rendered again on every run.
+        """
+        from airflow_provider_blip2.batch import image_key
+
+        if "?<redacted" not in key:
+            return key
+        if self._urls_by_key is None:
+            self._urls_by_key = {image_key(url): url for url in _image_list(self.images)}
+        url = self._urls_by_key.get(key)
+        if url is None:
+            raise AirflowFailException(
+                f"images no longer holds the URL of {key} (they changed since the batch started); "
+                "give the same list to every try, or clear the task's state to start over"
+            )
+        return url
 
     def _prediction_input(self, item: BatchItem, url: str) -> PredictionInput:
         from airflow_provider_blip2.protocol import build_prediction_input
 
         return build_prediction_input(
             url,
-            question=item.question,
+            question=None if item.captions else item.question,
             context=self.context,
-            caption=item.question is None,
+            caption=item.captions,
             temperature=self.temperature,
             use_nucleus_sampling=self.use_nucleus_sampling,
         )
@@ -503,11 +559,11 @@ class Blip2BatchPredictionOperator(BaseOperator):
         )
 
         free = self.hook.settings.max_concurrency - len(state.in_flight)
-        expires_in = self.url_expiry or self.timeout + URL_QUEUEING_ALLOWANCE
+        expires_in = _url_expiry(self.url_expiry, self.timeout)
         for index in state.pending()[: max(0, free)]:
             item = state.items[index]
             try:
-                url = self.storage.signed_url(item.image, expires_in=expires_in)
+                url = self.storage.signed_url(self._image_url(item.image), expires_in=expires_in)
                 prediction_id = self.hook.submit_prediction(self._prediction_input(item, url))
             except SigningError as error:
                 raise AirflowFailException(str(error)) from error
@@ -560,6 +616,7 @@ class Blip2BatchPredictionOperator(BaseOperator):
             resume_after = max(1, self.hook.settings.max_concurrency // 2) if self.deferrable else 1
         else:
             resume_after = len(in_flight)
+        self._waiting_for = [pid for pid, _deadline in in_flight.values()]
         return Blip2BatchPredictionTrigger(
             predictions=dict(in_flight.values()),
             poll_from=poll_from,
@@ -598,7 +655,9 @@ class Blip2BatchPredictionOperator(BaseOperator):
         return BatchJournal(store)
 
     def on_kill(self) -> None:
-        """Nothing to cancel on the worker: in-flight predictions are tracked by the trigger."""
+        """Cancel the predictions this try waits for on the worker (``deferrable=False``)."""
+        for prediction_id in self._waiting_for:
+            self._cancel_quietly(prediction_id)
 
     def _cancel_quietly(self, prediction_id: str) -> None:
         from airflow_provider_blip2.protocol import Blip2Error
@@ -607,6 +666,11 @@ class Blip2BatchPredictionOperator(BaseOperator):
             self.hook.cancel_prediction(prediction_id)
         except Blip2Error as error:
             self.log.warning("Could not cancel prediction %s: %s", prediction_id, error)
+
+
+def _url_expiry(url_expiry: float | None, timeout: float) -> float:
+    """Lifetime of a signed URL: as given, or the prediction timeout plus time to queue."""
+    return timeout + URL_QUEUEING_ALLOWANCE if url_expiry is None else url_expiry
 
 
 def _image_list(images: Any) -> list[str]:
