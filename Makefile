@@ -14,7 +14,8 @@ VENV_AIRFLOW2 ?= .venv-airflow2
 CONSTRAINTS_AIRFLOW2 := requirements/constraints-airflow2.txt
 INSTALLED_AIRFLOW2 := $(VENV_AIRFLOW2)/.installed
 AIRFLOW2_TESTS := tests/test_protocol.py tests/test_hook.py tests/test_trigger.py tests/test_operator.py \
-	tests/test_provider_info.py tests/test_example_dags.py tests/test_legacy_spellings.py
+	tests/test_provider_info.py tests/test_example_dags.py tests/test_legacy_spellings.py tests/test_batch.py \
+	tests/test_object_storage.py
 
 .PHONY: demo test lint typecheck pytest pytest-airflow2 bench lock emulator clean
 
@@ -31,7 +32,7 @@ $(INSTALLED_AIRFLOW2): pyproject.toml $(CONSTRAINTS_AIRFLOW2)
 		-c $(CONSTRAINTS_AIRFLOW2) -e ".[dev,emulator]" -r requirements/airflow2.in
 	touch $@
 
-## demo: run the example DAG with `airflow dags test` against the local API emulator
+## demo: run the example DAGs with `airflow dags test` against the local API emulator and a local S3
 demo: $(INSTALLED)
 	$(BIN)/python -m scripts.demo
 
@@ -55,6 +56,7 @@ pytest-airflow2: $(INSTALLED_AIRFLOW2)
 bench: $(INSTALLED)
 	$(BIN)/python -m benchmarks.import_time
 	$(BIN)/python -m benchmarks.budget
+	$(BIN)/python -m benchmarks.batch
 
 ## emulator: run the API emulator in the foreground on 127.0.0.1:8765
 emulator: $(INSTALLED)

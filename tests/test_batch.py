@@ -195,7 +195,7 @@ class FakeTaskInstance:
 
 def run_batch(
     operator: Blip2BatchPredictionOperator,
-    store: DictStore,
+    store: DictStore | None,
     *,
     interrupt: Callable[[int], float | None] = lambda cycle: None,
 ) -> tuple[dict[str, Any], int]:
@@ -205,7 +205,10 @@ def run_batch(
     ``interrupt(cycle)`` may return seconds after which that cycle's trigger is torn down (a
     triggerer restart); a new trigger is then built from the serialized kwargs and run again.
     """
-    context: dict[str, Any] = {"ti": FakeTaskInstance(), "task_state_store": store}
+    # Without a store, the context is the one of Airflow before 3.3: the journal goes to XCom.
+    context: dict[str, Any] = {"ti": FakeTaskInstance()}
+    if store is not None:
+        context["task_state_store"] = store
     deferrals = 0
     try:
         return operator.execute(context), deferrals  # type: ignore[arg-type]
@@ -698,3 +701,20 @@ def test_batch_expands_prefixes_in_a_list_and_uses_xcom_without_a_state_store(
     assert any(key.startswith("blip2_batch/") for key in ti.xcom)
     lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert {line["question"] for line in lines} == {"Is there a cat?"}
+
+
+def test_batch_before_airflow_3_3_keeps_its_journal_in_xcom(
+    batch_connection: EmulatorServer, image_url: Callable[[str], str], tmp_path: Path
+) -> None:
+    images = [image_url(name) for name in SAMPLES] + [image_url(f"chelsea.jpg?n={n}") for n in range(10)]
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images=images,
+        output_uri=str(tmp_path / "r.jsonl"),
+        caption=True,
+        poll_interval=0.1,
+        deferrable=True,
+    )
+    summary, deferrals = run_batch(operator, None)
+    assert (summary["total"], summary["succeeded"]) == (14, 14) and deferrals >= 2
+    assert batch_connection.ledger()["creates"] == 14
