@@ -24,6 +24,8 @@ DAGS = Path(__file__).parent / "dags"
 pytestmark = pytest.mark.timeout(600)
 DEFERRABLE = "system_blip2_deferrable"
 ON_WORKER = "system_blip2_on_worker"
+BATCH = "system_blip2_batch"
+BATCH_ON_WORKER = "system_blip2_batch_on_worker"
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +35,14 @@ def emulator() -> Iterator[EmulatorServer]:
 
 
 @pytest.fixture(scope="module")
-def image(emulator: EmulatorServer) -> Iterator[str]:
+def image_server(emulator: EmulatorServer) -> Iterator[str]:
     with serve_directory(SAMPLE_IMAGES) as base_url:
-        yield f"{base_url}/chelsea.jpg"
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def image(image_server: str) -> str:
+    return f"{image_server}/chelsea.jpg"
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +151,56 @@ def test_a_retry_after_a_worker_crash_reattaches_to_the_prediction(
     ti = deployment.task_instance(ON_WORKER, run_id, "ask")
     assert ti["try_number"] == 2
     assert fresh_emulator.ledger()["creates"] == 1
+
+
+def test_batch_survives_triggerer_restarts_without_creating_again(
+    deployment: AirflowDeployment, fresh_emulator: EmulatorServer, image_server: str, tmp_path: Path
+) -> None:
+    fresh_emulator.config.latency = 6.0
+    images = [f"{image_server}/coffee.png?n={n}" for n in range(14)]
+    output = tmp_path / "captions.jsonl"
+    run_id = deployment.trigger(BATCH, {"images": images, "output_uri": str(output)})
+    for _ in range(2):  # restart the triggerer while it holds a round of predictions
+        deployment.wait_for_task_state(BATCH, run_id, "batch", {"deferred"})
+        deployment.wait_for(
+            lambda: fresh_emulator.ledger()["requests"].get("get", 0) >= 1, timeout=60, what="a poll"
+        )
+        deployment.stop("triggerer")
+        deployment.start("triggerer")
+
+    assert deployment.wait_for_run(BATCH, run_id, timeout=300) == "success", explain(deployment)
+    ledger = fresh_emulator.ledger()
+    assert ledger["creates"] == len(images)
+    assert ledger["statuses"]["success"] == len(images)
+    assert len(output.read_text().splitlines()) == len(images)
+    summary = deployment.api(
+        "GET", f"/dags/{BATCH}/dagRuns/{run_id}/taskInstances/batch/xcomEntries/return_value"
+    )
+    assert summary["value"]["succeeded"] == len(images)
+
+
+def test_batch_retry_after_a_worker_crash_creates_nothing_again(
+    deployment: AirflowDeployment, fresh_emulator: EmulatorServer, image_server: str, tmp_path: Path
+) -> None:
+    fresh_emulator.config.latency = 8.0
+    images = [f"{image_server}/rocket.webp?n={n}" for n in range(14)]
+    output = tmp_path / "captions.jsonl"
+    run_id = deployment.trigger(BATCH_ON_WORKER, {"images": images, "output_uri": str(output)})
+    deployment.wait_for(
+        lambda: fresh_emulator.ledger()["creates"] >= 10, timeout=120, what="the first creates"
+    )
+    pid = deployment.wait_for(
+        lambda: deployment.task_instance(BATCH_ON_WORKER, run_id, "batch").get("pid"),
+        timeout=30,
+        what="the task's pid",
+    )
+    os.kill(int(pid), signal.SIGKILL)
+
+    assert deployment.wait_for_run(BATCH_ON_WORKER, run_id, timeout=300) == "success", explain(deployment)
+    assert deployment.task_instance(BATCH_ON_WORKER, run_id, "batch")["try_number"] == 2
+    ledger = fresh_emulator.ledger()
+    assert ledger["creates"] == len(images)
+    assert len(output.read_text().splitlines()) == len(images)
 
 
 def test_the_ui_shows_the_blip2_connection_form(deployment: AirflowDeployment) -> None:
