@@ -198,6 +198,7 @@ def run_batch(
     store: DictStore | None,
     *,
     interrupt: Callable[[int], float | None] = lambda cycle: None,
+    ti: FakeTaskInstance | None = None,
 ) -> tuple[dict[str, Any], int]:
     """
     Drive a deferrable batch the way Airflow does; return its summary and the number of deferrals.
@@ -206,7 +207,7 @@ def run_batch(
     triggerer restart); a new trigger is then built from the serialized kwargs and run again.
     """
     # Without a store, the context is the one of Airflow before 3.3: the journal goes to XCom.
-    context: dict[str, Any] = {"ti": FakeTaskInstance()}
+    context: dict[str, Any] = {"ti": ti or FakeTaskInstance()}
     if store is not None:
         context["task_state_store"] = store
     deferrals = 0
@@ -669,7 +670,7 @@ def test_batch_refuses_an_output_bucket_that_does_not_exist(
     assert batch_connection.ledger()["creates"] == 0
 
 
-def test_batch_expands_prefixes_in_a_list_and_uses_xcom_without_a_state_store(
+def test_batch_expands_prefixes_in_a_list(
     batch_connection: EmulatorServer, s3_connection: Any, image_dir: Path, tmp_path: Path
 ) -> None:
     s3_connection.create_bucket("mixed")
@@ -683,23 +684,10 @@ def test_batch_expands_prefixes_in_a_list_and_uses_xcom_without_a_state_store(
         poll_interval=0.1,
         deferrable=True,
     )
-    ti = FakeTaskInstance()
-    context: Any = {"ti": ti}  # Airflow before 3.3: no task state store, the journal goes to XCom
-    pending: Any = None
-    try:
-        operator.execute(context)
-    except TaskDeferred as deferred:
-        pending = deferred
-    while pending is not None:
-        event = asyncio.run(_first_payload(pending.trigger))
-        try:
-            summary = operator.execute_complete(context, event)
-            pending = None
-        except TaskDeferred as deferred:
-            pending = deferred
+    summary, _ = run_batch(operator, DictStore())
     assert (summary["total"], summary["succeeded"]) == (4, 4)
-    assert any(key.startswith("blip2_batch/") for key in ti.xcom)
     lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [line["image"] for line in lines] == [f"s3://mixed/day/{name}" for name in SAMPLES]
     assert {line["question"] for line in lines} == {"Is there a cat?"}
 
 
@@ -715,6 +703,8 @@ def test_batch_before_airflow_3_3_keeps_its_journal_in_xcom(
         poll_interval=0.1,
         deferrable=True,
     )
-    summary, deferrals = run_batch(operator, None)
+    ti = FakeTaskInstance()
+    summary, deferrals = run_batch(operator, None, ti=ti)
     assert (summary["total"], summary["succeeded"]) == (14, 14) and deferrals >= 2
+    assert any(key.startswith("blip2_batch/part/") for key in ti.xcom)
     assert batch_connection.ledger()["creates"] == 14
