@@ -708,3 +708,38 @@ def test_batch_before_airflow_3_3_keeps_its_journal_in_xcom(
     assert (summary["total"], summary["succeeded"]) == (14, 14) and deferrals >= 2
     assert any(key.startswith("blip2_batch/part/") for key in ti.xcom)
     assert batch_connection.ledger()["creates"] == 14
+
+
+def test_an_https_batch_imports_no_cloud_library(
+    batch_connection: EmulatorServer, image_url: Callable[[str], str], tmp_path: Path
+) -> None:
+    """A DAG that only uses https URLs never loads boto3 or the Google libraries, installed or not."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, json
+from tests.test_batch import DictStore, run_batch
+from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
+operator = Blip2BatchPredictionOperator(
+    task_id="batch", images={[image_url("chelsea.jpg"), image_url("coffee.png")]!r},
+    output_uri={str(tmp_path / "r.jsonl")!r}, caption=True, poll_interval=0.1, deferrable=True,
+)
+summary, _ = run_batch(operator, DictStore())
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "aiobotocore")
+               or m.startswith(("google.cloud.storage", "google.auth", "airflow.providers.amazon.aws.hooks",
+                                "airflow.providers.google.cloud.hooks")))
+print(json.dumps({{"succeeded": summary["succeeded"], "heavy": heavy}}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"succeeded": 2, "heavy": []}
