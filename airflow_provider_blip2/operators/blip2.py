@@ -466,7 +466,7 @@ class Blip2BatchPredictionOperator(BaseOperator):
         journal = self._journal(context)
         state = journal.load()
         if state is None:
-            raise AirflowException("The batch's progress is missing from the task state store")
+            raise AirflowException("The batch's progress is missing (task state store, or XCom before 3.3)")
         return self._run(context, journal, state, event)
 
     def _run(
