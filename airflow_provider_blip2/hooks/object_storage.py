@@ -22,8 +22,6 @@ from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-    from airflow.providers.google.cloud.hooks.gcs import GCSHook
-    from google.cloud.storage import Client as GcsClient
 
 #: Glob patterns of the image files :meth:`ObjectStorage.list_images` keeps by default.
 IMAGE_PATTERNS: tuple[str, ...] = ("*.jpg", "*.jpeg", "*.png", "*.webp")
@@ -150,11 +148,9 @@ class ObjectStorage:
         self.aws_conn_id = aws_conn_id
         self.gcp_conn_id = gcp_conn_id
         self._lock = threading.Lock()
-        self._s3_hook_instance: S3Hook | None = None
-        self._s3_client_instance: Any = None
+        self._hooks: dict[str, Any] = {}
+        self._clients: dict[str, Any] = {}
         self._s3_presign_hook_instance: S3Hook | None = None
-        self._gcs_hook_instance: GCSHook | None = None
-        self._gcs_client_instance: GcsClient | None = None
 
     # ----------------------------------------------------------------------------------------------
     # Public API
@@ -303,9 +299,9 @@ class ObjectStorage:
                 raise _missing_key(uri) from None
         scheme, bucket, key = self._remote_object(uri)
         if scheme == "s3":
-            response = self._s3_call(uri, lambda: self._s3_client().get_object(Bucket=bucket, Key=key))
+            response = self._s3_call(uri, lambda: self._client_for("s3").get_object(Bucket=bucket, Key=key))
             return self._s3_call(uri, response["Body"].read)
-        blob = self._gcs_client().bucket(bucket).blob(key)
+        blob = self._client_for("gs").bucket(bucket).blob(key)
         return self._gcs_call(uri, blob.download_as_bytes)
 
     def write_bytes(self, uri: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
@@ -327,12 +323,12 @@ class ObjectStorage:
         if scheme == "s3":
             self._s3_call(
                 uri,
-                lambda: self._s3_client().put_object(
+                lambda: self._client_for("s3").put_object(
                     Bucket=bucket, Key=key, Body=data, ContentType=content_type
                 ),
             )
             return
-        blob = self._gcs_client().bucket(bucket).blob(key)
+        blob = self._client_for("gs").bucket(bucket).blob(key)
         self._gcs_call(uri, lambda: blob.upload_from_string(data, content_type=content_type))
 
     def copy(self, source: str, destination: str) -> None:
@@ -374,12 +370,32 @@ class ObjectStorage:
             raise ValueError(f"unsupported URI {uri!r}: expected s3://, gs://, a local path or file://")
         return _object_key(uri)
 
+    def _hook(self, scheme: str) -> Any:
+        """The provider hook of ``s3`` or ``gs``, made on first use; MissingExtraError without it."""
+        with self._lock:
+            if scheme not in self._hooks:
+                try:
+                    if scheme == "s3":
+                        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+                        self._hooks[scheme] = S3Hook(aws_conn_id=self.aws_conn_id)
+                    elif scheme == "gs":
+                        from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+                        self._hooks[scheme] = GCSHook(gcp_conn_id=self.gcp_conn_id)
+                    else:
+                        raise ValueError(f"no client for scheme {scheme!r}")
+                except ImportError as error:
+                    raise self._missing_extra(scheme, error) from None
+            return self._hooks[scheme]
+
     def _client_for(self, scheme: str) -> Any:
-        if scheme == "s3":
-            return self._s3_client()
-        if scheme == "gs":
-            return self._gcs_client()
-        raise ValueError(f"no client for scheme {scheme!r}")
+        """The boto3 S3 client or google-cloud-storage client of the scheme's hook, made once."""
+        hook = self._hook(scheme)
+        with self._lock:
+            if scheme not in self._clients:
+                self._clients[scheme] = hook.get_conn()
+            return self._clients[scheme]
 
     @staticmethod
     def _missing_extra(scheme: str, error: ImportError) -> MissingExtraError:
@@ -393,26 +409,9 @@ class ObjectStorage:
     # S3
     # ----------------------------------------------------------------------------------------------
 
-    def _s3_hook(self) -> S3Hook:
-        with self._lock:
-            if self._s3_hook_instance is None:
-                try:
-                    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-                except ImportError as error:
-                    raise self._missing_extra("s3", error) from None
-                self._s3_hook_instance = S3Hook(aws_conn_id=self.aws_conn_id)
-            return self._s3_hook_instance
-
-    def _s3_client(self) -> Any:
-        hook = self._s3_hook()
-        with self._lock:
-            if self._s3_client_instance is None:
-                self._s3_client_instance = hook.get_conn()
-            return self._s3_client_instance
-
     def _s3_call(self, uri: str, call: Callable[[], _T]) -> _T:
         """Run an S3 request for ``uri``, translating botocore errors."""
-        self._s3_hook()  # MissingExtraError without the amazon provider, before botocore is imported
+        self._hook("s3")  # MissingExtraError without the amazon provider, before botocore is imported
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -443,7 +442,7 @@ class ObjectStorage:
         from botocore.exceptions import ClientError
 
         try:
-            self._s3_client().head_bucket(Bucket=bucket)
+            self._client_for("s3").head_bucket(Bucket=bucket)
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -458,7 +457,7 @@ class ObjectStorage:
         older regions (us-east-1 among them), which buckets created since June 2020 reject. The
         connection's own ``config_kwargs`` are kept; an explicit ``signature_version`` in them wins.
         """
-        hook = self._s3_hook()
+        hook = self._hook("s3")
         with self._lock:
             if self._s3_presign_hook_instance is None:
                 from botocore.config import Config
@@ -482,13 +481,13 @@ class ObjectStorage:
 
     def _s3_check_exists(self, uri: str) -> None:
         _, bucket, key = _object_key(uri)
-        self._s3_call(uri, lambda: self._s3_client().head_object(Bucket=bucket, Key=key))
+        self._s3_call(uri, lambda: self._client_for("s3").head_object(Bucket=bucket, Key=key))
 
     def _s3_list(self, bucket: str, prefix: str) -> list[str]:
         uri = f"s3://{bucket}/{prefix}"
 
         def list_all() -> list[str]:
-            paginator = self._s3_client().get_paginator("list_objects_v2")
+            paginator = self._client_for("s3").get_paginator("list_objects_v2")
             return [
                 item["Key"]
                 for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
@@ -506,7 +505,7 @@ class ObjectStorage:
         destination_bucket: str,
         destination_key: str,
     ) -> None:
-        hook = self._s3_hook()
+        hook = self._hook("s3")
         from airflow.providers.amazon.aws.hooks.s3 import NO_ACL
         from botocore.exceptions import ClientError
 
@@ -533,26 +532,9 @@ class ObjectStorage:
     # GCS
     # ----------------------------------------------------------------------------------------------
 
-    def _gcs_hook(self) -> GCSHook:
-        with self._lock:
-            if self._gcs_hook_instance is None:
-                try:
-                    from airflow.providers.google.cloud.hooks.gcs import GCSHook
-                except ImportError as error:
-                    raise self._missing_extra("gs", error) from None
-                self._gcs_hook_instance = GCSHook(gcp_conn_id=self.gcp_conn_id)
-            return self._gcs_hook_instance
-
-    def _gcs_client(self) -> GcsClient:
-        hook = self._gcs_hook()
-        with self._lock:
-            if self._gcs_client_instance is None:
-                self._gcs_client_instance = hook.get_conn()
-            return self._gcs_client_instance
-
     def _gcs_call(self, uri: str, call: Callable[[], _T]) -> _T:
         """Run a GCS request for ``uri``, translating Google API errors."""
-        self._gcs_hook()  # MissingExtraError without the google provider, before google.* is imported
+        self._hook("gs")  # MissingExtraError without the google provider, before google.* is imported
         from google.api_core.exceptions import GoogleAPICallError, NotFound
 
         try:
@@ -571,18 +553,18 @@ class ObjectStorage:
         from google.api_core.exceptions import GoogleAPICallError
 
         try:
-            return bool(self._gcs_client().bucket(bucket).exists())
+            return bool(self._client_for("gs").bucket(bucket).exists())
         except GoogleAPICallError:
             return True
 
     def _gcs_check_exists(self, uri: str) -> None:
         _, bucket, key = _object_key(uri)
-        blob = self._gcs_client().bucket(bucket).blob(key)
+        blob = self._client_for("gs").bucket(bucket).blob(key)
         self._gcs_call(uri, blob.reload)
 
     def _gcs_list(self, bucket: str, prefix: str) -> list[str]:
         uri = f"gs://{bucket}/{prefix}"
-        client = self._gcs_client()
+        client = self._client_for("gs")
         return self._gcs_call(uri, lambda: [blob.name for blob in client.list_blobs(bucket, prefix=prefix)])
 
     def _gcs_copy(
@@ -594,7 +576,7 @@ class ObjectStorage:
         destination_bucket: str,
         destination_key: str,
     ) -> None:
-        hook = self._gcs_hook()
+        hook = self._hook("gs")
         from google.api_core.exceptions import GoogleAPICallError, NotFound
 
         try:
@@ -619,10 +601,10 @@ class ObjectStorage:
         the signature. Otherwise it points at the client's endpoint, ``https://storage.googleapis.com``.
         """
         _, bucket, key = _object_key(uri)
-        hook = self._gcs_hook()
+        hook = self._hook("gs")
         from google.auth.credentials import Signing
 
-        blob = self._gcs_client().bucket(bucket).blob(key)
+        blob = self._client_for("gs").bucket(bucket).blob(key)
         credentials, _ = hook.get_credentials_and_project_id()
         options: dict[str, Any] = {
             "version": "v4",
