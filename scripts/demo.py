@@ -140,6 +140,11 @@ def main() -> int:
         f"{ledger['responses_429']} 429 answers. Outputs marked [emulated] come from the emulator, "
         "not from the model."
     )
+    if ledger["responses_429"]:
+        print(
+            "The 429s: each `airflow dags test` is a new process whose request budget starts empty while "
+            "the API still counts the previous run's requests; the client waited as Retry-After said."
+        )
     return 0
 
 
