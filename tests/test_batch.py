@@ -743,3 +743,45 @@ print(json.dumps({{"succeeded": summary["succeeded"], "heavy": heavy}}))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"succeeded": 2, "heavy": []}
+
+
+def test_resume_policy_by_what_limits_the_batch() -> None:
+    from airflow_provider_blip2.batch import ResumePolicy, resume_policy
+
+    state = BatchState(items=[BatchItem(str(n), "caption", "") for n in range(30)], started_at=0.0)
+    for n in range(10):
+        state.created[n] = (f"p{n}", 1e12)
+    limits: dict[str, Any] = {"max_concurrency": 10, "requests_per_minute": 60, "rate_window": 60.0}
+    # The API's defaults: the request rate limits (0.5 predictions/s against 5/s for the slots).
+    assert resume_policy(state, **limits, deferrable=True) == ResumePolicy(10, patience=2 * (10 * 1.0 + 2.0))
+    # Slots limit (a fast rate, slow predictions): back when half the slots are free.
+    state.finished[29] = BatchResult("success", output="x", predict_time=30.0)
+    assert resume_policy(state, **{**limits, "requests_per_minute": 6000}, deferrable=True) == ResumePolicy(5)
+    assert resume_policy(state, **limits, deferrable=False) == ResumePolicy(1)
+    for n in range(10, 29):
+        state.finished[n] = BatchResult("error", error="x")
+    assert resume_policy(state, **limits, deferrable=True) == ResumePolicy(10)  # nothing left to create
+
+
+def test_batch_trigger_stops_waiting_for_a_straggler_after_its_patience(
+    batch_connection: EmulatorServer, image_url: Callable[[str], str]
+) -> None:
+    from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+
+    hook = Blip2Hook()
+    batch_connection.config.latency = 2000.0  # 100 s at the time scale
+    straggler = hook.create_prediction(image_url("chelsea.jpg"), caption=True)
+    batch_connection.config.latency = 2.0
+    quick = [hook.create_prediction(image_url("coffee.png"), caption=True) for _ in range(2)]
+    trigger = Blip2BatchPredictionTrigger(
+        predictions=dict.fromkeys([straggler, *quick], time.time() + 60),
+        blip2_conn_id="blip2_default",
+        poll_interval=0.05,
+        resume_after=3,
+        patience=1.0,
+    )
+    started = time.monotonic()
+    payload = asyncio.run(_first_payload(trigger))
+    assert 1.0 <= time.monotonic() - started < 10
+    assert set(payload["finished"]) == set(quick)
+    assert straggler in payload["polled"]
