@@ -239,63 +239,6 @@ class BatchState:
         )
 
 
-#: Seconds the model usually takes (the model page says about 2 s), until the batch has seen some.
-TYPICAL_PREDICT_SECONDS = 2.0
-
-
-@dataclass(frozen=True)
-class ResumePolicy:
-    """
-    When a waiting batch goes back to the worker to record results and create more.
-
-    :param resume_after: As soon as this many of the predictions in flight have ended.
-    :param patience: Or, after this many seconds, as soon as any has ended (``None``: no limit).
-    """
-
-    resume_after: int
-    patience: float | None = None
-
-
-def resume_policy(
-    state: BatchState,
-    *,
-    max_concurrency: int,
-    requests_per_minute: int,
-    rate_window: float,
-    deferrable: bool,
-) -> ResumePolicy:
-    """
-    Choose when to go back to the worker, which is the only place predictions are created.
-
-    On the worker (``deferrable=False``) every freed slot is refilled at once. Deferred, every return
-    costs a round trip through the scheduler during which nothing is sent, so each return should
-    refill many slots. When the request rate is what limits the batch (at the API's defaults: 30
-    predictions a minute, while 10 slots of 2 s predictions would allow 300), predictions end long
-    before the requests to read and replace them are allowed, so waiting for all of them costs
-    nothing and halves the round trips; ``patience`` bounds the wait for a straggler. Otherwise the
-    batch returns when half the slots are free. With nothing left to create, it waits for all.
-
-    :param state: The batch's progress.
-    :param max_concurrency: Predictions in flight allowed.
-    :param requests_per_minute: Requests allowed per ``rate_window``.
-    :param rate_window: Seconds of the request window.
-    :param deferrable: Whether the batch waits in the triggerer.
-    """
-    in_flight = len(state.in_flight)
-    if not state.pending():
-        return ResumePolicy(in_flight)
-    if not deferrable:
-        return ResumePolicy(1)
-    times = [r.predict_time for r in state.finished.values() if r.predict_time]
-    predict_seconds = sum(times) / len(times) if times else TYPICAL_PREDICT_SECONDS
-    request_interval = rate_window / requests_per_minute
-    by_slots = max_concurrency / predict_seconds  # predictions per second the slots allow
-    by_rate = 1 / (2 * request_interval)  # a create and a read each
-    if by_slots >= 2 * by_rate:
-        return ResumePolicy(in_flight, patience=2 * (in_flight * request_interval + predict_seconds))
-    return ResumePolicy(max(1, max_concurrency // 2))
-
-
 def format_duration(seconds: float) -> str:
     """``1h 02m 03s``, ``2m 03s`` or ``3s``."""
     seconds = max(0, math.ceil(seconds))

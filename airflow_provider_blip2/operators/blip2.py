@@ -602,7 +602,6 @@ class Blip2BatchPredictionOperator(BaseOperator):
 
     def _trigger(self, state: BatchState, polled: dict[str, float]) -> Blip2BatchPredictionTrigger:
         """The trigger for the in-flight predictions; ``polled``: when the last trigger read them."""
-        from airflow_provider_blip2.batch import resume_policy
         from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
 
         in_flight = state.in_flight
@@ -611,22 +610,19 @@ class Blip2BatchPredictionOperator(BaseOperator):
             pid: max(deadline - self.timeout, float(polled.get(pid, 0.0))) + self.poll_interval
             for pid, deadline in in_flight.values()
         }
-        settings = self.hook.settings
-        policy = resume_policy(
-            state,
-            max_concurrency=settings.max_concurrency,
-            requests_per_minute=settings.requests_per_minute,
-            rate_window=settings.rate_window,
-            deferrable=self.deferrable,
-        )
+        if state.pending():
+            # Come back when half the slots are free: each round trip through the scheduler costs
+            # seconds in which no request is sent, so it must refill several slots at once.
+            resume_after = max(1, self.hook.settings.max_concurrency // 2) if self.deferrable else 1
+        else:
+            resume_after = len(in_flight)
         self._waiting_for = [pid for pid, _deadline in in_flight.values()]
         return Blip2BatchPredictionTrigger(
             predictions=dict(in_flight.values()),
             poll_from=poll_from,
             blip2_conn_id=self.blip2_conn_id,
             poll_interval=self.poll_interval,
-            resume_after=policy.resume_after,
-            patience=policy.patience,
+            resume_after=resume_after,
             recent_requests=self.hook.budget().recent_requests(),
             requests_per_minute=self.requests_per_minute,
             max_concurrency=self.max_concurrency,

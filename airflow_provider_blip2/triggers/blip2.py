@@ -197,7 +197,6 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
     :param blip2_conn_id: The ``blip2`` connection.
     :param poll_interval: Seconds between two polls of the same prediction.
     :param resume_after: Yield once this many predictions have ended (or all of them).
-    :param patience: After this many seconds, yield as soon as any prediction has ended.
     :param recent_requests: Unix times of the worker's requests still counting against the window.
     :param requests_per_minute: The task's own request budget, or ``None`` for the connection's.
     :param max_concurrency: The task's own limit of predictions in flight, or ``None``.
@@ -210,7 +209,6 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
         poll_interval: float,
         resume_after: int,
         poll_from: dict[str, float] | None = None,
-        patience: float | None = None,
         recent_requests: list[float] | None = None,
         requests_per_minute: int | None = None,
         max_concurrency: int | None = None,
@@ -221,7 +219,6 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
         self.blip2_conn_id = blip2_conn_id
         self.poll_interval = float(poll_interval)
         self.resume_after = max(1, int(resume_after))
-        self.patience = None if patience is None else float(patience)
         self.recent_requests = [float(t) for t in recent_requests or []]
         self.requests_per_minute = requests_per_minute
         self.max_concurrency = max_concurrency
@@ -236,7 +233,6 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
                 "blip2_conn_id": self.blip2_conn_id,
                 "poll_interval": self.poll_interval,
                 "resume_after": self.resume_after,
-                "patience": self.patience,
                 "recent_requests": self.recent_requests,
                 "requests_per_minute": self.requests_per_minute,
                 "max_concurrency": self.max_concurrency,
@@ -269,10 +265,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
         next_poll = {pid: self.poll_from.get(pid, default_start) for pid in waiting}
         polled: dict[str, float] = {}
         finished: dict[str, dict[str, Any]] = {}
-        give_up_at = None if self.patience is None else time.time() + self.patience
         while waiting and len(finished) < self.resume_after:
-            if finished and give_up_at is not None and time.time() >= give_up_at:
-                break
             prediction_id = min(waiting, key=lambda pid: min(next_poll[pid], waiting[pid]))
             deadline = waiting[prediction_id]
             await asyncio.sleep(max(0.0, min(next_poll[prediction_id], deadline) - time.time()))
