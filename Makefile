@@ -52,11 +52,12 @@ pytest: $(INSTALLED)
 pytest-airflow2: $(INSTALLED_AIRFLOW2)
 	$(VENV_AIRFLOW2)/bin/pytest $(AIRFLOW2_TESTS)
 
-## bench: print the benchmark numbers (import cost, batch throughput against the limits)
+## bench: print the benchmark numbers (import cost, batch throughput against the limits; ~10 min)
 bench: $(INSTALLED)
 	$(BIN)/python -m benchmarks.import_time
 	$(BIN)/python -m benchmarks.budget
 	$(BIN)/python -m benchmarks.batch
+	$(BIN)/python -m benchmarks.batch_deployment
 
 ## emulator: run the API emulator in the foreground on 127.0.0.1:8765
 emulator: $(INSTALLED)

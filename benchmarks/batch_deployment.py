@@ -1,0 +1,68 @@
+"""
+A deferrable batch in a real Airflow deployment, at the API's real limits and speed.
+
+Starts an API server, a scheduler (LocalExecutor), a DAG processor and a triggerer on loopback, and
+the emulator at its defaults with no time scaling (60 requests per minute, 10 in flight, 2 s per
+prediction). One deferrable batch task captions N images; every return from the triggerer to a
+worker goes through the real scheduler. Prints the batch's elapsed time against the minimum the
+rate allows (the first 60 requests at once, then one a second), and the emulator's counts.
+Takes a few minutes: the rate is the real one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
+from scripts.deployment import AirflowDeployment
+from scripts.sandbox import AirflowSandbox
+
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "bench-key"
+DAG_ID = "system_blip2_batch"
+RPM = 60
+
+
+def main() -> None:
+    """Run the batch and print its numbers."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=100)
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="blip2-deploy-bench-"))
+    config = EmulatorConfig(api_keys=(API_KEY,), latency=2.0)
+    with EmulatorServer(config) as api, serve_directory(REPO / "example_dags" / "data") as images:
+        sandbox = AirflowSandbox(
+            home / "airflow",
+            dags_folder=REPO / "tests" / "system" / "dags",
+            connections={"blip2_default": {"conn_type": "blip2", "host": api.url, "password": API_KEY}},
+        )
+        sandbox.migrate()
+        with AirflowDeployment(sandbox) as deployment:
+            urls = [f"{images}/chelsea.jpg?n={n}" for n in range(args.images)]
+            run_id = deployment.trigger(DAG_ID, {"images": urls, "output_uri": str(home / "out.jsonl")})
+            state = deployment.wait_for_run(DAG_ID, run_id, timeout=3600)
+            path = f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/batch/xcomEntries/return_value"
+            summary = deployment.api("GET", path)["value"]
+        ledger = api.ledger()
+    minimum = max(0, 2 * args.images - RPM) / RPM * 60.0
+    print(
+        json.dumps(
+            {
+                "images": args.images,
+                "run": state,
+                "elapsed_s": summary["elapsed"],
+                "minimum_s": minimum,
+                "ratio": round(summary["elapsed"] / minimum, 2),
+                "creates": ledger["creates"],
+                "responses_429": ledger["responses_429"],
+                "requests": sum(ledger["requests"].values()),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
