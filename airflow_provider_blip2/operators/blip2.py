@@ -34,7 +34,31 @@ PREDICTION_NOT_FOUND = "not found"
 URL_QUEUEING_ALLOWANCE = 3600.0
 
 
-class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
+class _Blip2TaskMixin:
+    """What both operators share: object storage for their images, and a cancel that only warns."""
+
+    aws_conn_id: str
+    gcp_conn_id: str
+    log: Any
+
+    @cached_property
+    def storage(self) -> ObjectStorage:
+        """S3, GCS and local files through ``aws_conn_id`` and ``gcp_conn_id``."""
+        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+
+        return ObjectStorage(aws_conn_id=self.aws_conn_id, gcp_conn_id=self.gcp_conn_id)
+
+    def _cancel_quietly(self, prediction_id: str) -> None:
+        from airflow_provider_blip2.protocol import Blip2Error
+
+        hook: Blip2Hook = self.hook  # type: ignore[attr-defined]
+        try:
+            hook.cancel_prediction(prediction_id)
+        except Blip2Error as error:
+            self.log.warning("Could not cancel prediction %s: %s", prediction_id, error)
+
+
+class Blip2PredictionOperator(_Blip2TaskMixin, ResumableJobMixin, BaseOperator):
     """
     Caption an image, or ask a question about it, with BLIP-2 on the Eachlabs API.
 
@@ -117,13 +141,6 @@ class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
         from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 
         return Blip2Hook(blip2_conn_id=self.blip2_conn_id)
-
-    @cached_property
-    def storage(self) -> ObjectStorage:
-        """Signs ``s3://`` and ``gs://`` images through ``aws_conn_id`` and ``gcp_conn_id``."""
-        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
-
-        return ObjectStorage(aws_conn_id=self.aws_conn_id, gcp_conn_id=self.gcp_conn_id)
 
     def _do_render_template_fields(self, parent: Any, *args: Any, **kwargs: Any) -> None:
         """Render the templated fields, then mask the image URL before Airflow stores rendered fields."""
@@ -280,16 +297,8 @@ class Blip2PredictionOperator(ResumableJobMixin, BaseOperator):
         if self.prediction_id:
             self._cancel_quietly(self.prediction_id)
 
-    def _cancel_quietly(self, prediction_id: str) -> None:
-        from airflow_provider_blip2.protocol import Blip2Error
 
-        try:
-            self.hook.cancel_prediction(prediction_id)
-        except Blip2Error as error:
-            self.log.warning("Could not cancel prediction %s: %s", prediction_id, error)
-
-
-class Blip2BatchPredictionOperator(BaseOperator):
+class Blip2BatchPredictionOperator(_Blip2TaskMixin, BaseOperator):
     """
     Caption, or ask questions about, every image of a list or of an S3/GCS prefix with BLIP-2.
 
@@ -402,13 +411,6 @@ class Blip2BatchPredictionOperator(BaseOperator):
             requests_per_minute=self.requests_per_minute,
             max_concurrency=self.max_concurrency,
         )
-
-    @cached_property
-    def storage(self) -> ObjectStorage:
-        """S3, GCS and local files through ``aws_conn_id`` and ``gcp_conn_id``."""
-        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
-
-        return ObjectStorage(aws_conn_id=self.aws_conn_id, gcp_conn_id=self.gcp_conn_id)
 
     def _do_render_template_fields(self, parent: Any, *args: Any, **kwargs: Any) -> None:
         """Render the templated fields, then mask http(s) image URLs that carry a query (a signature)."""
@@ -567,11 +569,14 @@ class Blip2BatchPredictionOperator(BaseOperator):
                 prediction_id = self.hook.submit_prediction(self._prediction_input(item, url))
             except SigningError as error:
                 raise AirflowFailException(str(error)) from error
-            except (StorageError, Blip2InputError, Blip2BadRequestError, Blip2UnprocessableError) as error:
-                journal.record_finished(state, {index: BatchResult("error", error=str(error))})
-                continue
-            except Blip2AmbiguousCreateError as error:
-                # It may exist and cost money: never created again, reported as failed.
+            except (
+                StorageError,
+                Blip2InputError,
+                Blip2BadRequestError,
+                Blip2UnprocessableError,
+                # An ambiguous create may exist and cost money: never created again, reported as failed.
+                Blip2AmbiguousCreateError,
+            ) as error:
                 journal.record_finished(state, {index: BatchResult("error", error=str(error))})
                 continue
             journal.record_created(state, index, prediction_id, time.time() + self.timeout)
@@ -658,14 +663,6 @@ class Blip2BatchPredictionOperator(BaseOperator):
         """Cancel the predictions this try waits for on the worker (``deferrable=False``)."""
         for prediction_id in self._waiting_for:
             self._cancel_quietly(prediction_id)
-
-    def _cancel_quietly(self, prediction_id: str) -> None:
-        from airflow_provider_blip2.protocol import Blip2Error
-
-        try:
-            self.hook.cancel_prediction(prediction_id)
-        except Blip2Error as error:
-            self.log.warning("Could not cancel prediction %s: %s", prediction_id, error)
 
 
 def _url_expiry(url_expiry: float | None, timeout: float) -> float:
