@@ -3,9 +3,9 @@ The bookkeeping of a batch of BLIP-2 predictions, independent of Airflow.
 
 A batch is a fixed list of :class:`BatchItem` (one image and one question each). Its progress is a
 :class:`BatchState`: which items have a prediction (and its deadline), and which are finished with
-a :class:`BatchResult`. :class:`BatchJournal` keeps that state in a key-value store that survives
-deferrals and task retries (Airflow's task state store), append-only, so no created prediction is
-forgotten and no finished result is lost.
+an outcome (:class:`~airflow_provider_blip2.client.models.PredictionOutcome`). :class:`BatchJournal`
+keeps that state in a key-value store that survives deferrals and task retries (Airflow's task
+state store), append-only, so no created prediction is forgotten and no finished result is lost.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from airflow_provider_blip2.protocol import Blip2InputError
+from airflow_provider_blip2.client.errors import Blip2InputError
+from airflow_provider_blip2.client.models import PredictionOutcome
 
-#: Statuses of a finished item that count as failed.
-FAILED_STATUSES = frozenset({"error", "cancelled", "timeout"})
 #: Label of the items of a batch that captions its images.
 CAPTION_LABEL = "caption"
 #: Label of the items of a batch that asks one question of every image.
@@ -55,49 +54,6 @@ class BatchItem:
     def from_json(cls, value: Sequence[Any]) -> BatchItem:
         """Inverse of :meth:`to_json`."""
         return cls(str(value[0]), str(value[1]), None if value[2] is None else str(value[2]))
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """
-    How one item ended.
-
-    :param status: ``success``, ``error``, ``cancelled`` or ``timeout``.
-    :param output: The model's text on success.
-    :param error: What went wrong otherwise.
-    :param error_code: The API's error code, when it gave one.
-    :param prediction_id: The prediction, or ``None`` when none was created.
-    :param predict_time: Seconds the model ran.
-    """
-
-    status: str
-    output: str | None = None
-    error: str | None = None
-    error_code: str | None = None
-    prediction_id: str | None = None
-    predict_time: float | None = None
-
-    @property
-    def failed(self) -> bool:
-        """Whether this item counts against ``max_failed_ratio``."""
-        return self.status in FAILED_STATUSES
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain dict for the journal and trigger events."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> BatchResult:
-        """Inverse of :meth:`to_json`."""
-        predict_time = value.get("predict_time")
-        return cls(
-            status=str(value["status"]),
-            output=value.get("output"),
-            error=value.get("error"),
-            error_code=value.get("error_code"),
-            prediction_id=value.get("prediction_id"),
-            predict_time=None if predict_time is None else float(predict_time),
-        )
 
 
 def image_key(uri: str) -> str:
@@ -154,7 +110,7 @@ class BatchState:
     items: list[BatchItem]
     started_at: float
     created: dict[int, tuple[str, float]] = field(default_factory=dict)
-    finished: dict[int, BatchResult] = field(default_factory=dict)
+    finished: dict[int, PredictionOutcome] = field(default_factory=dict)
 
     @property
     def in_flight(self) -> dict[int, tuple[str, float]]:
@@ -188,7 +144,7 @@ class BatchState:
         for index, (prediction_id, deadline) in part.get("created", {}).items():
             self.created[int(index)] = (str(prediction_id), float(deadline))
         for index, result in part.get("finished", {}).items():
-            self.finished[int(index)] = BatchResult.from_json(result)
+            self.finished[int(index)] = PredictionOutcome.from_json(result)
 
     def to_part(self) -> dict[str, Any]:
         """The whole progress as one journal part."""
@@ -201,7 +157,7 @@ class BatchState:
         """One JSON line per item, in item order (the batch's output file)."""
         lines = []
         for index, item in enumerate(self.items):
-            result = self.finished.get(index) or BatchResult("error", error="no result")
+            result = self.finished.get(index) or PredictionOutcome("error", error="no result")
             line = {
                 "image": item.image,
                 "label": item.label,
@@ -365,7 +321,7 @@ class BatchJournal:
         self._part["created"][str(index)] = [prediction_id, deadline]
         self._write_part()
 
-    def record_finished(self, state: BatchState, results: Mapping[int, BatchResult]) -> None:
+    def record_finished(self, state: BatchState, results: Mapping[int, PredictionOutcome]) -> None:
         """
         Record results of ended items.
 

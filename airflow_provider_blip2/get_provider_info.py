@@ -5,40 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_provider_blip2 import __version__
+from airflow_provider_blip2.client.settings import CONNECTION_FIELDS, UI_FIELD_BEHAVIOUR
 
-UI_FIELD_BEHAVIOUR: dict[str, Any] = {
-    "hidden-fields": ["login", "schema", "port", "extra"],
-    "relabeling": {"host": "API base URL", "password": "API Key"},
-    "placeholders": {"host": "https://api.eachlabs.ai", "password": "Eachlabs API key"},
-}
-
-CONN_FIELDS: dict[str, Any] = {
-    "model": {
-        "label": "Model",
-        "description": "Model slug on the Eachlabs API.",
-        "schema": {"type": ["string", "null"], "default": "blip-2"},
-    },
-    "model_version": {
-        "label": "Model version",
-        "description": "Sent with every prediction; the API documents it as deprecated and ignores it.",
-        "schema": {"type": ["string", "null"], "default": "0.0.1"},
-    },
-    "request_timeout": {
-        "label": "Request timeout (seconds)",
-        "description": "How long to wait for one HTTP answer.",
-        "schema": {"type": ["integer", "null"], "default": 30, "minimum": 1},
-    },
-    "requests_per_minute": {
-        "label": "Requests per minute",
-        "description": "Client-side budget shared by every task and trigger of one process (API limit: 60).",
-        "schema": {"type": ["integer", "null"], "default": 60, "minimum": 1},
-    },
-    "max_concurrency": {
-        "label": "Max predictions in flight",
-        "description": "Predictions one process keeps running at once (API limit: 10).",
-        "schema": {"type": ["integer", "null"], "default": 10, "minimum": 1},
-    },
-}
+#: The extra fields of the connection form, from the one list the client reads its defaults from.
+CONN_FIELDS: dict[str, Any] = {field.name: field.to_provider_info() for field in CONNECTION_FIELDS}
 
 
 def get_provider_info() -> dict[str, Any]:

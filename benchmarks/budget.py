@@ -21,8 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from airflow_provider_blip2.client.retry import RetryPolicy
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
-from airflow_provider_blip2.protocol import RetryPolicy
 
 IMAGES = Path(__file__).resolve().parent.parent / "example_dags" / "data"
 API_KEY = "bench-key"

@@ -13,8 +13,8 @@ import airflow
 import pytest
 from packaging.version import Version
 
+from airflow_provider_blip2.client.retry import RetryPolicy
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
-from airflow_provider_blip2.protocol import RetryPolicy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_IMAGES = REPO_ROOT / "example_dags" / "data"

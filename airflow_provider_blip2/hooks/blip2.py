@@ -6,7 +6,6 @@ import asyncio
 import functools
 import ssl
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -14,40 +13,38 @@ import tenacity
 from airflow.providers.common.compat.sdk import BaseHook
 from requests.adapters import HTTPAdapter
 
-from airflow_provider_blip2.protocol import (
-    DEFAULT_BASE_URL,
-    DEFAULT_MAX_CONCURRENCY,
-    DEFAULT_MODEL,
-    DEFAULT_MODEL_VERSION,
-    DEFAULT_REQUEST_TIMEOUT,
-    DEFAULT_REQUESTS_PER_MINUTE,
-    ApiRequest,
-    ApiResponse,
+from airflow_provider_blip2.client.budget import RequestBudget, budget_for, wait_async, wait_sync
+from airflow_provider_blip2.client.errors import (
     Blip2AuthenticationError,
     Blip2Error,
     Blip2InputError,
     Blip2NotFoundError,
-    Blip2PredictionTimeoutError,
-    Blip2ServerError,
+    Blip2PredictionFailedError,
     Blip2TransportError,
+)
+from airflow_provider_blip2.client.inputs import PredictionInput, build_prediction_input
+from airflow_provider_blip2.client.models import Prediction, PredictionOutcome, parse_prediction
+from airflow_provider_blip2.client.polling import PredictionWatch
+from airflow_provider_blip2.client.retry import TEST_CONNECTION_RETRY_POLICY, RetryPolicy, final_error
+from airflow_provider_blip2.client.settings import (
+    CONNECTION_FIELDS,
+    DEFAULT_BASE_URL,
+    UI_FIELD_BEHAVIOUR,
     ClientSettings,
-    Prediction,
-    PredictionInput,
-    RequestBudget,
-    RetryPolicy,
-    ambiguous_create_error,
-    auth_headers,
-    budget_for,
+)
+from airflow_provider_blip2.client.wire import (
+    ApiRequest,
+    ApiResponse,
     build_create_body,
-    build_prediction_input,
     cancel_prediction_request,
+    check_response,
     create_prediction_request,
-    error_for_response,
     get_model_request,
     get_prediction_request,
     parse_create_response,
     parse_model_response,
-    parse_prediction,
+    request_arguments,
+    transport_error,
 )
 
 if TYPE_CHECKING:
@@ -55,8 +52,6 @@ if TYPE_CHECKING:
 
 # An id no prediction has: reading it tells a valid key (404) from an invalid one (401).
 _PROBE_PREDICTION_ID = "00000000-0000-4000-8000-000000000000"
-# "Test connection" answers within seconds rather than retrying for minutes.
-TEST_CONNECTION_RETRY_POLICY = RetryPolicy(max_attempts=2, max_elapsed=10.0, initial_wait=0.5, max_wait=2.0)
 
 
 class Blip2Hook(BaseHook):
@@ -111,36 +106,28 @@ class Blip2Hook(BaseHook):
         from wtforms import IntegerField, StringField
         from wtforms.validators import NumberRange, Optional
 
-        return {
-            "model": StringField(lazy_gettext("Model"), widget=BS3TextFieldWidget(), default=DEFAULT_MODEL),
-            "model_version": StringField(
-                lazy_gettext("Model version"), widget=BS3TextFieldWidget(), default=DEFAULT_MODEL_VERSION
-            ),
-            "request_timeout": IntegerField(
-                lazy_gettext("Request timeout (s)"),
-                widget=BS3TextFieldWidget(),
-                validators=[Optional(), NumberRange(min=1)],
-                default=int(DEFAULT_REQUEST_TIMEOUT),
-            ),
-            "requests_per_minute": IntegerField(
-                lazy_gettext("Requests per minute"),
-                widget=BS3TextFieldWidget(),
-                validators=[Optional(), NumberRange(min=1)],
-                default=DEFAULT_REQUESTS_PER_MINUTE,
-            ),
-            "max_concurrency": IntegerField(
-                lazy_gettext("Max predictions in flight"),
-                widget=BS3TextFieldWidget(),
-                validators=[Optional(), NumberRange(min=1)],
-                default=DEFAULT_MAX_CONCURRENCY,
-            ),
-        }
+        widgets: dict[str, Any] = {}
+        for field in CONNECTION_FIELDS:
+            if field.type == "integer":
+                widgets[field.name] = IntegerField(
+                    lazy_gettext(field.label),
+                    widget=BS3TextFieldWidget(),
+                    validators=[Optional(), NumberRange(min=field.minimum)],
+                    default=field.default,
+                    description=field.description,
+                )
+            else:
+                widgets[field.name] = StringField(
+                    lazy_gettext(field.label),
+                    widget=BS3TextFieldWidget(),
+                    default=field.default,
+                    description=field.description,
+                )
+        return widgets
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         """Hidden, relabelled and pre-filled fields of the connection form in the Airflow 2 UI."""
-        from airflow_provider_blip2.get_provider_info import UI_FIELD_BEHAVIOUR
-
         return {
             "hidden_fields": list(UI_FIELD_BEHAVIOUR["hidden-fields"]),
             "relabeling": dict(UI_FIELD_BEHAVIOUR["relabeling"]),
@@ -205,50 +192,59 @@ class Blip2Hook(BaseHook):
     # ----------------------------------------------------------------------------------------------
     # Sync API
     # ----------------------------------------------------------------------------------------------
-    def create_prediction(
-        self,
-        image: str,
+    @staticmethod
+    def prediction_input(
+        image: Any,
         *,
-        question: str | None = None,
-        context: str | None = None,
-        caption: bool = False,
-        temperature: float | str = 1.0,
-        use_nucleus_sampling: bool = False,
-    ) -> str:
+        question: Any = None,
+        context: Any = None,
+        caption: Any = False,
+        temperature: Any = 1.0,
+        use_nucleus_sampling: Any = False,
+    ) -> PredictionInput:
+        """
+        Validate a prediction's inputs against the model's schema, before any request.
+
+        :param image: http(s) URL of the image.
+        :param question: Question to ask; ``None`` asks "What is this a picture of?", ``""`` captions.
+        :param context: Earlier Q&A prepended to the prompt.
+        :param caption: Caption the image instead of answering a question.
+        :param temperature: 0.5 to 1.0, used with nucleus sampling.
+        :param use_nucleus_sampling: Sample instead of beam search.
+        :raises Blip2InputError: naming the field, the value and the allowed values.
+        """
+        return build_prediction_input(
+            image,
+            question=question,
+            context=context,
+            caption=caption,
+            temperature=temperature,
+            use_nucleus_sampling=use_nucleus_sampling,
+        )
+
+    def create_prediction(self, image: str, **inputs: Any) -> str:
         """
         Validate the inputs, create a prediction and return its id.
 
         Waits for the connection's budget first (requests per minute, predictions in flight). A
         create that fails after it was sent is never resent: it raises
-        :class:`~airflow_provider_blip2.protocol.Blip2AmbiguousCreateError`.
+        :class:`~airflow_provider_blip2.client.errors.Blip2AmbiguousCreateError`.
 
         :param image: http(s) URL of the image.
-        :param question: Question to ask; ``None`` asks "What is this a picture of?".
-        :param context: Earlier Q&A prepended to the prompt.
-        :param caption: Caption the image instead of answering a question.
-        :param temperature: 0.5 to 1.0, used with nucleus sampling.
-        :param use_nucleus_sampling: Sample instead of beam search.
+        :param inputs: ``question``, ``context``, ``caption``, ``temperature``, ``use_nucleus_sampling``
+            as :meth:`prediction_input` takes them.
         """
-        return self.submit_prediction(
-            build_prediction_input(
-                image,
-                question=question,
-                context=context,
-                caption=caption,
-                temperature=temperature,
-                use_nucleus_sampling=use_nucleus_sampling,
-            )
-        )
+        return self.submit_prediction(self.prediction_input(image, **inputs))
 
     def submit_prediction(self, inputs: PredictionInput) -> str:
         """
         Create a prediction from already validated inputs and return its id.
 
-        :param inputs: From :func:`~airflow_provider_blip2.protocol.build_prediction_input`.
+        :param inputs: From :meth:`prediction_input`.
         """
         settings = self.settings
         budget = self._budget(settings)
-        _wait_sync(budget.reserve_prediction)
+        wait_sync(budget.reserve_prediction)
         prediction_id: str | None = None
         try:
             body = build_create_body(inputs, model=settings.model, version=settings.model_version)
@@ -265,10 +261,7 @@ class Blip2Hook(BaseHook):
         :param prediction_id: The prediction id.
         """
         response = self._send(get_prediction_request(prediction_id))
-        prediction = parse_prediction(response.json(), prediction_id=prediction_id)
-        if prediction.status.is_terminal:
-            self._budget(self.settings).prediction_finished(prediction_id)
-        return prediction
+        return self._read(response, prediction_id, self.settings)
 
     def cancel_prediction(self, prediction_id: str) -> None:
         """
@@ -282,42 +275,45 @@ class Blip2Hook(BaseHook):
 
     def wait_for_prediction(
         self, prediction_id: str, *, poll_interval: float = 2.0, timeout: float = 600.0
-    ) -> Prediction:
+    ) -> PredictionOutcome:
         """
-        Poll a prediction until it is terminal and return it, whatever its final status.
+        Poll a prediction until it ends, by the same rule as the triggers, and say how it ended.
+
+        The first read comes a poll interval after the call. Passing errors never end the wait; an
+        authentication error or a missing prediction seen several times in a row does.
 
         :param prediction_id: The prediction id.
         :param poll_interval: Seconds between polls.
-        :param timeout: Seconds to wait in all.
-        :raises Blip2PredictionTimeoutError: when it is still running after ``timeout``.
+        :param timeout: Seconds to wait in all; then the outcome is ``timeout``.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            # The first read waits too: a prediction takes about 2 s, and every read spends budget.
-            time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
-            prediction = self.get_prediction(prediction_id)
-            if prediction.status.is_terminal:
-                return prediction
-            if deadline - time.monotonic() <= 0:
-                raise Blip2PredictionTimeoutError(
-                    f"prediction {prediction_id} still {prediction.raw_status} after {timeout:g} s",
-                    prediction_id=prediction_id,
-                )
+        watch = PredictionWatch(
+            prediction_id, poll_interval=poll_interval, end_time=time.time() + timeout, log=self.log
+        )
+        outcome = None
+        while outcome is None:
+            time.sleep(watch.seconds_until_due())
+            outcome = watch.expire() or watch.read(self.get_prediction)
+        return outcome
 
     def run(
         self, image: str, *, poll_interval: float = 2.0, timeout: float = 600.0, **inputs: Any
-    ) -> Prediction:
+    ) -> PredictionOutcome:
         """
-        Create a prediction, wait for it and return it; raise if it did not succeed.
+        Create a prediction, wait for it and return its outcome; raise if it did not succeed.
 
         :param image: http(s) URL of the image.
         :param poll_interval: Seconds between polls.
         :param timeout: Seconds to wait for the result.
         :param inputs: ``question``, ``context``, ``caption``, ``temperature``, ``use_nucleus_sampling``.
+        :raises Blip2PredictionFailedError: when it ended otherwise than ``success``.
         """
         prediction_id = self.create_prediction(image, **inputs)
-        prediction = self.wait_for_prediction(prediction_id, poll_interval=poll_interval, timeout=timeout)
-        return prediction.raise_for_status()
+        outcome = self.wait_for_prediction(prediction_id, poll_interval=poll_interval, timeout=timeout)
+        if not outcome.succeeded:
+            raise Blip2PredictionFailedError(
+                outcome.failure_message(), prediction_id=prediction_id, error_code=outcome.error_code
+            )
+        return outcome
 
     def get_model(self) -> dict[str, Any]:
         """Return the model's public record, with its input schema (``request_schema``)."""
@@ -365,10 +361,7 @@ class Blip2Hook(BaseHook):
         :param prediction_id: The prediction id.
         """
         response = await self._asend(get_prediction_request(prediction_id))
-        prediction = parse_prediction(response.json(), prediction_id=prediction_id)
-        if prediction.status.is_terminal:
-            self._budget(await self.aget_settings()).prediction_finished(prediction_id)
-        return prediction
+        return self._read(response, prediction_id, await self.aget_settings())
 
     async def acancel_prediction(self, prediction_id: str) -> None:
         """
@@ -392,42 +385,50 @@ class Blip2Hook(BaseHook):
             self._session.close()
             self._session = None
 
+    def _read(self, response: ApiResponse, prediction_id: str, settings: ClientSettings) -> Prediction:
+        """Parse a read; a finished prediction frees its slot in the budget."""
+        prediction = parse_prediction(response.json(), prediction_id=prediction_id)
+        if prediction.status.is_terminal:
+            self._budget(settings).prediction_finished(prediction_id)
+        return prediction
+
     # ----------------------------------------------------------------------------------------------
-    # Transports: the only two places that do HTTP; everything else is in the protocol module.
+    # Transports: the only two places that do HTTP; every decision is the client package's.
     # ----------------------------------------------------------------------------------------------
     def _send(self, request: ApiRequest) -> ApiResponse:
         settings = self.settings
         budget = self._budget(settings)
 
         def attempt() -> ApiResponse:
-            _wait_sync(budget.reserve_request)
+            wait_sync(budget.reserve_request)
             try:
                 response = self._send_once(settings, request)
             finally:
                 budget.request_done()
-            return _checked(request, response)
+            return check_response(request, response)
 
         try:
-            return tenacity.Retrying(**self._retry_arguments(request))(attempt)
+            return tenacity.Retrying(**self.retry_policy.tenacity_arguments(request, self.log))(attempt)
         except Blip2Error as error:
-            raise _final_error(request, error) from error
+            raise final_error(request, error) from error
 
     async def _asend(self, request: ApiRequest) -> ApiResponse:
         settings = await self.aget_settings()
         budget = self._budget(settings)
 
         async def attempt() -> ApiResponse:
-            await _wait_async(budget.reserve_request)
+            await wait_async(budget.reserve_request)
             try:
                 response = await self._asend_once(settings, request)
             finally:
                 budget.request_done()
-            return _checked(request, response)
+            return check_response(request, response)
 
         try:
-            return await tenacity.AsyncRetrying(**self._retry_arguments(request))(attempt)
+            retrying = tenacity.AsyncRetrying(**self.retry_policy.tenacity_arguments(request, self.log))
+            return await retrying(attempt)
         except Blip2Error as error:
-            raise _final_error(request, error) from error
+            raise final_error(request, error) from error
 
     def get_conn(self) -> requests.Session:
         """The HTTP session of the sync calls (retries are the hook's, not urllib3's)."""
@@ -439,9 +440,9 @@ class Blip2Hook(BaseHook):
 
     def _send_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
         try:
-            answer = self.get_conn().request(**_request_arguments(settings, request))
+            answer = self.get_conn().request(**request_arguments(settings, request))
         except requests.RequestException as error:
-            raise _transport_error(request, error, sent=_requests_error_was_sent(error)) from None
+            raise transport_error(request, error, sent=_requests_error_was_sent(error)) from None
         return ApiResponse(answer.status_code, dict(answer.headers), answer.content)
 
     async def _asend_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
@@ -454,71 +455,12 @@ class Blip2Hook(BaseHook):
             tls: ssl.SSLContext | bool = await asyncio.to_thread(_shared_ssl_context) if uses_tls else False
             self._async_client = httpx.AsyncClient(verify=tls, follow_redirects=False)
         try:
-            answer = await self._async_client.request(**_request_arguments(settings, request))
+            answer = await self._async_client.request(**request_arguments(settings, request))
         except httpx.UnsupportedProtocol as error:
             raise Blip2InputError(f"connection host is not an http(s) URL: {error}") from None
         except httpx.HTTPError as error:
-            raise _transport_error(request, error, sent=_httpx_error_was_sent(error)) from None
+            raise transport_error(request, error, sent=_httpx_error_was_sent(error)) from None
         return ApiResponse(answer.status_code, dict(answer.headers), answer.content)
-
-    def _retry_arguments(self, request: ApiRequest) -> dict[str, Any]:
-        policy = self.retry_policy
-
-        def wait(state: tenacity.RetryCallState) -> float:
-            error = state.outcome.exception() if state.outcome else None
-            return policy.wait_seconds(error, state.attempt_number)
-
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            self.log.warning(
-                "BLIP-2 %s failed (attempt %d of %d), retrying in %.1f s: %s",
-                request.label,
-                state.attempt_number,
-                policy.max_attempts,
-                state.upcoming_sleep,
-                error,
-            )
-
-        return {
-            "retry": tenacity.retry_if_exception(lambda error: policy.should_retry(error, request)),
-            "stop": tenacity.stop_after_attempt(policy.max_attempts)
-            | tenacity.stop_after_delay(policy.max_elapsed),
-            "wait": wait,
-            "before_sleep": before_sleep,
-            "reraise": True,
-        }
-
-
-def _request_arguments(settings: ClientSettings, request: ApiRequest) -> dict[str, Any]:
-    """Keyword arguments of one request, the same for ``requests`` and ``httpx``."""
-    return {
-        "method": request.method,
-        "url": settings.base_url + request.path,
-        "params": request.params or None,
-        "json": request.json_body,
-        "headers": auth_headers(settings.api_key),
-        "timeout": settings.request_timeout,
-    }
-
-
-def _checked(request: ApiRequest, response: ApiResponse) -> ApiResponse:
-    error = error_for_response(response, context=f"BLIP-2 {request.label}")
-    if error is not None:
-        raise error
-    return response
-
-
-def _final_error(request: ApiRequest, error: Blip2Error) -> Blip2Error:
-    """A create that failed after it was sent is ambiguous; everything else is raised as it is."""
-    sent_transport_failure = isinstance(error, Blip2TransportError) and error.sent
-    if request.creates and (sent_transport_failure or isinstance(error, Blip2ServerError)):
-        return ambiguous_create_error(error)
-    return error
-
-
-def _transport_error(request: ApiRequest, error: Exception, *, sent: bool) -> Blip2TransportError:
-    stage = "after the request was sent" if sent else "before the request was sent"
-    return Blip2TransportError(f"BLIP-2 {request.label}: {type(error).__name__} {stage}: {error}", sent=sent)
 
 
 def _requests_error_was_sent(error: requests.RequestException) -> bool:
@@ -546,14 +488,3 @@ def _shared_ssl_context() -> ssl.SSLContext:
     import certifi
 
     return ssl.create_default_context(cafile=certifi.where())
-
-
-def _wait_sync(reserve: Callable[[], float]) -> None:
-    while (delay := reserve()) > 0:
-        time.sleep(delay)
-
-
-async def _wait_async(reserve: Callable[[], float]) -> None:
-    # The budget is shared with threads, so an asyncio.Event cannot signal it: sleep the wait it names.
-    while (delay := reserve()) > 0:  # noqa: ASYNC110
-        await asyncio.sleep(delay)

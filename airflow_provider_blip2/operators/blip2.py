@@ -16,14 +16,36 @@ from airflow.providers.common.compat.sdk import (
     mask_secret,
 )
 
+from airflow_provider_blip2.batch import (
+    BatchItem,
+    BatchJournal,
+    BatchState,
+    build_items,
+    failed_ratio_exceeded,
+    image_key,
+)
+from airflow_provider_blip2.client.errors import (
+    Blip2AmbiguousCreateError,
+    Blip2BadRequestError,
+    Blip2Error,
+    Blip2InputError,
+    Blip2NotFoundError,
+    Blip2UnprocessableError,
+)
+from airflow_provider_blip2.client.inputs import PredictionInput
+from airflow_provider_blip2.client.models import PredictionOutcome, PredictionStatus
+from airflow_provider_blip2.hooks.object_storage import (
+    ObjectStorage,
+    SigningError,
+    StorageError,
+    is_remote_object,
+)
+
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
     from airflow.triggers.base import BaseTrigger
 
-    from airflow_provider_blip2.batch import BatchItem, BatchJournal, BatchState
     from airflow_provider_blip2.hooks.blip2 import Blip2Hook
-    from airflow_provider_blip2.hooks.object_storage import ObjectStorage
-    from airflow_provider_blip2.protocol import Prediction, PredictionInput
     from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
 
 PREDICTION_ID_XCOM_KEY = "prediction_id"
@@ -44,13 +66,9 @@ class _Blip2TaskMixin:
     @cached_property
     def storage(self) -> ObjectStorage:
         """S3, GCS and local files through ``aws_conn_id`` and ``gcp_conn_id``."""
-        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
-
         return ObjectStorage(aws_conn_id=self.aws_conn_id, gcp_conn_id=self.gcp_conn_id)
 
     def _cancel_quietly(self, prediction_id: str) -> None:
-        from airflow_provider_blip2.protocol import Blip2Error
-
         hook: Blip2Hook = self.hook  # type: ignore[attr-defined]
         try:
             hook.cancel_prediction(prediction_id)
@@ -131,7 +149,7 @@ class Blip2PredictionOperator(_Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         self.poll_interval = poll_interval
         self.timeout = timeout
         self.prediction_id: str | None = None
-        self._finished: Prediction | None = None
+        self._finished: PredictionOutcome | None = None
         if poll_interval <= 0 or timeout <= 0:
             raise ValueError(f"poll_interval and timeout must be > 0, got {poll_interval} and {timeout}")
 
@@ -159,9 +177,6 @@ class Blip2PredictionOperator(_Blip2TaskMixin, ResumableJobMixin, BaseOperator):
 
     def prediction_input(self) -> PredictionInput:
         """Validate the inputs; bad input fails the task without retries."""
-        from airflow_provider_blip2.hooks.object_storage import StorageError, is_remote_object
-        from airflow_provider_blip2.protocol import Blip2InputError, build_prediction_input
-
         try:
             image_url = self.image
             if isinstance(image_url, str) and is_remote_object(image_url):
@@ -169,7 +184,7 @@ class Blip2PredictionOperator(_Blip2TaskMixin, ResumableJobMixin, BaseOperator):
                 image_url = self.storage.signed_url(
                     image_url, expires_in=_url_expiry(self.url_expiry, self.timeout)
                 )
-            return build_prediction_input(
+            return self.hook.prediction_input(
                 image_url,
                 question=self.question,
                 context=self.context,
@@ -187,30 +202,24 @@ class Blip2PredictionOperator(_Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         return self.prediction_id
 
     def get_job_status(self, external_id: Any, context: Context) -> str:
-        """Return the raw status of a stored prediction id (``not found`` when the API has none)."""
-        from airflow_provider_blip2.protocol import Blip2NotFoundError
-
+        """Return the status of a stored prediction id (``not found`` when the API has none)."""
         try:
-            return self.hook.get_prediction(str(external_id)).raw_status
+            return self.hook.get_prediction(str(external_id)).status.value
         except Blip2NotFoundError:
             self.log.warning("The previous try's prediction %s no longer exists", external_id)
             return PREDICTION_NOT_FOUND
 
     def is_job_active(self, status: str) -> bool:
-        """Whether a prediction with this raw status is still running."""
-        from airflow_provider_blip2.protocol import normalise_status
-
-        return status != PREDICTION_NOT_FOUND and not normalise_status(status).is_terminal
+        """Whether a prediction with this status (from :meth:`get_job_status`) is still running."""
+        return status == PredictionStatus.RUNNING.value
 
     def is_job_succeeded(self, status: str) -> bool:
-        """Whether a prediction with this raw status succeeded."""
-        from airflow_provider_blip2.protocol import PredictionStatus, normalise_status
-
-        return normalise_status(status) is PredictionStatus.SUCCEEDED
+        """Whether a prediction with this status (from :meth:`get_job_status`) succeeded."""
+        return status == PredictionStatus.SUCCEEDED.value
 
     def poll_until_complete(self, external_id: Any, context: Context) -> str | None:  # type: ignore[override]
         """
-        Defer to the trigger, or poll on the worker until the prediction is terminal.
+        Defer to the trigger, or poll on the worker until the prediction has ended.
 
         Returns the output because the mixin returns this method's value when it reattaches.
         """
@@ -219,17 +228,19 @@ class Blip2PredictionOperator(_Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         self.prediction_id = str(external_id)
         if self.deferrable:
             self._defer(self.prediction_id)
-        self._finished = self._wait_on_worker(self.prediction_id)
-        return self._output_of(self._finished)
+        self._finished = self.hook.wait_for_prediction(
+            self.prediction_id, poll_interval=self.poll_interval, timeout=self.timeout
+        )
+        return self._complete(self._finished)
 
     def get_job_result(self, external_id: Any, context: Context) -> str | None:
         """Return the output of a finished prediction (also when a retry finds one that succeeded)."""
         self.prediction_id = str(external_id)
         finished = self._finished
-        if finished is None or finished.id != self.prediction_id:
+        if finished is None or finished.prediction_id != self.prediction_id:
             context["ti"].xcom_push(key=PREDICTION_ID_XCOM_KEY, value=self.prediction_id)
-            finished = self.hook.get_prediction(self.prediction_id)
-        return self._output_of(finished)
+            finished = self.hook.get_prediction(self.prediction_id).outcome()
+        return self._complete(finished)
 
     def _defer(self, prediction_id: str) -> None:
         from airflow_provider_blip2.triggers.blip2 import Blip2PredictionTrigger
@@ -245,52 +256,35 @@ class Blip2PredictionOperator(_Blip2TaskMixin, ResumableJobMixin, BaseOperator):
             method_name="execute_complete",
         )
 
-    def _wait_on_worker(self, prediction_id: str) -> Prediction:
-        from airflow_provider_blip2.protocol import Blip2PredictionTimeoutError
-
-        try:
-            return self.hook.wait_for_prediction(
-                prediction_id, poll_interval=self.poll_interval, timeout=self.timeout
-            )
-        except Blip2PredictionTimeoutError as error:
-            self._cancel_quietly(prediction_id)
-            raise AirflowException(f"{error}; the prediction was cancelled") from error
-
-    def _output_of(self, prediction: Prediction) -> str | None:
-        from airflow_provider_blip2.protocol import Blip2PredictionFailedError
-
-        try:
-            prediction.raise_for_status()
-        except Blip2PredictionFailedError as error:
-            raise AirflowException(str(error)) from error
-        return self._succeeded(prediction.id, prediction.predict_time, prediction.output)
-
-    def _succeeded(self, prediction_id: str, predict_time: float | None, output: str | None) -> str | None:
-        self.log.info("Prediction %s succeeded in %s s: %r", prediction_id, predict_time, output)
-        return output
-
     def execute_complete(self, context: Context, event: dict[str, Any]) -> str | None:
         """
         Resume after the trigger's event: return the output, or cancel on timeout and fail.
 
         :param context: The task context.
-        :param event: The trigger's payload.
+        :param event: The trigger's payload: a
+            :class:`~airflow_provider_blip2.client.models.PredictionOutcome` as ``to_json`` gives it.
         """
-        prediction_id = str(event.get("prediction_id"))
-        self.prediction_id = prediction_id
-        status = event.get("status")
-        if status == "success":
-            return self._succeeded(prediction_id, event.get("predict_time"), event.get("output"))
-        if status == "timeout":
-            self._cancel_quietly(prediction_id)
-            raise AirflowException(
-                f"Prediction {prediction_id} did not finish within {self.timeout:g} s; it was cancelled"
-            )
-        from airflow_provider_blip2.protocol import failure_message
+        outcome = PredictionOutcome.from_json(event)
+        self.prediction_id = outcome.prediction_id
+        return self._complete(outcome)
 
-        raise AirflowException(
-            failure_message(prediction_id, str(status), event.get("error"), event.get("error_code"))
-        )
+    def _complete(self, outcome: PredictionOutcome) -> str | None:
+        """The task's end, the same on the worker and after the trigger: the output, or a failure."""
+        if outcome.succeeded:
+            self.log.info(
+                "Prediction %s succeeded in %s s: %r",
+                outcome.prediction_id,
+                outcome.predict_time,
+                outcome.output,
+            )
+            return outcome.output
+        if outcome.status == PredictionOutcome.TIMEOUT and outcome.prediction_id:
+            self._cancel_quietly(outcome.prediction_id)
+            raise AirflowException(
+                f"Prediction {outcome.prediction_id} did not finish within {self.timeout:g} s; "
+                "it was cancelled"
+            )
+        raise AirflowException(outcome.failure_message())
 
     def on_kill(self) -> None:
         """Cancel the prediction this try is waiting for on the worker (sync mode)."""
@@ -443,8 +437,6 @@ class Blip2BatchPredictionOperator(_Blip2TaskMixin, BaseOperator):
         That happens when a user cleared or failed the deferred task: its trigger cancels the
         predictions it was waiting for. Their items are predicted again instead of counting as failed.
         """
-        from airflow_provider_blip2.protocol import Blip2Error, PredictionStatus
-
         journal.begin_cycle(state)
         for index, (prediction_id, _deadline) in state.in_flight.items():
             try:
@@ -490,9 +482,6 @@ class Blip2BatchPredictionOperator(_Blip2TaskMixin, BaseOperator):
 
     def _items(self) -> list[BatchItem]:
         """Resolve ``images`` to the batch's items, failing before any create on bad input."""
-        from airflow_provider_blip2.batch import build_items, image_key
-        from airflow_provider_blip2.hooks.object_storage import StorageError, is_remote_object
-        from airflow_provider_blip2.protocol import Blip2InputError
 
         try:
             self.storage.check_writable(self.output_uri)
@@ -523,8 +512,6 @@ class Blip2BatchPredictionOperator(_Blip2TaskMixin, BaseOperator):
         http(s) URLs with a query (perhaps a signature) are kept in the journal as a redacted key;
         the URL itself comes from ``images``, rendered again on every run.
         """
-        from airflow_provider_blip2.batch import image_key
-
         if "?<redacted" not in key:
             return key
         if self._urls_by_key is None:
@@ -538,9 +525,8 @@ class Blip2BatchPredictionOperator(_Blip2TaskMixin, BaseOperator):
         return url
 
     def _prediction_input(self, item: BatchItem, url: str) -> PredictionInput:
-        from airflow_provider_blip2.protocol import build_prediction_input
 
-        return build_prediction_input(
+        return self.hook.prediction_input(
             url,
             question=None if item.captions else item.question,
             context=self.context,
@@ -551,15 +537,6 @@ class Blip2BatchPredictionOperator(_Blip2TaskMixin, BaseOperator):
 
     def _create_predictions(self, journal: BatchJournal, state: BatchState) -> None:
         """Create predictions for pending items while slots are free; record each at once."""
-        from airflow_provider_blip2.batch import BatchResult
-        from airflow_provider_blip2.hooks.object_storage import SigningError, StorageError
-        from airflow_provider_blip2.protocol import (
-            Blip2AmbiguousCreateError,
-            Blip2BadRequestError,
-            Blip2InputError,
-            Blip2UnprocessableError,
-        )
-
         free = self.hook.settings.max_concurrency - len(state.in_flight)
         expires_in = _url_expiry(self.url_expiry, self.timeout)
         for index in state.pending()[: max(0, free)]:
@@ -577,12 +554,11 @@ class Blip2BatchPredictionOperator(_Blip2TaskMixin, BaseOperator):
                 # An ambiguous create may exist and cost money: never created again, reported as failed.
                 Blip2AmbiguousCreateError,
             ) as error:
-                journal.record_finished(state, {index: BatchResult("error", error=str(error))})
+                journal.record_finished(state, {index: PredictionOutcome("error", error=str(error))})
                 continue
             journal.record_created(state, index, prediction_id, time.time() + self.timeout)
 
     def _record_event(self, journal: BatchJournal, state: BatchState, event: dict[str, Any]) -> None:
-        from airflow_provider_blip2.batch import BatchResult
 
         budget = self.hook.budget()
         budget.note_requests(event.get("recent_requests") or [])
@@ -591,11 +567,11 @@ class Blip2BatchPredictionOperator(_Blip2TaskMixin, BaseOperator):
             index = state.index_of(prediction_id)
             if index is None:
                 continue
-            result = BatchResult.from_json(payload)
+            result = PredictionOutcome.from_json(payload)
             budget.prediction_finished(prediction_id)
             if result.status == "timeout":
                 self._cancel_quietly(prediction_id)
-                result = BatchResult(
+                result = PredictionOutcome(
                     "timeout",
                     error=f"did not finish within {self.timeout:g} s; it was cancelled",
                     prediction_id=prediction_id,
@@ -635,8 +611,6 @@ class Blip2BatchPredictionOperator(_Blip2TaskMixin, BaseOperator):
 
     def _finish(self, context: Context, state: BatchState) -> dict[str, Any]:
         """Write the results, return the summary; fail if too many predictions failed."""
-        from airflow_provider_blip2.batch import failed_ratio_exceeded
-
         self.storage.write_bytes(
             self.output_uri, state.result_lines().encode(), content_type="application/x-ndjson"
         )
@@ -651,7 +625,6 @@ class Blip2BatchPredictionOperator(_Blip2TaskMixin, BaseOperator):
         return summary
 
     def _journal(self, context: Context) -> BatchJournal:
-        from airflow_provider_blip2.batch import BatchJournal
 
         store: Any = context.get("task_state_store")  # type: ignore[call-overload]
         if store is None:

@@ -13,25 +13,23 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_blip2 import protocol
-from airflow_provider_blip2.emulator import EmulatorServer
-from airflow_provider_blip2.hooks.blip2 import Blip2Hook
-from airflow_provider_blip2.protocol import (
-    DEFAULT_QUESTION,
-    ApiRequest,
+from airflow_provider_blip2.client import budget as budget_module
+from airflow_provider_blip2.client.errors import (
     Blip2AmbiguousCreateError,
     Blip2AuthenticationError,
     Blip2InputError,
     Blip2NotFoundError,
     Blip2PredictionFailedError,
-    Blip2PredictionTimeoutError,
     Blip2RateLimitError,
     Blip2ServerError,
     Blip2TransportError,
-    Prediction,
-    PredictionStatus,
-    RetryPolicy,
 )
+from airflow_provider_blip2.client.inputs import DEFAULT_QUESTION
+from airflow_provider_blip2.client.models import Prediction, PredictionStatus
+from airflow_provider_blip2.client.retry import RetryPolicy
+from airflow_provider_blip2.client.wire import ApiRequest
+from airflow_provider_blip2.emulator import EmulatorServer
+from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from tests.conftest import API_KEY, FAST_RETRIES, connection_json, requires_airflow_3_3
 
 POLL = 0.02
@@ -67,7 +65,7 @@ def recording_policy(**overrides: Any) -> RecordingPolicy:
 @pytest.fixture(autouse=True)
 def fresh_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test starts with no process-wide budgets (a port may be reused by a later emulator)."""
-    monkeypatch.setattr(protocol, "_BUDGETS", {})
+    monkeypatch.setattr(budget_module, "_BUDGETS", {})
 
 
 @pytest.fixture
@@ -113,8 +111,8 @@ def test_caption_create_and_wait(
     prediction_id = hook.create_prediction(image_url("chelsea.jpg"), caption=True)
     assert re.fullmatch(UUID_PATTERN, prediction_id)
     prediction = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=10)
-    assert prediction.id == prediction_id
-    assert prediction.status is PredictionStatus.SUCCEEDED
+    assert prediction.prediction_id == prediction_id
+    assert prediction.succeeded
     assert prediction.output is not None and prediction.output.startswith("[emulated] a ")
     assert "question" not in prediction.output
     ledger = emulator.ledger()
@@ -135,11 +133,11 @@ def test_question_create_and_wait(
         use_nucleus_sampling=True,
     )
     prediction = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=10)
-    assert prediction.status is PredictionStatus.SUCCEEDED
+    assert prediction.succeeded
     assert prediction.output is not None
     assert prediction.output.startswith("[emulated]")
     assert "(question: Where is the flag?)" in prediction.output
-    sent = prediction.raw["input"]
+    sent = hook.get_prediction(prediction_id).raw["input"]
     assert sent["question"] == "Where is the flag?"
     assert sent["context"] == "Question: Who is this? Answer: an astronaut."
     assert sent["temperature"] == 0.7
@@ -165,7 +163,7 @@ def test_run_returns_the_successful_prediction(
     label: str,
 ) -> None:
     prediction = make_hook(blip2_connection).run(image_url(image), poll_interval=POLL, timeout=10, **inputs)
-    assert prediction.status is PredictionStatus.SUCCEEDED
+    assert prediction.succeeded
     assert prediction.output is not None and prediction.output.startswith("[emulated]")
     assert emulator.ledger()["creates_by_input"] == {f"{image}|{label}": 1}
 
@@ -185,13 +183,15 @@ def test_get_prediction_fields(
     assert running.output is None and running.error is None
     assert running.predict_time == 0.0
     assert hook._budget(hook.settings).in_flight == 1
-    done = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=10)
+    outcome = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=10)
+    done = hook.get_prediction(prediction_id)
     assert done.status is PredictionStatus.SUCCEEDED
     assert done.raw_status == "success"
     assert done.predict_time is not None and 0.3 < done.predict_time < 2.0
     assert done.raw["metrics"]["cost"] > 0
     assert done.error is None and done.error_code is None
-    assert done.summary()["status"] == "success"
+    assert outcome == done.outcome()
+    assert outcome.status == "success"
     assert hook._budget(hook.settings).in_flight == 0  # seen finished: the slot is free
 
 
@@ -230,13 +230,13 @@ def test_wait_for_prediction_timeout(
     hook = make_hook(add_connection(monkeypatch, "blip2_slow", server.url))
     prediction_id = hook.create_prediction(image_url("chelsea.jpg"))
     started = time.monotonic()
-    with pytest.raises(Blip2PredictionTimeoutError) as caught:
-        hook.wait_for_prediction(prediction_id, poll_interval=0.05, timeout=0.3)
+    outcome = hook.wait_for_prediction(prediction_id, poll_interval=0.05, timeout=0.3)
     elapsed = time.monotonic() - started
     assert 0.3 <= elapsed < 2.0
-    assert caught.value.prediction_id == prediction_id
-    assert prediction_id in str(caught.value)
-    assert "0.3 s" in str(caught.value)
+    assert outcome.status == "timeout"
+    assert outcome.prediction_id == prediction_id
+    assert outcome.error == "the prediction did not finish before the deadline"
+    assert prediction_id in outcome.failure_message()
     assert server.ledger()["requests"]["get"] >= 3
 
 
@@ -261,7 +261,7 @@ def test_failed_prediction(
     hook = make_hook(blip2_connection)
     prediction_id = hook.create_prediction(image_url(image), caption=True)
     prediction = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=10)
-    assert prediction.status is PredictionStatus.FAILED
+    assert prediction.status == "error"
     assert prediction.error_code == error_code
     assert prediction.error
     assert prediction.output is None
@@ -365,7 +365,7 @@ def test_gets_retry_5xx_until_max_attempts(
     assert ledger["responses_5xx_injected"] == FAST_RETRIES.max_attempts
     assert len(policy.failures) == FAST_RETRIES.max_attempts
     emulator.config.fault_5xx = 0.0
-    assert hook.wait_for_prediction(prediction_id, poll_interval=POLL).status is PredictionStatus.SUCCEEDED
+    assert hook.wait_for_prediction(prediction_id, poll_interval=POLL).succeeded
 
 
 def test_create_with_5xx_is_ambiguous_and_not_retried(
@@ -439,7 +439,7 @@ def test_create_retried_after_429_succeeds(
     ledger = emulator.ledger()
     assert ledger["requests"]["create"] == FAST_RETRIES.max_attempts + 2
     assert ledger["creates"] == 1
-    assert hook.wait_for_prediction(prediction_id, poll_interval=POLL).status is PredictionStatus.SUCCEEDED
+    assert hook.wait_for_prediction(prediction_id, poll_interval=POLL).succeeded
 
 
 def test_create_to_closed_port_is_retried_then_raises_unsent_transport_error(
@@ -472,7 +472,7 @@ def test_batch_succeeds_under_seeded_partial_faults(
     server.config.fault_5xx = 0.2
     server.config.fault_429 = 0.2
     results = [hook.wait_for_prediction(pid, poll_interval=POLL, timeout=20) for pid in prediction_ids]
-    assert [result.status for result in results] == [PredictionStatus.SUCCEEDED] * len(images)
+    assert [result.status for result in results] == ["success"] * len(images)
     assert all(result.output and result.output.startswith("[emulated]") for result in results)
     ledger = server.ledger()
     assert ledger["responses_5xx_injected"] + ledger["responses_429_injected"] > 0
@@ -500,7 +500,7 @@ def test_client_budget_keeps_the_server_from_answering_429(
     for _ in range(12):
         assert hook.get_model()["slug"] == "blip-2"
     elapsed = time.monotonic() - started
-    assert prediction.status is PredictionStatus.SUCCEEDED
+    assert prediction.succeeded
     budget = hook._budget(hook.settings)
     assert (budget.requests_per_minute, budget.window) == (client_limit, RATE_WINDOW)
     ledger = server.ledger()
@@ -591,7 +591,7 @@ def test_max_concurrency_one_makes_a_second_create_wait(
     thread.join(0.2)
     assert thread.is_alive()  # waiting for the slot of the first prediction
     assert server.ledger()["creates"] == 1
-    assert first.wait_for_prediction(first_id, poll_interval=POLL).status is PredictionStatus.SUCCEEDED
+    assert first.wait_for_prediction(first_id, poll_interval=POLL).succeeded
     thread.join(5)
     assert not thread.is_alive()
     assert errors == []
@@ -600,7 +600,7 @@ def test_max_concurrency_one_makes_a_second_create_wait(
     assert ledger["creates"] == 2
     assert ledger["peak_in_flight"] == 1
     assert second._budget(second.settings).in_flight == 1
-    assert second.wait_for_prediction(created[0], poll_interval=POLL).status is PredictionStatus.SUCCEEDED
+    assert second.wait_for_prediction(created[0], poll_interval=POLL).succeeded
     assert second._budget(second.settings).in_flight == 0
 
 

@@ -1,15 +1,13 @@
 """
-Tests of batch bookkeeping (journal, results) and of the batch operator and trigger against the emulator.
+The batch operator and trigger in process, against the emulator and the local S3/GCS servers.
 
-The operator runs in this process the way Airflow drives it: ``execute`` until it defers, the
-trigger rebuilt from its serialized kwargs (as a triggerer does), ``execute_complete`` with the
-event, and so on. The task state store is a dict. Full Airflow runs are in ``test_batch_dags.py``.
+The operator runs the way Airflow drives it (see ``tests/batch_driver.py``). Full Airflow runs
+are in ``test_example_dags.py`` and the system tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -22,225 +20,13 @@ from airflow.providers.common.compat.sdk import AirflowFailException, TaskDeferr
 from airflow_provider_blip2.batch import (
     BatchItem,
     BatchJournal,
-    BatchResult,
-    BatchState,
-    build_items,
-    failed_ratio_exceeded,
-    format_duration,
     image_key,
 )
 from airflow_provider_blip2.emulator import EmulatorServer
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
-from airflow_provider_blip2.protocol import Blip2InputError
 from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
+from tests.batch_driver import DictStore, FakeTaskInstance, _first_payload, run_batch
 from tests.conftest import TIME_SCALE, connection_json
-
-# ------------------------------------------------------------------------------------------------
-# Bookkeeping
-# ------------------------------------------------------------------------------------------------
-
-
-class DictStore:
-    """A task state store in memory, counting writes."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-        self.writes = 0
-
-    def get(self, key: str, default: Any = None) -> Any:
-        # Round-trip through JSON like the real store does.
-        return json.loads(json.dumps(self.values[key])) if key in self.values else default
-
-    def set(self, key: str, value: Any) -> None:
-        self.values[key] = json.loads(json.dumps(value))
-        self.writes += 1
-
-    def clear(self) -> None:
-        self.values.clear()
-
-
-def test_build_items_questions_and_captions() -> None:
-    items = build_items(
-        ["a", "b"],
-        questions={"nsfw": "Is it explicit?", "gun": "Is there a gun?"},
-        question=None,
-        caption=False,
-    )
-    assert [(i.image, i.label) for i in items] == [("a", "nsfw"), ("a", "gun"), ("b", "nsfw"), ("b", "gun")]
-    assert build_items(["a"], questions=None, question=None, caption=True) == [BatchItem("a", "caption", "")]
-    assert build_items(["a"], questions=None, question="", caption=False) == [BatchItem("a", "caption", "")]
-    assert build_items(["a"], questions=None, question=None, caption=False) == [
-        BatchItem("a", "question", None)
-    ]
-    assert build_items(["a"], questions=None, question="Why?", caption=False) == [
-        BatchItem("a", "question", "Why?")
-    ]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"questions": {}, "question": None, "caption": False}, "questions is empty"),
-        ({"questions": {"x": "q"}, "question": "q", "caption": False}, "not both"),
-        ({"questions": {"x": "q"}, "question": None, "caption": True}, "not both"),
-        ({"questions": {"x": "  "}, "question": None, "caption": False}, "questions['x']"),
-    ],
-)
-def test_build_items_refuses_ambiguous_inputs(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(Blip2InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        build_items(["a"], **kwargs)
-
-
-def test_journal_keeps_created_and_finished_across_loads_and_compacts() -> None:
-    store = DictStore()
-    items = [BatchItem(f"s3://b/{n}.jpg", "caption", None) for n in range(40)]
-    journal = BatchJournal(store)
-    journal.start(items, now=1000.0)
-    for cycle in range(30):
-        journal = BatchJournal(store)  # a new worker process every cycle
-        loaded_state = journal.load()
-        assert loaded_state is not None
-        state = loaded_state
-        journal.begin_cycle(state)
-        if cycle:
-            journal.record_finished(
-                state, {cycle - 1: BatchResult("success", output=f"o{cycle}", prediction_id=f"p{cycle - 1}")}
-            )
-        journal.record_created(state, cycle, f"p{cycle}", 2000.0 + cycle)
-    loaded = BatchJournal(store).load()
-    assert loaded is not None
-    assert loaded.created == {n: (f"p{n}", 2000.0 + n) for n in range(30)}
-    assert sorted(loaded.finished) == list(range(29))
-    assert loaded.finished[3] == BatchResult("success", output="o4", prediction_id="p3")
-    assert list(loaded.in_flight) == [29]
-    assert loaded.pending() == list(range(30, 40))
-    # Compaction bounds the number of parts a load reads.
-    assert int(store.values["blip2_batch/parts"]) < BatchJournal.COMPACT_EVERY
-    assert loaded.started_at == 1000.0
-
-
-def test_journal_load_of_a_new_batch_is_none() -> None:
-    assert BatchJournal(DictStore()).load() is None
-
-
-def test_result_lines_summary_and_failed_ratio() -> None:
-    state = BatchState(
-        items=[
-            BatchItem(image_key("https://h/a.jpg?X-Amz-Signature=abc"), "caption", ""),
-            BatchItem("s3://b/k.png", "q", "Why?"),
-        ],
-        started_at=100.0,
-    )
-    state.finished[0] = BatchResult("success", output="a cat", prediction_id="p0", predict_time=1.5)
-    state.finished[1] = BatchResult(
-        "error", error="cannot download", error_code="INPUT_DOWNLOAD_ERROR", prediction_id="p1"
-    )
-    lines = [json.loads(line) for line in state.result_lines().splitlines()]
-    assert lines[0] == {
-        "image": image_key("https://h/a.jpg?X-Amz-Signature=abc"),
-        "label": "caption",
-        "question": None,
-        "output": "a cat",
-        "status": "success",
-        "error": None,
-        "prediction_id": "p0",
-        "predict_time": 1.5,
-    }
-    assert "Signature" not in state.result_lines()
-    assert lines[1]["image"] == "s3://b/k.png" and lines[1]["status"] == "error"
-    summary = state.summary("s3://out/r.jsonl", now=112.5)
-    assert summary == {
-        "total": 2,
-        "succeeded": 1,
-        "failed": 1,
-        "images": 2,
-        "output_uri": "s3://out/r.jsonl",
-        "elapsed": 12.5,
-    }
-    assert failed_ratio_exceeded(state, 0.0)
-    assert failed_ratio_exceeded(state, 0.49)
-    assert not failed_ratio_exceeded(state, 0.5)
-
-
-def test_progress_line_and_durations() -> None:
-    state = BatchState(items=[BatchItem(str(n), "caption", None) for n in range(100)], started_at=0.0)
-    for n in range(25):
-        state.finished[n] = BatchResult("success", output="x")
-    state.created[25] = ("p25", 1e12)
-    assert state.progress_line(now=50.0) == "25/100 done (0 failed, 1 in flight), 30.0/min, ETA 2m 30s"
-    assert format_duration(3725) == "1h 02m 05s"
-    assert format_duration(4.2) == "5s"
-
-
-# ------------------------------------------------------------------------------------------------
-# The operator and trigger, in process, against the emulator
-# ------------------------------------------------------------------------------------------------
-
-
-class FakeTaskInstance:
-    task_id = "batch"
-    map_index = -1
-    try_number = 1
-    stats_tags: dict[str, str] = {}  # noqa: RUF012
-
-    def __init__(self) -> None:
-        self.xcom: dict[str, Any] = {}
-
-    def xcom_push(self, key: str, value: Any) -> None:
-        self.xcom[key] = value
-
-    def xcom_pull(self, task_ids: str, key: str, map_indexes: int) -> Any:
-        return self.xcom.get(key)
-
-
-def run_batch(
-    operator: Blip2BatchPredictionOperator,
-    store: DictStore | None,
-    *,
-    interrupt: Callable[[int], float | None] = lambda cycle: None,
-    ti: FakeTaskInstance | None = None,
-) -> tuple[dict[str, Any], int]:
-    """
-    Drive a deferrable batch the way Airflow does; return its summary and the number of deferrals.
-
-    ``interrupt(cycle)`` may return seconds after which that cycle's trigger is torn down (a
-    triggerer restart); a new trigger is then built from the serialized kwargs and run again.
-    """
-    # Without a store, the context is the one of Airflow before 3.3: the journal goes to XCom.
-    context: dict[str, Any] = {"ti": ti or FakeTaskInstance()}
-    if store is not None:
-        context["task_state_store"] = store
-    deferrals = 0
-    try:
-        return operator.execute(context), deferrals  # type: ignore[arg-type]
-    except TaskDeferred as deferred:
-        pending = deferred
-    while True:
-        deferrals += 1
-        classpath, kwargs = pending.trigger.serialize()
-        assert classpath.endswith("Blip2BatchPredictionTrigger")
-        json.dumps(kwargs)  # primitives only
-        event = asyncio.run(_run_trigger(kwargs, interrupt(deferrals)))
-        fresh = operator  # the same task object resumes; its state comes from the store
-        try:
-            return fresh.execute_complete(context, event), deferrals  # type: ignore[arg-type]
-        except TaskDeferred as deferred:
-            pending = deferred
-
-
-async def _run_trigger(kwargs: dict[str, Any], tear_down_after: float | None) -> dict[str, Any]:
-    if tear_down_after is not None:
-        trigger = Blip2BatchPredictionTrigger(**kwargs)
-        # Torn down mid-way: the triggerer then restarts it from the same kwargs.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(_first_payload(trigger), timeout=tear_down_after)
-    return await _first_payload(Blip2BatchPredictionTrigger(**kwargs))
-
-
-async def _first_payload(trigger: Blip2BatchPredictionTrigger) -> dict[str, Any]:
-    async for event in trigger.run():
-        return dict(event.payload)
-    raise AssertionError("no event")
 
 
 @pytest.fixture
@@ -570,15 +356,6 @@ def test_single_operator_signs_s3_and_gcs_images(
     assert batch_connection.ledger()["creates"] == 2
 
 
-def test_image_key_redacts_queries_and_keeps_urls_apart() -> None:
-    signed = "https://h/a.jpg?X-Amz-Signature=abc"
-    assert image_key(signed).startswith("https://h/a.jpg?<redacted ")
-    assert "abc" not in image_key(signed)
-    assert image_key(signed) != image_key("https://h/a.jpg?X-Amz-Signature=abd")
-    assert image_key("https://h/a.jpg") == "https://h/a.jpg"
-    assert image_key("s3://b/k.jpg") == "s3://b/k.jpg"
-
-
 def test_batch_keeps_no_signed_url_in_its_progress(
     batch_connection: EmulatorServer, image_url: Callable[[str], str], tmp_path: Path
 ) -> None:
@@ -720,7 +497,7 @@ def test_an_https_batch_imports_no_cloud_library(
 
     script = f"""
 import sys, json
-from tests.test_batch import DictStore, run_batch
+from tests.batch_driver import DictStore, run_batch
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
 operator = Blip2BatchPredictionOperator(
     task_id="batch", images={[image_url("chelsea.jpg"), image_url("coffee.png")]!r},

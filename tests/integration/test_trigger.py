@@ -21,11 +21,11 @@ except ImportError:  # Airflow 2
     from airflow.utils.module_loading import import_string  # type: ignore[no-redef]
 from airflow.triggers.base import TriggerEvent
 
+from airflow_provider_blip2.client.polling import PERSISTENT_ERROR_LIMIT
+from airflow_provider_blip2.client.retry import RetryPolicy
 from airflow_provider_blip2.emulator import EmulatorServer
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
-from airflow_provider_blip2.protocol import RetryPolicy
-from airflow_provider_blip2.triggers import blip2 as trigger_module
 from airflow_provider_blip2.triggers.blip2 import Blip2PredictionTrigger
 from tests.conftest import AIRFLOW_VERSION, API_KEY, FAST_RETRIES, connection_json, requires_airflow_3_3
 
@@ -397,7 +397,7 @@ async def test_a_persistent_auth_error_ends_with_an_error_event(
     assert payload["prediction_id"] == prediction_id
     assert "401" in payload["error"] or "key" in payload["error"].lower()
     assert "not-the-right-key" not in json.dumps(payload)
-    assert emulator.ledger()["responses_401"] == trigger_module.PERSISTENT_ERROR_LIMIT
+    assert emulator.ledger()["responses_401"] == PERSISTENT_ERROR_LIMIT
 
 
 async def test_an_unknown_prediction_ends_with_an_error_event(
@@ -406,7 +406,7 @@ async def test_an_unknown_prediction_ends_with_an_error_event(
     events = await _events(_trigger("7e0c1d9a-3f5b-4c2e-9a1d-2b6f8e4c0a11", deadline=60))
 
     assert [event.payload["status"] for event in events] == ["error"]
-    assert emulator.ledger()["responses_by_status"]["404"] == trigger_module.PERSISTENT_ERROR_LIMIT
+    assert emulator.ledger()["responses_by_status"]["404"] == PERSISTENT_ERROR_LIMIT
 
 
 # ---- on_kill and triggerer restarts ------------------------------------------------------------------

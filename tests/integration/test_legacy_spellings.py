@@ -14,13 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from airflow_provider_blip2.client.errors import Blip2AuthenticationError, Blip2NotFoundError
+from airflow_provider_blip2.client.models import PredictionStatus
 from airflow_provider_blip2.emulator import EmulatorServer
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
-from airflow_provider_blip2.protocol import (
-    Blip2AuthenticationError,
-    Blip2NotFoundError,
-    PredictionStatus,
-)
 from scripts.sandbox import AirflowSandbox
 from tests.conftest import API_KEY, FAST_RETRIES, connection_json
 
@@ -47,18 +44,21 @@ def test_the_emulator_really_speaks_the_legacy_spellings(legacy: EmulatorServer,
 
 def test_success_is_read_from_completed(legacy: EmulatorServer, image_url: ImageUrl) -> None:
     hook = Blip2Hook(retry_policy=FAST_RETRIES)
-    prediction = hook.run(image_url("chelsea.jpg"), caption=True, poll_interval=POLL, timeout=30)
+    outcome = hook.run(image_url("chelsea.jpg"), caption=True, poll_interval=POLL, timeout=30)
+    prediction = hook.get_prediction(str(outcome.prediction_id))
     assert prediction.raw_status == "completed"
     assert prediction.status is PredictionStatus.SUCCEEDED
-    assert prediction.output and prediction.output.startswith("[emulated]")
+    assert outcome.succeeded
+    assert outcome.output and outcome.output.startswith("[emulated]")
 
 
 def test_failure_is_read_from_failed(legacy: EmulatorServer, image_url: ImageUrl) -> None:
     hook = Blip2Hook(retry_policy=FAST_RETRIES)
     prediction_id = hook.create_prediction(image_url("missing.jpg"), caption=True)
-    prediction = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=30)
+    outcome = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=30)
+    prediction = hook.get_prediction(prediction_id)
     assert (prediction.raw_status, prediction.status) == ("failed", PredictionStatus.FAILED)
-    assert prediction.error_code == "INPUT_DOWNLOAD_ERROR"
+    assert (outcome.status, outcome.error_code) == ("error", "INPUT_DOWNLOAD_ERROR")
 
 
 def test_cancel_is_read_from_canceled(

@@ -1,0 +1,243 @@
+"""
+Typed models of what the API returns: a prediction's status, the prediction, and how it ended.
+
+:class:`PredictionOutcome` is the one shape of "how a prediction ended". Both triggers put it in
+their events (``to_json``), both operators' ``execute_complete`` read it back (``from_json``), the
+worker-side wait returns it and the batch stores it; nothing else describes an ending.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from airflow_provider_blip2.client.errors import Blip2PredictionFailedError, Blip2ProtocolError
+from airflow_provider_blip2.client.inputs import parse_seconds, scrub_urls
+
+
+class PredictionStatus(str, enum.Enum):
+    """Normalised status of a prediction."""
+
+    RUNNING = "running"
+    SUCCEEDED = "success"
+    FAILED = "error"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the prediction will not change any more."""
+        return self is not PredictionStatus.RUNNING
+
+
+# The one status table. Unknown spellings mean "still running", bounded by the caller's timeout.
+STATUS_TABLE: dict[str, PredictionStatus] = {
+    "created": PredictionStatus.RUNNING,
+    "starting": PredictionStatus.RUNNING,
+    "processing": PredictionStatus.RUNNING,
+    "queued": PredictionStatus.RUNNING,
+    "running": PredictionStatus.RUNNING,
+    "success": PredictionStatus.SUCCEEDED,
+    "succeeded": PredictionStatus.SUCCEEDED,
+    "completed": PredictionStatus.SUCCEEDED,
+    "error": PredictionStatus.FAILED,
+    "failed": PredictionStatus.FAILED,
+    "cancelled": PredictionStatus.CANCELLED,
+    "canceled": PredictionStatus.CANCELLED,
+}
+
+
+def normalise_status(raw: Any) -> PredictionStatus:
+    """
+    Map any status spelling the API has used to a :class:`PredictionStatus`.
+
+    :param raw: The ``status`` field as received.
+    """
+    if not isinstance(raw, str):
+        return PredictionStatus.RUNNING
+    return STATUS_TABLE.get(raw.strip().lower(), PredictionStatus.RUNNING)
+
+
+def failure_message(prediction_id: str | None, status: str, error: str | None, error_code: str | None) -> str:
+    """
+    How a prediction that did not succeed is reported, on the worker and after a trigger alike.
+
+    :param prediction_id: The prediction, or ``None`` when none was created.
+    :param status: How it ended (``error``, ``cancelled`` or ``timeout``).
+    :param error: The readable reason.
+    :param error_code: The API's error code, if any.
+    """
+    code = f" [{error_code}]" if error_code else ""
+    return f"prediction {prediction_id} ended {status}{code}: {error}"
+
+
+@dataclass(frozen=True)
+class PredictionOutcome:
+    """
+    How one prediction ended: the one outcome shape of the provider.
+
+    :param status: ``success``, ``error``, ``cancelled`` or ``timeout``.
+    :param output: The model's text on success.
+    :param error: What went wrong otherwise.
+    :param error_code: The API's error code, when it gave one.
+    :param prediction_id: The prediction, or ``None`` when none was created.
+    :param predict_time: Seconds the model ran, when the API reported it.
+    """
+
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+
+    status: str
+    output: str | None = None
+    error: str | None = None
+    error_code: str | None = None
+    prediction_id: str | None = None
+    predict_time: float | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether the prediction produced an output."""
+        return self.status == self.SUCCESS
+
+    @property
+    def failed(self) -> bool:
+        """Whether it ended without an output (counts against a batch's ``max_failed_ratio``)."""
+        return not self.succeeded
+
+    def failure_message(self) -> str:
+        """The message a task fails with when this outcome is not a success."""
+        return failure_message(self.prediction_id, self.status, self.error, self.error_code)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain dict for trigger events and the batch's journal (no inputs, URLs or keys)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> PredictionOutcome:
+        """
+        Inverse of :meth:`to_json`.
+
+        :param value: A dict from :meth:`to_json`.
+        """
+        predict_time = value.get("predict_time")
+        prediction_id = value.get("prediction_id")
+        return cls(
+            status=str(value["status"]),
+            output=value.get("output"),
+            error=value.get("error"),
+            error_code=value.get("error_code"),
+            prediction_id=None if prediction_id is None else str(prediction_id),
+            predict_time=None if predict_time is None else float(predict_time),
+        )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """
+    One prediction as read from the API.
+
+    :param id: The prediction id.
+    :param status: Normalised status.
+    :param raw_status: The status string as the API spelled it.
+    :param output: The model's text on success, else ``None``.
+    :param error: A readable error message when the prediction failed, else ``None``.
+    :param error_code: The API's error code (e.g. ``INPUT_DOWNLOAD_ERROR``), when given.
+    :param predict_time: Seconds the model ran, when reported.
+    :param raw: The whole JSON payload.
+    """
+
+    id: str
+    status: PredictionStatus
+    raw_status: str
+    output: str | None
+    error: str | None
+    error_code: str | None
+    predict_time: float | None
+    raw: dict[str, Any]
+
+    def outcome(self) -> PredictionOutcome:
+        """How this finished prediction ended."""
+        if not self.status.is_terminal:
+            raise ValueError(f"prediction {self.id} has not finished (status {self.raw_status})")
+        return PredictionOutcome(
+            status=self.status.value,
+            output=self.output if self.status is PredictionStatus.SUCCEEDED else None,
+            error=self.error,
+            error_code=self.error_code,
+            prediction_id=self.id,
+            predict_time=self.predict_time,
+        )
+
+    def raise_for_status(self) -> Prediction:
+        """Return the prediction if it succeeded, else raise :class:`Blip2PredictionFailedError`."""
+        if self.status is PredictionStatus.SUCCEEDED:
+            return self
+        if not self.status.is_terminal:
+            raise Blip2PredictionFailedError(
+                f"prediction {self.id} has not finished (status {self.raw_status})", prediction_id=self.id
+            )
+        raise Blip2PredictionFailedError(
+            failure_message(
+                self.id, self.status.value, self.error or f"status {self.raw_status}", self.error_code
+            ),
+            prediction_id=self.id,
+            error_code=self.error_code,
+        )
+
+
+def parse_prediction(payload: Any, *, prediction_id: str) -> Prediction:
+    """
+    Build a :class:`Prediction` from a ``GET /v1/prediction/{id}`` body.
+
+    :param payload: The decoded JSON body.
+    :param prediction_id: The id that was asked for (used when the body omits it).
+    :raises Blip2ProtocolError: when the body is not a JSON object.
+    """
+    if not isinstance(payload, dict):
+        raise Blip2ProtocolError(f"get prediction {prediction_id}: the answer is not a JSON object")
+    raw_status = payload.get("status")
+    status = normalise_status(raw_status)
+    error, error_code = (None, None)
+    if status is not PredictionStatus.SUCCEEDED:
+        error, error_code = _error_details(payload)
+        if status is PredictionStatus.FAILED and error is None:
+            error = "the prediction failed without an error message"
+    metrics = payload.get("metrics") if isinstance(payload.get("metrics"), dict) else {}
+    return Prediction(
+        id=str(payload.get("id") or prediction_id),
+        status=status,
+        raw_status=str(raw_status),
+        output=_output_text(payload.get("output")) if status is PredictionStatus.SUCCEEDED else None,
+        error=error if status.is_terminal else None,
+        error_code=error_code if status.is_terminal else None,
+        predict_time=parse_seconds((metrics or {}).get("predict_time")),
+        raw=payload,
+    )
+
+
+def _output_text(output: Any) -> str | None:
+    if output is None or isinstance(output, dict):
+        return None
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list) and all(isinstance(item, str) for item in output):
+        return "".join(output)
+    return json.dumps(output)
+
+
+def _error_details(payload: dict[str, Any]) -> tuple[str | None, str | None]:
+    output = payload.get("output")
+    envelope = output if isinstance(output, dict) else {}
+    code = envelope.get("error_code")
+    code = code if isinstance(code, str) else None
+    for candidate in (envelope.get("error_message"), envelope.get("error"), payload.get("error")):
+        if isinstance(candidate, str) and candidate.strip():
+            return scrub_urls(candidate.strip()), code
+    logs = payload.get("logs")
+    if isinstance(logs, str) and logs.strip():
+        return scrub_urls(logs.strip()[-500:]), code
+    return None, code

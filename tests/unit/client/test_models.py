@@ -1,0 +1,355 @@
+"""Unit tests of the client: statuses, Prediction parsing and outcomes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from airflow_provider_blip2.client.errors import (
+    Blip2PredictionFailedError,
+    Blip2ProtocolError,
+)
+from airflow_provider_blip2.client.inputs import (
+    scrub_urls,
+)
+from airflow_provider_blip2.client.models import (
+    PredictionOutcome,
+    PredictionStatus,
+    normalise_status,
+    parse_prediction,
+)
+from tests.unit.client.helpers import (
+    SECRET,
+    SIGNED_IMAGE,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statuses
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("created", PredictionStatus.RUNNING),
+        ("starting", PredictionStatus.RUNNING),
+        ("processing", PredictionStatus.RUNNING),
+        ("queued", PredictionStatus.RUNNING),
+        ("running", PredictionStatus.RUNNING),
+        ("success", PredictionStatus.SUCCEEDED),
+        ("succeeded", PredictionStatus.SUCCEEDED),
+        ("completed", PredictionStatus.SUCCEEDED),
+        ("error", PredictionStatus.FAILED),
+        ("failed", PredictionStatus.FAILED),
+        ("cancelled", PredictionStatus.CANCELLED),
+        ("canceled", PredictionStatus.CANCELLED),
+        ("SUCCESS", PredictionStatus.SUCCEEDED),
+        ("Succeeded", PredictionStatus.SUCCEEDED),
+        ("FAILED", PredictionStatus.FAILED),
+        ("CANCELED", PredictionStatus.CANCELLED),
+        ("  success\n", PredictionStatus.SUCCEEDED),
+        ("PROCESSING", PredictionStatus.RUNNING),
+        ("warming_up", PredictionStatus.RUNNING),
+        ("", PredictionStatus.RUNNING),
+        ("succes", PredictionStatus.RUNNING),
+        (None, PredictionStatus.RUNNING),
+        (1, PredictionStatus.RUNNING),
+        (True, PredictionStatus.RUNNING),
+        (["success"], PredictionStatus.RUNNING),
+        ({"status": "success"}, PredictionStatus.RUNNING),
+    ],
+)
+def test_normalise_status(raw: Any, expected: PredictionStatus) -> None:
+    assert normalise_status(raw) is expected
+
+
+@pytest.mark.parametrize(
+    ("status", "terminal"),
+    [
+        (PredictionStatus.RUNNING, False),
+        (PredictionStatus.SUCCEEDED, True),
+        (PredictionStatus.FAILED, True),
+        (PredictionStatus.CANCELLED, True),
+    ],
+)
+def test_status_is_terminal(status: PredictionStatus, terminal: bool) -> None:
+    assert status.is_terminal is terminal
+
+
+# --------------------------------------------------------------------------------------------------
+# parse_prediction
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("san francisco bay", "san francisco bay"),
+        (["san ", "francisco ", "bay"], "san francisco bay"),
+        ([], ""),
+        ([1, 2], "[1, 2]"),
+        (42, "42"),
+        ({"text": "x"}, None),
+        (None, None),
+    ],
+)
+def test_parse_prediction_success_output(output: Any, expected: str | None) -> None:
+    payload = {
+        "id": "p-1",
+        "status": "success",
+        "output": output,
+        "logs": "prediction succeeded",
+        "metrics": {"predict_time": 1.75, "cost": 0.0011},
+    }
+    prediction = parse_prediction(payload, prediction_id="p-1")
+    assert prediction.status is PredictionStatus.SUCCEEDED
+    assert prediction.raw_status == "success"
+    assert prediction.output == expected
+    assert prediction.error is None
+    assert prediction.error_code is None
+    assert prediction.predict_time == 1.75
+    assert prediction.raw is payload
+
+
+def test_parse_prediction_uses_requested_id_when_body_has_none() -> None:
+    prediction = parse_prediction({"status": "completed", "output": "a cat"}, prediction_id="asked-for")
+    assert prediction.id == "asked-for"
+    assert prediction.status is PredictionStatus.SUCCEEDED
+    assert prediction.output == "a cat"
+    assert prediction.predict_time is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "error", "error_code"),
+    [
+        pytest.param(
+            {
+                "status": "error",
+                "output": {
+                    "error": "download failed",
+                    "error_code": "INPUT_DOWNLOAD_ERROR",
+                    "error_message": "could not download the image",
+                    "classification": {"category": "input"},
+                    "retryable": False,
+                },
+                "error": "top-level error",
+                "logs": "log line",
+            },
+            "could not download the image",
+            "INPUT_DOWNLOAD_ERROR",
+            id="error_message-first",
+        ),
+        pytest.param(
+            {
+                "status": "error",
+                "output": {"error": "invalid input image", "error_code": "INPUT_VALIDATION_ERROR"},
+                "error": "top-level error",
+                "logs": "log line",
+            },
+            "invalid input image",
+            "INPUT_VALIDATION_ERROR",
+            id="envelope-error-second",
+        ),
+        pytest.param(
+            {
+                "status": "error",
+                "output": {"error_message": "   ", "error_code": "PROVIDER_FAILED"},
+                "error": "the provider crashed",
+                "logs": "log line",
+            },
+            "the provider crashed",
+            "PROVIDER_FAILED",
+            id="blank-message-skipped-then-top-level-error",
+        ),
+        pytest.param(
+            {"status": "failed", "output": None, "logs": "step 1\nstep 2: out of memory\n"},
+            "step 1\nstep 2: out of memory",
+            None,
+            id="logs-last",
+        ),
+        pytest.param(
+            {"status": "error", "output": {"error_code": "EXECUTION_TIMEOUT"}, "logs": ""},
+            "the prediction failed without an error message",
+            "EXECUTION_TIMEOUT",
+            id="code-without-message",
+        ),
+        pytest.param(
+            {"status": "error", "output": None},
+            "the prediction failed without an error message",
+            None,
+            id="nothing-at-all",
+        ),
+        pytest.param(
+            {"status": "error", "output": {"error_message": "boom", "error_code": 17}},
+            "boom",
+            None,
+            id="non-string-code-dropped",
+        ),
+        pytest.param(
+            {"status": "cancelled", "output": None, "logs": ""},
+            None,
+            None,
+            id="cancelled-without-message",
+        ),
+    ],
+)
+def test_parse_prediction_error_details(
+    payload: dict[str, Any], error: str | None, error_code: str | None
+) -> None:
+    prediction = parse_prediction(payload, prediction_id="p-2")
+    assert prediction.status.is_terminal
+    assert prediction.status is not PredictionStatus.SUCCEEDED
+    assert prediction.output is None
+    assert prediction.error == error
+    assert prediction.error_code == error_code
+
+
+def test_parse_prediction_error_from_logs_keeps_last_500_chars() -> None:
+    logs = "start " + "x" * 1000 + " final line"
+    prediction = parse_prediction({"status": "error", "logs": logs}, prediction_id="p")
+    assert prediction.error is not None
+    assert len(prediction.error) == 500
+    assert prediction.error.endswith("x final line")
+
+
+@pytest.mark.parametrize("status", ["created", "starting", "processing", "queued", "mystery"])
+def test_parse_prediction_running_has_no_output_nor_error(status: str) -> None:
+    payload = {
+        "id": "p-3",
+        "status": status,
+        "output": None,
+        "logs": "downloading image",
+        "metrics": {"predict_time": 0, "cost": 0},
+    }
+    prediction = parse_prediction(payload, prediction_id="p-3")
+    assert prediction.status is PredictionStatus.RUNNING
+    assert prediction.raw_status == status
+    assert prediction.output is None
+    assert prediction.error is None
+    assert prediction.error_code is None
+    assert prediction.predict_time == 0.0
+
+
+def test_parse_prediction_running_ignores_partial_output() -> None:
+    prediction = parse_prediction({"status": "processing", "output": "partial"}, prediction_id="p")
+    assert prediction.output is None
+
+
+@pytest.mark.parametrize("payload", [None, [], "success", 3])
+def test_parse_prediction_refuses_non_objects(payload: Any) -> None:
+    with pytest.raises(Blip2ProtocolError, match="not a JSON object"):
+        parse_prediction(payload, prediction_id="p-4")
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"output": {"error_message": "could not download {url}: 403", "error_code": "INPUT_DOWNLOAD_ERROR"}},
+        {"output": {"error": "fetch of {url} failed"}},
+        {"error": "fetch of '{url}' failed"},
+        {"logs": "downloading {url}\nHTTP 403 for {url}"},
+    ],
+)
+def test_parse_prediction_scrubs_signed_urls(where: dict[str, Any]) -> None:
+    url = f"https://bucket.s3.amazonaws.com/in/cat.jpg?{SECRET}"
+    payload: dict[str, Any] = {"status": "error"}
+    for key, value in where.items():
+        if isinstance(value, dict):
+            payload[key] = {k: v.format(url=url) if isinstance(v, str) else v for k, v in value.items()}
+        else:
+            payload[key] = value.format(url=url)
+    prediction = parse_prediction(payload, prediction_id="p-5")
+    assert prediction.error is not None
+    assert "https://bucket.s3.amazonaws.com/in/cat.jpg?<redacted>" in prediction.error
+    for leak in ("deadbeefcafe", "AKIASECRETKEY", "X-Amz"):
+        assert leak not in prediction.error
+    with pytest.raises(Blip2PredictionFailedError) as caught:
+        prediction.raise_for_status()
+    assert "deadbeefcafe" not in str(caught.value)
+
+
+def test_scrub_urls_removes_credentials_and_queries() -> None:
+    text = "tried https://user:hunter2@files.example.com:8443/a.png?token=abc then http://h/b.jpg."
+    scrubbed = scrub_urls(text)
+    assert "hunter2" not in scrubbed
+    assert "token=abc" not in scrubbed
+    assert "https://files.example.com:8443/a.png?<redacted>" in scrubbed
+    assert "http://h/b.jpg." in scrubbed
+
+
+def test_outcome_leaves_out_inputs_and_round_trips() -> None:
+    payload = {
+        "id": "p",
+        "status": "success",
+        "output": "a dog",
+        "input": {"image": SIGNED_IMAGE},
+        "metrics": {"predict_time": 1.5},
+    }
+    outcome = parse_prediction(payload, prediction_id="p").outcome()
+    assert outcome.to_json() == {
+        "status": "success",
+        "output": "a dog",
+        "error": None,
+        "error_code": None,
+        "prediction_id": "p",
+        "predict_time": 1.5,
+    }
+    assert "deadbeefcafe" not in json.dumps(outcome.to_json())
+    assert PredictionOutcome.from_json(json.loads(json.dumps(outcome.to_json()))) == outcome
+    assert outcome.succeeded and not outcome.failed
+
+
+@pytest.mark.parametrize(
+    ("status", "error_code", "message"),
+    [
+        ("error", "INPUT_DOWNLOAD_ERROR", "prediction p ended error [INPUT_DOWNLOAD_ERROR]: boom"),
+        ("cancelled", None, "prediction p ended cancelled: boom"),
+        ("timeout", None, "prediction p ended timeout: boom"),
+    ],
+)
+def test_outcome_failure_message(status: str, error_code: str | None, message: str) -> None:
+    outcome = PredictionOutcome(status, error="boom", error_code=error_code, prediction_id="p")
+    assert outcome.failed
+    assert outcome.failure_message() == message
+
+
+def test_outcome_of_a_running_prediction_is_refused() -> None:
+    prediction = parse_prediction({"id": "p", "status": "processing"}, prediction_id="p")
+    with pytest.raises(ValueError, match="has not finished"):
+        prediction.outcome()
+
+
+# --------------------------------------------------------------------------------------------------
+# Prediction.raise_for_status
+# --------------------------------------------------------------------------------------------------
+def test_raise_for_status_returns_successful_prediction() -> None:
+    prediction = parse_prediction({"id": "ok", "status": "succeeded", "output": "x"}, prediction_id="ok")
+    assert prediction.raise_for_status() is prediction
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragments", "error_code"),
+    [
+        (
+            {
+                "status": "error",
+                "output": {"error_message": "bad image", "error_code": "INPUT_VALIDATION_ERROR"},
+            },
+            ["prediction p-9 ended error", "[INPUT_VALIDATION_ERROR]", "bad image"],
+            "INPUT_VALIDATION_ERROR",
+        ),
+        ({"status": "failed"}, ["ended error", "without an error message"], None),
+        ({"status": "canceled"}, ["ended cancelled", "status canceled"], None),
+        ({"status": "processing"}, ["has not finished", "status processing"], None),
+        ({"status": "weird"}, ["has not finished", "status weird"], None),
+    ],
+)
+def test_raise_for_status_raises_for_anything_but_success(
+    payload: dict[str, Any], fragments: list[str], error_code: str | None
+) -> None:
+    prediction = parse_prediction(payload, prediction_id="p-9")
+    with pytest.raises(Blip2PredictionFailedError) as caught:
+        prediction.raise_for_status()
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+    assert caught.value.prediction_id == "p-9"
+    assert caught.value.error_code == error_code
