@@ -28,7 +28,10 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "BLIP-2 (Eachlabs)",
-                "python-modules": ["airflow_provider_blip2.operators.blip2"],
+                "python-modules": [
+                    "airflow_provider_blip2.operators.blip2",
+                    "airflow_provider_blip2.operators.batch",
+                ],
             }
         ],
         "hooks": [

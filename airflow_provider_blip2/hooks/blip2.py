@@ -192,35 +192,9 @@ class Blip2Hook(BaseHook):
     # ----------------------------------------------------------------------------------------------
     # Sync API
     # ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def prediction_input(
-        image: Any,
-        *,
-        question: Any = None,
-        context: Any = None,
-        caption: Any = False,
-        temperature: Any = 1.0,
-        use_nucleus_sampling: Any = False,
-    ) -> PredictionInput:
-        """
-        Validate a prediction's inputs against the model's schema, before any request.
-
-        :param image: http(s) URL of the image.
-        :param question: Question to ask; ``None`` asks "What is this a picture of?", ``""`` captions.
-        :param context: Earlier Q&A prepended to the prompt.
-        :param caption: Caption the image instead of answering a question.
-        :param temperature: 0.5 to 1.0, used with nucleus sampling.
-        :param use_nucleus_sampling: Sample instead of beam search.
-        :raises Blip2InputError: naming the field, the value and the allowed values.
-        """
-        return build_prediction_input(
-            image,
-            question=question,
-            context=context,
-            caption=caption,
-            temperature=temperature,
-            use_nucleus_sampling=use_nucleus_sampling,
-        )
+    #: Validate a prediction's inputs against the model's schema, before any request; raises
+    #: :class:`~airflow_provider_blip2.client.errors.Blip2InputError` naming the field and the fix.
+    prediction_input = staticmethod(build_prediction_input)
 
     def create_prediction(self, image: str, **inputs: Any) -> str:
         """

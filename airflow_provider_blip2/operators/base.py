@@ -1,0 +1,50 @@
+"""What both BLIP-2 operators share: object storage for their images, a quiet cancel, URL lifetimes."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_blip2.client.errors import Blip2Error
+from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+
+if TYPE_CHECKING:
+    from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+
+# Added to the prediction timeout for the lifetime of signed image URLs: the service may queue a
+# prediction before it downloads the image.
+URL_QUEUEING_ALLOWANCE = 3600.0
+
+
+class Blip2TaskMixin:
+    """
+    What both operators share: object storage for their images, and a cancel that only warns.
+
+    The operator defines ``aws_conn_id``, ``gcp_conn_id`` and a ``hook`` property.
+    """
+
+    aws_conn_id: str
+    gcp_conn_id: str
+    log: Any
+
+    @cached_property
+    def storage(self) -> ObjectStorage:
+        """S3, GCS and local files through ``aws_conn_id`` and ``gcp_conn_id``."""
+        return ObjectStorage(aws_conn_id=self.aws_conn_id, gcp_conn_id=self.gcp_conn_id)
+
+    def _cancel_quietly(self, prediction_id: str) -> None:
+        hook: Blip2Hook = self.hook  # type: ignore[attr-defined]
+        try:
+            hook.cancel_prediction(prediction_id)
+        except Blip2Error as error:
+            self.log.warning("Could not cancel prediction %s: %s", prediction_id, error)
+
+
+def url_expiry(url_expiry: float | None, timeout: float) -> float:
+    """
+    Lifetime of a signed URL: as given, or the prediction timeout plus time to queue.
+
+    :param url_expiry: The operator's ``url_expiry``, or ``None``.
+    :param timeout: The operator's prediction ``timeout``.
+    """
+    return timeout + URL_QUEUEING_ALLOWANCE if url_expiry is None else url_expiry

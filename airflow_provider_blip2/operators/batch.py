@@ -1,0 +1,433 @@
+"""Operator that captions, or asks questions about, a whole list or prefix of images with BLIP-2."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import (
+    AirflowException,
+    AirflowFailException,
+    BaseOperator,
+    conf,
+    mask_secret,
+)
+
+from airflow_provider_blip2.batch import (
+    BatchItem,
+    BatchJournal,
+    BatchState,
+    build_items,
+    failed_ratio_exceeded,
+    image_key,
+)
+from airflow_provider_blip2.client.errors import (
+    Blip2AmbiguousCreateError,
+    Blip2BadRequestError,
+    Blip2Error,
+    Blip2InputError,
+    Blip2UnprocessableError,
+)
+from airflow_provider_blip2.client.inputs import PredictionInput
+from airflow_provider_blip2.client.models import PredictionOutcome, PredictionStatus
+from airflow_provider_blip2.hooks.object_storage import SigningError, StorageError, is_remote_object
+from airflow_provider_blip2.operators.base import Blip2TaskMixin, url_expiry
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Context
+    from airflow.triggers.base import BaseTrigger
+
+    from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+    from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
+
+
+class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
+    """
+    Caption, or ask questions about, every image of a list or of an S3/GCS prefix with BLIP-2.
+
+    The images are listed (or checked to exist) on the worker before any prediction is created.
+    Predictions are created on the worker, at most ``max_concurrency`` in flight and within
+    ``requests_per_minute``; with ``deferrable=True`` the operator waits in the triggerer
+    (:class:`~airflow_provider_blip2.triggers.blip2.Blip2BatchPredictionTrigger`) between rounds of
+    creates, so waiting costs no worker slot.
+
+    Progress is kept in Airflow's task state store (Airflow 3.3+; in XCom before, which lasts one
+    try): a triggerer restart or a task retry never creates a prediction again for an image and
+    question that already has one, and never loses a finished result. Per-image failures (an image
+    the service cannot download, a model error, a timeout) are recorded and do not stop the batch;
+    the task fails only if the failed fraction exceeds ``max_failed_ratio``, after writing the results.
+
+    Results: one JSON line per image and question (``image``, ``label``, ``question``, ``output``,
+    ``status``, ``error``, ``prediction_id``, ``predict_time``) written to ``output_uri``. The return
+    value (XCom) is a summary: ``total``, ``succeeded``, ``failed``, ``images``, ``output_uri``,
+    ``elapsed`` (seconds since the batch started, over all tries).
+
+    ``s3://`` and ``gs://`` images are sent as presigned/signed URLs made on the worker just before
+    each create; they are masked in logs and never stored in XCom, rendered fields or trigger kwargs.
+
+    :param images: A prefix ``s3://bucket/path/`` or ``gs://bucket/path/`` (listed recursively and
+        filtered by ``image_patterns``), or a list of ``s3://``, ``gs://`` or ``https://`` image URIs.
+        (templated)
+    :param output_uri: Where to write the JSON lines: ``s3://``, ``gs://`` or a local path. (templated)
+    :param question: The one question to ask of every image; ``None`` asks "What is this a picture of?".
+        (templated)
+    :param questions: ``{"label": "question", ...}`` to ask several questions of every image. (templated)
+    :param caption: Caption every image instead of asking a question.
+    :param context: Earlier Q&A prepended to every prompt. (templated)
+    :param temperature: 0.5 to 1.0; used with nucleus sampling.
+    :param use_nucleus_sampling: Sample instead of beam search.
+    :param image_patterns: File-name globs a listed object must match (case-insensitive).
+    :param max_failed_ratio: Fraction of predictions allowed to fail (0 to 1) before the task fails.
+    :param max_concurrency: Predictions in flight at most; ``None`` takes the connection's.
+    :param requests_per_minute: Requests per minute at most; ``None`` takes the connection's (and
+        shares its budget with the other tasks of the process).
+    :param blip2_conn_id: The ``blip2`` connection.
+    :param aws_conn_id: The AWS connection for ``s3://`` URIs.
+    :param gcp_conn_id: The Google Cloud connection for ``gs://`` URIs.
+    :param deferrable: Wait in the triggerer; defaults to ``[operators] default_deferrable``.
+    :param poll_interval: Seconds between two polls of the same prediction.
+    :param timeout: Seconds one prediction may take before it is cancelled and recorded as failed.
+    :param url_expiry: Lifetime in seconds of the signed URLs; default ``timeout`` plus an hour of queueing.
+    """
+
+    template_fields: Sequence[str] = ("images", "output_uri", "question", "questions", "context")
+    ui_color = "#d9cdf5"
+
+    def __init__(
+        self,
+        *,
+        images: str | list[str],
+        output_uri: str,
+        question: str | None = None,
+        questions: dict[str, str] | None = None,
+        caption: bool = False,
+        context: str | None = None,
+        temperature: float | str = 1.0,
+        use_nucleus_sampling: bool = False,
+        image_patterns: Sequence[str] = ("*.jpg", "*.jpeg", "*.png", "*.webp"),
+        max_failed_ratio: float = 0.0,
+        max_concurrency: int | None = None,
+        requests_per_minute: int | None = None,
+        blip2_conn_id: str = "blip2_default",
+        aws_conn_id: str = "aws_default",
+        gcp_conn_id: str = "google_cloud_default",
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 2.0,
+        timeout: float = 600.0,
+        url_expiry: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.images = images
+        self.output_uri = output_uri
+        self.question = question
+        self.questions = questions
+        self.caption = caption
+        self.context = context
+        self.temperature = temperature
+        self.use_nucleus_sampling = use_nucleus_sampling
+        self.image_patterns = tuple(image_patterns)
+        self.max_failed_ratio = max_failed_ratio
+        self.max_concurrency = max_concurrency
+        self.requests_per_minute = requests_per_minute
+        self.blip2_conn_id = blip2_conn_id
+        self.aws_conn_id = aws_conn_id
+        self.gcp_conn_id = gcp_conn_id
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.timeout = timeout
+        self.url_expiry = url_expiry
+        if not 0 <= max_failed_ratio <= 1:
+            raise ValueError(f"max_failed_ratio must be between 0 and 1, got {max_failed_ratio!r}")
+        if poll_interval <= 0 or timeout <= 0:
+            raise ValueError(f"poll_interval and timeout must be > 0, got {poll_interval} and {timeout}")
+        self._urls_by_key: dict[str, str] | None = None
+        self._waiting_for: list[str] = []
+
+    @cached_property
+    def hook(self) -> Blip2Hook:
+        """The hook of ``blip2_conn_id``, with this task's limits."""
+        from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+
+        return Blip2Hook(
+            blip2_conn_id=self.blip2_conn_id,
+            requests_per_minute=self.requests_per_minute,
+            max_concurrency=self.max_concurrency,
+        )
+
+    def _do_render_template_fields(self, parent: Any, *args: Any, **kwargs: Any) -> None:
+        """Render the templated fields, then mask http(s) image URLs that carry a query (a signature)."""
+        super()._do_render_template_fields(parent, *args, **kwargs)
+        if parent is self:
+            images = [self.images] if isinstance(self.images, str) else self.images or []
+            for image in images:
+                if isinstance(image, str) and image.startswith(("http://", "https://")) and "?" in image:
+                    mask_secret(image)
+
+    # ------------------------------------------------------------------------------------------
+    # Execution: every worker cycle records what ended, creates what fits, then waits.
+    # ------------------------------------------------------------------------------------------
+    def execute(self, context: Context) -> dict[str, Any]:
+        """List the images (or resume the stored batch), then run it."""
+        journal = self._journal(context)
+        state = journal.load()
+        if state is None:
+            state = journal.start(self._items())
+            self.log.info("Starting a batch of %d predictions", len(state.items))
+        else:
+            self.log.info("Resuming the stored batch: %s", state.progress_line())
+            self._release_cancelled(journal, state)
+        return self._run(context, journal, state, None)
+
+    def _release_cancelled(self, journal: BatchJournal, state: BatchState) -> None:
+        """
+        On a new try, predict again the items whose prediction was cancelled in flight.
+
+        That happens when a user cleared or failed the deferred task: its trigger cancels the
+        predictions it was waiting for. Their items are predicted again instead of counting as failed.
+        """
+        journal.begin_cycle(state)
+        for index, (prediction_id, _deadline) in state.in_flight.items():
+            try:
+                status = self.hook.get_prediction(prediction_id).status
+            except Blip2Error as error:
+                self.log.warning("Could not read prediction %s: %s", prediction_id, error)
+                continue
+            if status is PredictionStatus.CANCELLED:
+                self.log.info(
+                    "Prediction %s was cancelled in flight; its image is predicted again", prediction_id
+                )
+                journal.release(state, index)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """
+        Resume after the trigger's event: record the predictions that ended and go on.
+
+        :param context: The task context.
+        :param event: The trigger's payload.
+        """
+        journal = self._journal(context)
+        state = journal.load()
+        if state is None:
+            raise AirflowException("The batch's progress is missing (task state store, or XCom before 3.3)")
+        return self._run(context, journal, state, event)
+
+    def _run(
+        self, context: Context, journal: BatchJournal, state: BatchState, event: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        while True:
+            journal.begin_cycle(state)
+            if event is not None:
+                self._record_event(journal, state, event)
+            self._create_predictions(journal, state)
+            journal.flush()
+            self.log.info("Batch progress: %s", state.progress_line())
+            if state.done:
+                return self._finish(context, state)
+            trigger = self._trigger(state, (event or {}).get("polled") or {})
+            if self.deferrable:
+                self.defer(trigger=trigger, method_name="execute_complete")
+            event = _first_event(trigger)
+
+    def _items(self) -> list[BatchItem]:
+        """Resolve ``images`` to the batch's items, failing before any create on bad input."""
+
+        try:
+            self.storage.check_writable(self.output_uri)
+            uris: list[str] = []
+            for entry in _image_list(self.images):
+                if is_remote_object(entry) and (isinstance(self.images, str) or entry.endswith("/")):
+                    listed = self.storage.list_images(entry, self.image_patterns)
+                    self.log.info("Found %d images under %s", len(listed), entry)
+                    uris += listed
+                else:
+                    uris.append(entry)
+            uris = list(dict.fromkeys(uris))
+            self.storage.check_all_exist([uri for uri in uris if is_remote_object(uri)])
+            keys = [image_key(uri) for uri in uris]
+            items = build_items(keys, questions=self.questions, question=self.question, caption=self.caption)
+            for item in {(item.question,): item for item in items}.values():
+                self._prediction_input(item, "https://images.invalid/check.jpg")
+        except (StorageError, Blip2InputError, ValueError) as error:
+            raise AirflowFailException(f"Invalid batch for task {self.task_id}: {error}") from error
+        if not items:
+            self.log.warning("No images to predict: %s matched nothing", self.images)
+        return items
+
+    def _image_url(self, key: str) -> str:
+        """
+        The image URI behind a journal key.
+
+        http(s) URLs with a query (perhaps a signature) are kept in the journal as a redacted key;
+        the URL itself comes from ``images``, rendered again on every run.
+        """
+        if "?<redacted" not in key:
+            return key
+        if self._urls_by_key is None:
+            self._urls_by_key = {image_key(url): url for url in _image_list(self.images)}
+        url = self._urls_by_key.get(key)
+        if url is None:
+            raise AirflowFailException(
+                f"images no longer holds the URL of {key} (they changed since the batch started); "
+                "give the same list to every try, or clear the task's state to start over"
+            )
+        return url
+
+    def _prediction_input(self, item: BatchItem, url: str) -> PredictionInput:
+
+        return self.hook.prediction_input(
+            url,
+            question=None if item.captions else item.question,
+            context=self.context,
+            caption=item.captions,
+            temperature=self.temperature,
+            use_nucleus_sampling=self.use_nucleus_sampling,
+        )
+
+    def _create_predictions(self, journal: BatchJournal, state: BatchState) -> None:
+        """Create predictions for pending items while slots are free; record each at once."""
+        free = self.hook.settings.max_concurrency - len(state.in_flight)
+        expires_in = url_expiry(self.url_expiry, self.timeout)
+        for index in state.pending()[: max(0, free)]:
+            item = state.items[index]
+            try:
+                url = self.storage.signed_url(self._image_url(item.image), expires_in=expires_in)
+                prediction_id = self.hook.submit_prediction(self._prediction_input(item, url))
+            except SigningError as error:
+                raise AirflowFailException(str(error)) from error
+            except (
+                StorageError,
+                Blip2InputError,
+                Blip2BadRequestError,
+                Blip2UnprocessableError,
+                # An ambiguous create may exist and cost money: never created again, reported as failed.
+                Blip2AmbiguousCreateError,
+            ) as error:
+                journal.record_finished(state, {index: PredictionOutcome("error", error=str(error))})
+                continue
+            journal.record_created(state, index, prediction_id, time.time() + self.timeout)
+
+    def _record_event(self, journal: BatchJournal, state: BatchState, event: dict[str, Any]) -> None:
+
+        budget = self.hook.budget()
+        budget.note_requests(event.get("recent_requests") or [])
+        results = {}
+        for prediction_id, payload in (event.get("finished") or {}).items():
+            index = state.index_of(prediction_id)
+            if index is None:
+                continue
+            result = PredictionOutcome.from_json(payload)
+            budget.prediction_finished(prediction_id)
+            if result.status == "timeout":
+                self._cancel_quietly(prediction_id)
+                result = PredictionOutcome(
+                    "timeout",
+                    error=f"did not finish within {self.timeout:g} s; it was cancelled",
+                    prediction_id=prediction_id,
+                )
+            elif result.failed:
+                self.log.warning("%s: %s", state.items[index].label, result.error)
+            results[index] = result
+        journal.record_finished(state, results)
+
+    def _trigger(self, state: BatchState, polled: dict[str, float]) -> Blip2BatchPredictionTrigger:
+        """The trigger for the in-flight predictions; ``polled``: when the last trigger read them."""
+        from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
+
+        in_flight = state.in_flight
+        # First read a poll interval after the create, or after the previous trigger's last read.
+        poll_from = {
+            pid: max(deadline - self.timeout, float(polled.get(pid, 0.0))) + self.poll_interval
+            for pid, deadline in in_flight.values()
+        }
+        if state.pending():
+            # Come back when half the slots are free: each round trip through the scheduler costs
+            # seconds in which no request is sent, so it must refill several slots at once.
+            resume_after = max(1, self.hook.settings.max_concurrency // 2) if self.deferrable else 1
+        else:
+            resume_after = len(in_flight)
+        self._waiting_for = [pid for pid, _deadline in in_flight.values()]
+        return Blip2BatchPredictionTrigger(
+            predictions=dict(in_flight.values()),
+            poll_from=poll_from,
+            blip2_conn_id=self.blip2_conn_id,
+            poll_interval=self.poll_interval,
+            resume_after=resume_after,
+            recent_requests=self.hook.budget().recent_requests(),
+            requests_per_minute=self.requests_per_minute,
+            max_concurrency=self.max_concurrency,
+        )
+
+    def _finish(self, context: Context, state: BatchState) -> dict[str, Any]:
+        """Write the results, return the summary; fail if too many predictions failed."""
+        self.storage.write_bytes(
+            self.output_uri, state.result_lines().encode(), content_type="application/x-ndjson"
+        )
+        summary = state.summary(self.output_uri)
+        self.log.info("Batch finished: %s", summary)
+        if failed_ratio_exceeded(state, self.max_failed_ratio):
+            raise AirflowFailException(
+                f"{summary['failed']} of {summary['total']} predictions failed, more than "
+                f"max_failed_ratio={self.max_failed_ratio:g} allows; results in {self.output_uri}"
+            )
+        _forget_progress(context)
+        return summary
+
+    def _journal(self, context: Context) -> BatchJournal:
+
+        store: Any = context.get("task_state_store")  # type: ignore[call-overload]
+        if store is None:
+            self.log.warning("No task state store (Airflow < 3.3): progress lasts one try, not retries")
+            store = _XComStore(context)
+        return BatchJournal(store)
+
+    def on_kill(self) -> None:
+        """Cancel the predictions this try waits for on the worker (``deferrable=False``)."""
+        for prediction_id in self._waiting_for:
+            self._cancel_quietly(prediction_id)
+
+
+def _image_list(images: Any) -> list[str]:
+    """Validate a list of image URIs (or one URL), keeping the first of duplicates."""
+    values = [images] if isinstance(images, str) else list(images or [])
+    uris: dict[str, None] = {}
+    for value in values:
+        if not isinstance(value, str) or not value.startswith(("https://", "http://", "s3://", "gs://")):
+            raise ValueError(f"images: {value!r} is not an https://, http://, s3:// or gs:// URI")
+        uris.setdefault(value, None)
+    return list(uris)
+
+
+def _first_event(trigger: BaseTrigger) -> dict[str, Any]:
+    """Run a trigger on the worker (``deferrable=False``) and return its event's payload."""
+    import asyncio
+
+    async def first() -> dict[str, Any]:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise AirflowException(f"{type(trigger).__name__} ended without an event")
+
+    return asyncio.run(first())
+
+
+class _XComStore:
+    """The journal's store before Airflow 3.3: this task instance's XCom (kept across deferrals)."""
+
+    def __init__(self, context: Context) -> None:
+        self.ti = context["ti"]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.ti.xcom_pull(task_ids=self.ti.task_id, key=key, map_indexes=self.ti.map_index)
+        return default if value is None else value
+
+    def set(self, key: str, value: Any) -> None:
+        self.ti.xcom_push(key=key, value=value)
+
+
+def _forget_progress(context: Context) -> None:
+    """Drop the finished batch's progress, so a cleared task predicts again."""
+    store = context.get("task_state_store")  # type: ignore[call-overload]
+    if store is not None:
+        store.clear()
