@@ -2,8 +2,10 @@
 The client-side request budget: requests per minute and predictions in flight, per connection.
 
 One :class:`RequestBudget` per connection and process (from :func:`budget_for`) is shared by the
-threads of a worker and the event loop of a triggerer. It never blocks by itself: the reserve
-methods say how long to wait, and :func:`wait_sync` / :func:`wait_async` sleep that long.
+threads of a worker and the event loop of a triggerer; :class:`~.shared_budget.SharedBudget` counts
+the same limits in Redis for a whole deployment. Neither blocks by itself: the reserve methods say
+how long to wait, and :func:`wait_sync` / :func:`wait_async` sleep that long. Both slow their pace
+(:class:`Pace`) after a 429 they did not expect, and recover it gradually.
 """
 
 from __future__ import annotations
@@ -12,7 +14,103 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+
+class Pace:
+    """
+    How much of its request rate a budget uses: cut after an unexpected 429, recovered step by step.
+
+    A 429 that the budget let through means that something else spends the same API key (another
+    process without a shared budget, another deployment): the budget halves its rate at most once
+    per ``cooldown`` seconds, down to ``floor``, then wins back ``step`` of it per request answered
+    without a 429, as additive-increase, multiplicative-decrease congestion control does.
+
+    :param floor: The smallest share of the rate it keeps.
+    :param step: Share of the rate won back per request answered without a 429.
+    :param cooldown: Seconds in which several 429s count as one (they come in bursts).
+    :param clock: Monotonic clock.
+    """
+
+    def __init__(
+        self,
+        *,
+        floor: float = 0.1,
+        step: float = 0.02,
+        cooldown: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.floor = floor
+        self.step = step
+        self.cooldown = cooldown
+        self._clock = clock
+        self.share = 1.0
+        self._last_cut = -float("inf")
+
+    def limit(self, requests_per_minute: int) -> int:
+        """The requests per window this pace allows: at least 1."""
+        return max(1, int(requests_per_minute * self.share))
+
+    def answered(self, *, rate_limited: bool) -> None:
+        """
+        Take one answer into account.
+
+        :param rate_limited: Whether it was a 429.
+        """
+        now = self._clock()
+        if rate_limited:
+            if now - self._last_cut >= self.cooldown:
+                self.share = max(self.floor, self.share / 2)
+                self._last_cut = now
+        else:
+            self.share = min(1.0, self.share + self.step)
+
+
+class Budget(Protocol):
+    """What the hook needs of a budget, local (:class:`RequestBudget`) or shared (Redis)."""
+
+    @property
+    def requests_per_minute(self) -> int:
+        """Requests allowed in any window."""
+
+    @property
+    def max_concurrency(self) -> int:
+        """Predictions allowed in flight."""
+
+    def reserve_request(self) -> float:
+        """Take a request slot and return 0, or return the seconds to wait before asking again."""
+
+    async def areserve_request(self) -> float:
+        """:meth:`reserve_request` without blocking the event loop."""
+
+    def request_done(self, *, rate_limited: bool = False) -> None:
+        """Mark a reserved request answered or failed; ``rate_limited`` when it was a 429."""
+
+    async def arequest_done(self, *, rate_limited: bool = False) -> None:
+        """:meth:`request_done` without blocking the event loop."""
+
+    def reserve_prediction(self) -> float:
+        """Take a slot for a prediction about to be created; 0, or seconds to wait."""
+
+    def prediction_created(self, prediction_id: str | None) -> None:
+        """Turn a reserved slot into a tracked prediction (``None`` when the create failed)."""
+
+    def prediction_finished(self, prediction_id: str) -> None:
+        """Free the slot of a prediction seen finished."""
+
+    async def aprediction_finished(self, prediction_id: str) -> None:
+        """:meth:`prediction_finished` without blocking the event loop."""
+
+    @property
+    def in_flight(self) -> int:
+        """Predictions counted against ``max_concurrency``."""
+
+    def recent_requests(self) -> list[float]:
+        """Unix times of this process's requests that still count (for a handover)."""
+
+    def note_requests(self, unix_times: Sequence[float]) -> None:
+        """Count requests another process made, from its :meth:`recent_requests`."""
 
 
 class RequestBudget:
@@ -32,6 +130,7 @@ class RequestBudget:
     :param window: Window length in seconds.
     :param in_flight_ttl: Seconds after which an unfinished prediction stops counting (a safety net).
     :param clock: Monotonic clock.
+    :param pace: How much of ``requests_per_minute`` it uses after unexpected 429s.
     """
 
     def __init__(
@@ -42,6 +141,7 @@ class RequestBudget:
         window: float = 60.0,
         in_flight_ttl: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        pace: Pace | None = None,
     ):
         self.requests_per_minute = requests_per_minute
         self.max_concurrency = max_concurrency
@@ -53,6 +153,7 @@ class RequestBudget:
         self._open_requests = 0
         self._in_flight: dict[str, float] = {}
         self._pending_slots = 0
+        self.pace = pace or Pace(clock=clock)
 
     def reserve_request(self) -> float:
         """Take a request slot and return 0, or return the seconds to wait before asking again."""
@@ -61,16 +162,33 @@ class RequestBudget:
             finished = self._finished_requests
             while finished and finished[0] <= now - self.window:
                 finished.popleft()
-            if len(finished) + self._open_requests < self.requests_per_minute:
+            limit = self.pace.limit(self.requests_per_minute)
+            if len(finished) + self._open_requests < limit:
                 self._open_requests += 1
                 return 0.0
-            return max(0.001, finished[0] + self.window - now) if finished else 0.05
+            surplus = len(finished) + self._open_requests - limit
+            if surplus >= len(finished):
+                return 0.05
+            return max(0.001, finished[surplus] + self.window - now)
 
-    def request_done(self) -> None:
-        """Mark a reserved request finished (answered or failed): it counts for ``window`` from now."""
+    async def areserve_request(self) -> float:
+        """:meth:`reserve_request`; it never blocks."""
+        return self.reserve_request()
+
+    def request_done(self, *, rate_limited: bool = False) -> None:
+        """
+        Mark a reserved request finished (answered or failed): it counts for ``window`` from now.
+
+        :param rate_limited: Whether the server answered 429 (the pace slows down).
+        """
         with self._lock:
             self._open_requests = max(0, self._open_requests - 1)
             self._finished_requests.append(self._clock())
+            self.pace.answered(rate_limited=rate_limited)
+
+    async def arequest_done(self, *, rate_limited: bool = False) -> None:
+        """:meth:`request_done`; it never blocks."""
+        self.request_done(rate_limited=rate_limited)
 
     def reserve_prediction(self) -> float:
         """Take a slot for a prediction about to be created; 0, or seconds to wait before asking again."""
@@ -95,6 +213,10 @@ class RequestBudget:
         """Free the slot of a prediction seen finished or handed to another process."""
         with self._lock:
             self._in_flight.pop(prediction_id, None)
+
+    async def aprediction_finished(self, prediction_id: str) -> None:
+        """:meth:`prediction_finished`; it never blocks."""
+        self.prediction_finished(prediction_id)
 
     @property
     def in_flight(self) -> int:
@@ -178,12 +300,13 @@ def wait_sync(reserve: Callable[[], float]) -> None:
         time.sleep(delay)
 
 
-async def wait_async(reserve: Callable[[], float]) -> None:
+async def wait_async(reserve: Callable[[], Awaitable[float]]) -> None:
     """
     :func:`wait_sync` for coroutines.
 
-    :param reserve: :meth:`RequestBudget.reserve_request` or :meth:`RequestBudget.reserve_prediction`.
+    :param reserve: :meth:`Budget.areserve_request`.
     """
-    # The budget is shared with threads, so an asyncio.Event cannot signal it: sleep the wait it names.
-    while (delay := reserve()) > 0:  # noqa: ASYNC110
+    # The budget is shared with threads and processes, so no asyncio.Event can signal it: sleep the
+    # wait it names.
+    while (delay := await reserve()) > 0:  # noqa: ASYNC110
         await asyncio.sleep(delay)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,13 +72,25 @@ class RetryPolicy:
         ceiling = min(self.max_wait, self.initial_wait * (2 ** (attempt - 1)))
         return (rng or random).uniform(ceiling / 2, ceiling)
 
-    def tenacity_arguments(self, request: ApiRequest, log: logging.Logger | Any) -> dict[str, Any]:
+    def tenacity_arguments(
+        self, request: ApiRequest, log: logging.Logger | Any, *, patient_until: float | None = None
+    ) -> dict[str, Any]:
         """
         Keyword arguments of ``tenacity.Retrying`` / ``AsyncRetrying`` applying this policy.
 
         :param request: The request being retried.
         :param log: Where each retry is logged as a warning.
+        :param patient_until: Unix time until which 429 answers are retried however many there
+            are (a 429 creates nothing: it is back-pressure, not a failure); ``None`` applies
+            ``max_attempts`` and ``max_elapsed`` to them too.
         """
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            error = state.outcome.exception() if state.outcome else None
+            if patient_until is not None and isinstance(error, Blip2RateLimitError):
+                return time.time() >= patient_until
+            seconds = state.seconds_since_start or 0.0
+            return state.attempt_number >= self.max_attempts or seconds >= self.max_elapsed
 
         def wait(state: tenacity.RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
@@ -86,10 +99,9 @@ class RetryPolicy:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             log.warning(
-                "BLIP-2 %s failed (attempt %d of %d), retrying in %.1f s: %s",
+                "BLIP-2 %s failed (attempt %d), retrying in %.1f s: %s",
                 request.label,
                 state.attempt_number,
-                self.max_attempts,
                 state.upcoming_sleep,
                 error,
             )

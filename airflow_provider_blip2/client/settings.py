@@ -42,7 +42,7 @@ class ConnectionField:
     label: str
     description: str
     type: str
-    default: str | int
+    default: str | int | None
     minimum: int | None = None
 
     def to_provider_info(self) -> dict[str, Any]:
@@ -73,7 +73,8 @@ CONNECTION_FIELDS: tuple[ConnectionField, ...] = (
     ConnectionField(
         "requests_per_minute",
         "Requests per minute",
-        "Client-side budget shared by every task and trigger of one process (API limit: 60).",
+        "Client-side budget of every task and trigger of one process, or of the whole deployment "
+        "with a Redis connection (API limit: 60).",
         "integer",
         DEFAULT_REQUESTS_PER_MINUTE,
         minimum=1,
@@ -81,10 +82,19 @@ CONNECTION_FIELDS: tuple[ConnectionField, ...] = (
     ConnectionField(
         "max_concurrency",
         "Max predictions in flight",
-        "Predictions one process keeps running at once (API limit: 10).",
+        "Predictions kept running at once: by one process, or by the whole deployment with a "
+        "Redis connection (API limit: 10).",
         "integer",
         DEFAULT_MAX_CONCURRENCY,
         minimum=1,
+    ),
+    ConnectionField(
+        "redis_conn_id",
+        "Redis connection id (shared budget)",
+        "An Airflow Redis connection: every worker and triggerer then shares the requests per "
+        "minute and the predictions in flight above. Empty: each process keeps its own budget.",
+        "string",
+        None,
     ),
 )
 
@@ -145,6 +155,8 @@ class ClientSettings:
     :param max_concurrency: Client-side limit of predictions in flight.
     :param rate_window: Seconds of the window ``requests_per_minute`` counts over: 60, except
         against an emulator whose time is scaled (``time_scale * 60``).
+    :param redis_conn_id: An Airflow Redis connection holding the deployment-wide budget, or
+        ``None`` for a budget per process.
     """
 
     base_url: str
@@ -155,6 +167,7 @@ class ClientSettings:
     requests_per_minute: int = DEFAULT_REQUESTS_PER_MINUTE
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     rate_window: float = DEFAULT_RATE_WINDOW
+    redis_conn_id: str | None = None
 
     def with_limits(
         self, *, requests_per_minute: int | None = None, max_concurrency: int | None = None
@@ -205,6 +218,7 @@ class ClientSettings:
                 "max_concurrency", value("max_concurrency", DEFAULT_MAX_CONCURRENCY)
             ),
             rate_window=check_positive_number("rate_window", value("rate_window", DEFAULT_RATE_WINDOW)),
+            redis_conn_id=str(extra.get("redis_conn_id") or "").strip() or None,
         )
 
 

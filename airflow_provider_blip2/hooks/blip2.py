@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 import tenacity
+from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook
 from requests.adapters import HTTPAdapter
 
-from airflow_provider_blip2.client.budget import RequestBudget, budget_for, wait_async, wait_sync
+from airflow_provider_blip2.client.budget import Budget, budget_for, wait_async, wait_sync
 from airflow_provider_blip2.client.errors import (
     Blip2AuthenticationError,
     Blip2Error,
@@ -31,6 +32,13 @@ from airflow_provider_blip2.client.settings import (
     DEFAULT_BASE_URL,
     UI_FIELD_BEHAVIOUR,
     ClientSettings,
+)
+from airflow_provider_blip2.client.shared_budget import (
+    BudgetScope,
+    RedisParams,
+    account_scope_name,
+    redis_params,
+    shared_budget_for,
 )
 from airflow_provider_blip2.client.wire import (
     ApiRequest,
@@ -50,6 +58,8 @@ from airflow_provider_blip2.client.wire import (
 if TYPE_CHECKING:
     import httpx
 
+#: Seconds a create waits out 429 answers by default (nothing is created by a 429).
+CREATE_PATIENCE = 600.0
 # An id no prediction has: reading it tells a valid key (404) from an invalid one (401).
 _PROBE_PREDICTION_ID = "00000000-0000-4000-8000-000000000000"
 
@@ -92,6 +102,8 @@ class Blip2Hook(BaseHook):
         self.requests_per_minute = requests_per_minute
         self.max_concurrency = max_concurrency
         self._settings: ClientSettings | None = None
+        self._connection_settings: ClientSettings | None = None
+        self._budget: Budget | None = None
         self._session: requests.Session | None = None
         self._async_client: httpx.AsyncClient | None = None
 
@@ -139,55 +151,90 @@ class Blip2Hook(BaseHook):
     # ----------------------------------------------------------------------------------------------
     @property
     def settings(self) -> ClientSettings:
-        """The connection's settings, read (synchronously) on first use."""
+        """The connection's settings (with this hook's own limits), read synchronously on first use."""
         if self._settings is None:
             conn = self.get_connection(self.blip2_conn_id)
-            self._settings = self._with_own_limits(
-                ClientSettings.from_connection_values(
-                    host=conn.host, password=conn.password, extra=conn.extra_dejson
-                )
-            )
-        return self._settings
+            self._use_connection(conn.host, conn.password, conn.extra_dejson)
+        return self._settings  # type: ignore[return-value]
 
     async def aget_settings(self) -> ClientSettings:
         """The connection's settings, resolved without blocking the event loop."""
         if self._settings is None:
-            from airflow.providers.common.compat.connection import (
-                get_async_connection,
-                get_async_extra_dejson,
-            )
-
             conn = await get_async_connection(self.blip2_conn_id, hook=self)
-            extra = await get_async_extra_dejson(conn)
-            self._settings = self._with_own_limits(
-                ClientSettings.from_connection_values(host=conn.host, password=conn.password, extra=extra)
-            )
-        return self._settings
+            self._use_connection(conn.host, conn.password, await get_async_extra_dejson(conn))
+        return self._settings  # type: ignore[return-value]
 
-    def _with_own_limits(self, settings: ClientSettings) -> ClientSettings:
-        return settings.with_limits(
+    def _use_connection(self, host: str | None, password: str | None, extra: dict[str, Any]) -> None:
+        self._connection_settings = ClientSettings.from_connection_values(
+            host=host, password=password, extra=extra
+        )
+        self._settings = self._connection_settings.with_limits(
             requests_per_minute=self.requests_per_minute, max_concurrency=self.max_concurrency
         )
 
-    def budget(self) -> RequestBudget:
-        """The request budget this hook's calls are paced by (shared per connection in a process)."""
-        return self._budget(self.settings)
+    def budget(self) -> Budget:
+        """
+        The request budget this hook's calls are paced by.
 
-    async def abudget(self) -> RequestBudget:
-        """:meth:`budget`, resolving the connection without blocking the event loop."""
-        return self._budget(await self.aget_settings())
+        Without ``redis_conn_id`` it is shared by the hooks and triggers of one process; with it, by
+        every process of the deployment (see :mod:`~airflow_provider_blip2.client.shared_budget`).
+        """
+        if self._budget is None:
+            settings = self.settings
+            redis = None
+            if settings.redis_conn_id:
+                try:
+                    conn = self.get_connection(settings.redis_conn_id)
+                    redis = redis_params(conn.host, conn.port, conn.login, conn.password, conn.extra_dejson)
+                except Exception as error:
+                    self._redis_unusable(settings.redis_conn_id, error)
+            self._budget = self._make_budget(redis)
+        return self._budget
 
-    def _budget(self, settings: ClientSettings) -> RequestBudget:
+    async def abudget(self) -> Budget:
+        """:meth:`budget`, resolving the connections without blocking the event loop."""
+        if self._budget is None:
+            settings = await self.aget_settings()
+            redis = None
+            if settings.redis_conn_id:
+                try:
+                    conn = await get_async_connection(settings.redis_conn_id)
+                    extra = await get_async_extra_dejson(conn)
+                    redis = redis_params(conn.host, conn.port, conn.login, conn.password, extra)
+                except Exception as error:
+                    self._redis_unusable(settings.redis_conn_id, error)
+            self._budget = self._make_budget(redis)
+        return self._budget
+
+    def _redis_unusable(self, conn_id: str, error: Exception) -> None:
+        self.log.warning(
+            "Redis connection %r of the shared BLIP-2 budget is unusable (%s); this process paces "
+            "itself on its own budget",
+            conn_id,
+            error,
+        )
+
+    def _make_budget(self, redis: RedisParams | None) -> Budget:
+        settings = self.settings
         own_limits = self.requests_per_minute is not None or self.max_concurrency is not None
-        return budget_for(
-            f"{self.blip2_conn_id}[{settings.requests_per_minute}/{settings.max_concurrency}]"
-            if own_limits
-            else self.blip2_conn_id,
+        limits = f"{settings.requests_per_minute}/{settings.max_concurrency}"
+        local = budget_for(
+            f"{self.blip2_conn_id}[{limits}]" if own_limits else self.blip2_conn_id,
             settings.base_url,
             settings.requests_per_minute,
             settings.max_concurrency,
             settings.rate_window,
         )
+        if redis is None:
+            return local
+        connection = self._connection_settings or settings
+        account = account_scope_name(connection.base_url, connection.api_key)
+        scopes = [BudgetScope(account, connection.requests_per_minute, connection.max_concurrency)]
+        if own_limits:
+            scopes.append(
+                BudgetScope(f"{account}:{limits}", settings.requests_per_minute, settings.max_concurrency)
+            )
+        return shared_budget_for(scopes, redis, window=settings.rate_window, fallback=local, log=self.log)
 
     # ----------------------------------------------------------------------------------------------
     # Sync API
@@ -210,19 +257,25 @@ class Blip2Hook(BaseHook):
         """
         return self.submit_prediction(self.prediction_input(image, **inputs))
 
-    def submit_prediction(self, inputs: PredictionInput) -> str:
+    def submit_prediction(self, inputs: PredictionInput, *, patient_until: float | None = None) -> str:
         """
         Create a prediction from already validated inputs and return its id.
 
+        A 429 creates nothing, so it is retried (honouring Retry-After) until ``patient_until``.
+
         :param inputs: From :meth:`prediction_input`.
+        :param patient_until: Unix time until which 429 answers are waited out; default
+            :data:`CREATE_PATIENCE` seconds from now. Operators pass their task's deadline.
         """
         settings = self.settings
-        budget = self._budget(settings)
+        budget = self.budget()
         wait_sync(budget.reserve_prediction)
         prediction_id: str | None = None
+        deadline = time.time() + CREATE_PATIENCE if patient_until is None else patient_until
         try:
             body = build_create_body(inputs, model=settings.model, version=settings.model_version)
-            prediction_id = parse_create_response(self._send(create_prediction_request(body)))
+            response = self._send(create_prediction_request(body), patient_until=deadline)
+            prediction_id = parse_create_response(response)
         finally:
             budget.prediction_created(prediction_id)
         self.log.info("Created BLIP-2 prediction %s (%s)", prediction_id, inputs.describe())
@@ -234,8 +287,10 @@ class Blip2Hook(BaseHook):
 
         :param prediction_id: The prediction id.
         """
-        response = self._send(get_prediction_request(prediction_id))
-        return self._read(response, prediction_id, self.settings)
+        prediction = _parse(self._send(get_prediction_request(prediction_id)), prediction_id)
+        if prediction.status.is_terminal:
+            self.budget().prediction_finished(prediction_id)
+        return prediction
 
     def cancel_prediction(self, prediction_id: str) -> None:
         """
@@ -244,7 +299,7 @@ class Blip2Hook(BaseHook):
         :param prediction_id: The prediction id.
         """
         self._send(cancel_prediction_request(prediction_id))
-        self._budget(self.settings).prediction_finished(prediction_id)
+        self.budget().prediction_finished(prediction_id)
         self.log.info("Cancelled BLIP-2 prediction %s", prediction_id)
 
     def wait_for_prediction(
@@ -334,8 +389,10 @@ class Blip2Hook(BaseHook):
 
         :param prediction_id: The prediction id.
         """
-        response = await self._asend(get_prediction_request(prediction_id))
-        return self._read(response, prediction_id, await self.aget_settings())
+        prediction = _parse(await self._asend(get_prediction_request(prediction_id)), prediction_id)
+        if prediction.status.is_terminal:
+            await (await self.abudget()).aprediction_finished(prediction_id)
+        return prediction
 
     async def acancel_prediction(self, prediction_id: str) -> None:
         """
@@ -344,7 +401,7 @@ class Blip2Hook(BaseHook):
         :param prediction_id: The prediction id.
         """
         await self._asend(cancel_prediction_request(prediction_id))
-        self._budget(await self.aget_settings()).prediction_finished(prediction_id)
+        await (await self.abudget()).aprediction_finished(prediction_id)
         self.log.info("Cancelled BLIP-2 prediction %s", prediction_id)
 
     async def aclose(self) -> None:
@@ -359,43 +416,41 @@ class Blip2Hook(BaseHook):
             self._session.close()
             self._session = None
 
-    def _read(self, response: ApiResponse, prediction_id: str, settings: ClientSettings) -> Prediction:
-        """Parse a read; a finished prediction frees its slot in the budget."""
-        prediction = parse_prediction(response.json(), prediction_id=prediction_id)
-        if prediction.status.is_terminal:
-            self._budget(settings).prediction_finished(prediction_id)
-        return prediction
-
     # ----------------------------------------------------------------------------------------------
     # Transports: the only two places that do HTTP; every decision is the client package's.
     # ----------------------------------------------------------------------------------------------
-    def _send(self, request: ApiRequest) -> ApiResponse:
+    def _send(self, request: ApiRequest, *, patient_until: float | None = None) -> ApiResponse:
         settings = self.settings
-        budget = self._budget(settings)
+        budget = self.budget()
 
         def attempt() -> ApiResponse:
             wait_sync(budget.reserve_request)
+            status = None
             try:
                 response = self._send_once(settings, request)
+                status = response.status_code
             finally:
-                budget.request_done()
+                budget.request_done(rate_limited=status == 429)
             return check_response(request, response)
 
+        arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
         try:
-            return tenacity.Retrying(**self.retry_policy.tenacity_arguments(request, self.log))(attempt)
+            return tenacity.Retrying(**arguments)(attempt)
         except Blip2Error as error:
             raise final_error(request, error) from error
 
     async def _asend(self, request: ApiRequest) -> ApiResponse:
         settings = await self.aget_settings()
-        budget = self._budget(settings)
+        budget = await self.abudget()
 
         async def attempt() -> ApiResponse:
-            await wait_async(budget.reserve_request)
+            await wait_async(budget.areserve_request)
+            status = None
             try:
                 response = await self._asend_once(settings, request)
+                status = response.status_code
             finally:
-                budget.request_done()
+                await budget.arequest_done(rate_limited=status == 429)
             return check_response(request, response)
 
         try:
@@ -435,6 +490,10 @@ class Blip2Hook(BaseHook):
         except httpx.HTTPError as error:
             raise transport_error(request, error, sent=_httpx_error_was_sent(error)) from None
         return ApiResponse(answer.status_code, dict(answer.headers), answer.content)
+
+
+def _parse(response: ApiResponse, prediction_id: str) -> Prediction:
+    return parse_prediction(response.json(), prediction_id=prediction_id)
 
 
 def _requests_error_was_sent(error: requests.RequestException) -> bool:

@@ -294,7 +294,9 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             item = state.items[index]
             try:
                 url = self.storage.signed_url(self._image_url(item.image), expires_in=expires_in)
-                prediction_id = self.hook.submit_prediction(self._prediction_input(item, url))
+                prediction_id = self.hook.submit_prediction(
+                    self._prediction_input(item, url), patient_until=time.time() + self.timeout
+                )
             except SigningError as error:
                 raise AirflowFailException(str(error)) from error
             except (

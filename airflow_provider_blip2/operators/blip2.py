@@ -156,7 +156,9 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
 
     def submit_job(self, context: Context) -> str:
         """Create the prediction and push its id to XCom."""
-        self.prediction_id = self.hook.submit_prediction(self.prediction_input())
+        self.prediction_id = self.hook.submit_prediction(
+            self.prediction_input(), patient_until=time.time() + self.timeout
+        )
         context["ti"].xcom_push(key=PREDICTION_ID_XCOM_KEY, value=self.prediction_id)
         return self.prediction_id
 

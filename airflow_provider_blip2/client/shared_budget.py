@@ -1,0 +1,445 @@
+"""
+The request budget of a whole deployment, counted in Redis.
+
+Every process that uses a connection (workers and triggerers) counts its requests and its
+predictions in flight in the same Redis sorted sets, atomically, through the Lua scripts below
+(run with redis-py's ``register_script``, from threads and from the event loop alike). Redis's own
+clock (``TIME``) orders the window, so the machines' clocks need not agree. Predictions in flight
+expire from the count after ``in_flight_ttl``, so a crashed worker cannot leak slots.
+
+When Redis cannot be reached the budget says so once, falls back to the process's own
+:class:`~.budget.RequestBudget` and tries Redis again after ``retry_after`` seconds: a task never
+fails because of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_blip2.client.budget import Pace, RequestBudget
+
+#: Seconds an unanswered request counts, at most, before it is counted as answered.
+OPEN_REQUEST_TTL = 300.0
+#: Seconds a created prediction counts against ``max_concurrency`` unless it is seen finished.
+IN_FLIGHT_TTL = 900.0
+#: Seconds to wait before trying an unreachable Redis again.
+RETRY_REDIS_AFTER = 30.0
+#: Seconds a Redis command may take before the budget falls back (connect and read alike).
+REDIS_TIMEOUT = 2.0
+
+# KEYS: the request windows (one per scope). ARGV: token, window, open_ttl, then one limit per key.
+# Grants only if every window has room; then the token counts in all of them as an open request.
+_RESERVE_REQUEST = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local window, open_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+local wait = 0
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local surplus = redis.call('ZCARD', key) - tonumber(ARGV[3 + i])
+  if surplus >= 0 then
+    local entry = redis.call('ZRANGE', key, surplus, surplus, 'WITHSCORES')
+    local until_free = tonumber(entry[2]) + window - now
+    if until_free > open_ttl then until_free = 0.05 end
+    if until_free > wait then wait = until_free end
+  end
+end
+if wait > 0 then return tostring(wait) end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + open_ttl, ARGV[1])
+  redis.call('EXPIRE', key, math.ceil(window + open_ttl) + 1)
+end
+return '0'
+"""
+
+# KEYS: the request windows. ARGV: token. The request counts for a window from now.
+_REQUEST_DONE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for _, key in ipairs(KEYS) do redis.call('ZADD', key, 'XX', now, ARGV[1]) end
+return 1
+"""
+
+# KEYS: the in-flight sets. ARGV: token, ttl, then one limit per key. 1 when granted, else 0.
+_RESERVE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) >= tonumber(ARGV[2 + i]) then return 0 end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('EXPIRE', key, math.ceil(tonumber(ARGV[2])) + 1)
+end
+return 1
+"""
+
+# KEYS: the in-flight sets. ARGV: token, prediction id ('' when the create failed), ttl.
+_SLOT_CREATED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for _, key in ipairs(KEYS) do
+  redis.call('ZREM', key, ARGV[1])
+  if ARGV[2] ~= '' then redis.call('ZADD', key, now + tonumber(ARGV[3]), ARGV[2]) end
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class BudgetScope:
+    """
+    One set of limits counted in Redis.
+
+    :param name: Key prefix of its sorted sets.
+    :param requests_per_minute: Requests allowed in any window.
+    :param max_concurrency: Predictions allowed in flight.
+    """
+
+    name: str
+    requests_per_minute: int
+    max_concurrency: int
+
+
+@dataclass(frozen=True)
+class RedisParams:
+    """
+    How to reach Redis: the keyword arguments of ``redis.Redis`` and ``redis.asyncio.Redis``.
+
+    :param kwargs: ``host``, ``port``, ``db``, ``username``, ``password`` and the ``ssl*`` options.
+    """
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[tuple[str, str], ...]:
+        """A hashable identity (the password only as a digest)."""
+        items = {k: str(v) for k, v in self.kwargs.items() if k != "password"}
+        items["password"] = hashlib.sha256(str(self.kwargs.get("password")).encode()).hexdigest()[:12]
+        return tuple(sorted(items.items()))
+
+
+class SharedBudget:
+    """
+    Requests per minute and predictions in flight of one API key, counted in Redis for every process.
+
+    The first scope holds the account's limits (the connection's); a task with limits of its own
+    adds a second scope that caps it further. Requests count as in :class:`RequestBudget`: from their
+    reservation, until a window after they were answered. The pace of this process slows after a
+    429 it did not expect, as the local budget's does.
+
+    :param scopes: The limits, account-wide first.
+    :param redis: How to reach Redis.
+    :param window: Seconds of the request window.
+    :param fallback: The process's own budget, used while Redis cannot be reached.
+    :param log: Where the fallback is reported, once per outage.
+    :param in_flight_ttl: Seconds a created prediction counts unless seen finished.
+    """
+
+    def __init__(
+        self,
+        scopes: Sequence[BudgetScope],
+        redis: RedisParams,
+        *,
+        window: float,
+        fallback: RequestBudget,
+        log: logging.Logger | Any,
+        in_flight_ttl: float = IN_FLIGHT_TTL,
+    ) -> None:
+        self.scopes = list(scopes)
+        self.redis = redis
+        self.window = window
+        self.fallback = fallback
+        self.log = log
+        self.in_flight_ttl = in_flight_ttl
+        self.pace = Pace()
+        self._lock = threading.Lock()
+        self._open_tokens: deque[str] = deque()
+        self._slot_tokens: deque[str] = deque()
+        self._down_until = 0.0
+        self._outage_reported = False
+        self._sync_client: Any = None
+        self._async_clients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    @property
+    def requests_per_minute(self) -> int:
+        """The tightest requests-per-minute limit of the scopes."""
+        return min(scope.requests_per_minute for scope in self.scopes)
+
+    @property
+    def max_concurrency(self) -> int:
+        """The tightest predictions-in-flight limit of the scopes."""
+        return min(scope.max_concurrency for scope in self.scopes)
+
+    # ----------------------------------------------------------------------------------------------
+    # Requests
+    # ----------------------------------------------------------------------------------------------
+    def reserve_request(self) -> float:
+        """Take a request slot in Redis and return 0, or the seconds to wait; see the module."""
+        if not self._redis_up():
+            return self.fallback.reserve_request()
+        token = uuid.uuid4().hex
+        try:
+            script = self._script(_RESERVE_REQUEST)
+            wait = float(script(keys=self._keys("requests"), args=self._request_args(token)))
+        except Exception as error:
+            return self._fell_back(error, self.fallback.reserve_request)
+        return self._reserved(token, wait)
+
+    async def areserve_request(self) -> float:
+        """:meth:`reserve_request` without blocking the event loop."""
+        if not self._redis_up():
+            return self.fallback.reserve_request()
+        token = uuid.uuid4().hex
+        try:
+            script = self._ascript(_RESERVE_REQUEST)
+            wait = float(await script(keys=self._keys("requests"), args=self._request_args(token)))
+        except Exception as error:
+            return self._fell_back(error, self.fallback.reserve_request)
+        return self._reserved(token, wait)
+
+    def request_done(self, *, rate_limited: bool = False) -> None:
+        """Count a reserved request from now on; ``rate_limited`` when it was a 429."""
+        self.pace.answered(rate_limited=rate_limited)
+        token = self._pop(self._open_tokens)
+        if token is None:
+            self.fallback.request_done(rate_limited=rate_limited)
+            return
+        try:
+            self._script(_REQUEST_DONE)(keys=self._keys("requests"), args=[token])
+        except Exception as error:
+            self._fell_back(error, lambda: None)
+
+    async def arequest_done(self, *, rate_limited: bool = False) -> None:
+        """:meth:`request_done` without blocking the event loop."""
+        self.pace.answered(rate_limited=rate_limited)
+        token = self._pop(self._open_tokens)
+        if token is None:
+            self.fallback.request_done(rate_limited=rate_limited)
+            return
+        try:
+            await self._ascript(_REQUEST_DONE)(keys=self._keys("requests"), args=[token])
+        except Exception as error:
+            self._fell_back(error, lambda: None)
+
+    # ----------------------------------------------------------------------------------------------
+    # Predictions in flight (created on workers, which are synchronous)
+    # ----------------------------------------------------------------------------------------------
+    def reserve_prediction(self) -> float:
+        """Take a slot for a prediction about to be created; 0, or seconds to wait."""
+        if not self._redis_up():
+            return self.fallback.reserve_prediction()
+        token = uuid.uuid4().hex
+        args = [token, self.in_flight_ttl, *(scope.max_concurrency for scope in self.scopes)]
+        try:
+            granted = int(self._script(_RESERVE_SLOT)(keys=self._keys("in_flight"), args=args))
+        except Exception as error:
+            return self._fell_back(error, self.fallback.reserve_prediction)
+        if not granted:
+            return 0.25
+        self._slot_tokens.append(token)
+        return 0.0
+
+    def prediction_created(self, prediction_id: str | None) -> None:
+        """Turn a reserved slot into the prediction's (``None`` when the create failed)."""
+        token = self._pop(self._slot_tokens)
+        if token is None:
+            self.fallback.prediction_created(prediction_id)
+            return
+        try:
+            args = [token, prediction_id or "", self.in_flight_ttl]
+            self._script(_SLOT_CREATED)(keys=self._keys("in_flight"), args=args)
+        except Exception as error:
+            self._fell_back(error, lambda: None)
+
+    def prediction_finished(self, prediction_id: str) -> None:
+        """Free the slot of a prediction seen finished, whichever process created it."""
+        self.fallback.prediction_finished(prediction_id)
+        if self._redis_up():
+            try:
+                client = self._client()
+                for key in self._keys("in_flight"):
+                    client.zrem(key, prediction_id)
+            except Exception as error:
+                self._fell_back(error, lambda: None)
+
+    async def aprediction_finished(self, prediction_id: str) -> None:
+        """:meth:`prediction_finished` without blocking the event loop."""
+        self.fallback.prediction_finished(prediction_id)
+        if self._redis_up():
+            try:
+                client = self._aclient()
+                for key in self._keys("in_flight"):
+                    await client.zrem(key, prediction_id)
+            except Exception as error:
+                self._fell_back(error, lambda: None)
+
+    @property
+    def in_flight(self) -> int:
+        """Predictions counted in Redis against the account's ``max_concurrency``."""
+        if not self._redis_up():
+            return self.fallback.in_flight
+        try:
+            key = self._keys("in_flight")[0]
+            return int(self._client().zcount(key, f"({time.time()}", "+inf"))
+        except Exception as error:
+            return self._fell_back(error, lambda: self.fallback.in_flight)
+
+    def recent_requests(self) -> list[float]:
+        """Nothing to hand over while Redis counts every process's requests; else the fallback's."""
+        return self.fallback.recent_requests()
+
+    def note_requests(self, unix_times: Sequence[float]) -> None:
+        """Count another process's requests in the fallback (Redis already counts them)."""
+        self.fallback.note_requests(unix_times)
+
+    # ----------------------------------------------------------------------------------------------
+    # Redis
+    # ----------------------------------------------------------------------------------------------
+    def _keys(self, kind: str) -> list[str]:
+        return [f"blip2:budget:{scope.name}:{kind}" for scope in self.scopes]
+
+    def _request_args(self, token: str) -> list[Any]:
+        limits = [self.pace.limit(self.scopes[0].requests_per_minute)]
+        limits += [scope.requests_per_minute for scope in self.scopes[1:]]
+        return [token, self.window, OPEN_REQUEST_TTL, *limits]
+
+    def _reserved(self, token: str, wait: float) -> float:
+        """Redis answered a reservation: keep the token if it was granted."""
+        self._outage_reported = False
+        if wait == 0:
+            self._open_tokens.append(token)
+        return wait
+
+    def _redis_up(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _fell_back(self, error: Exception, fallback: Any) -> Any:
+        """Note an unreachable Redis (logged once per outage) and answer from the fallback."""
+        with self._lock:
+            first, self._outage_reported = not self._outage_reported, True
+            self._down_until = time.monotonic() + RETRY_REDIS_AFTER
+            self._open_tokens.clear()
+            self._slot_tokens.clear()
+        if first:
+            self.log.warning(
+                "The shared BLIP-2 request budget in Redis is unreachable (%s: %s); this process "
+                "paces itself on its own budget and tries Redis again in %.0f s",
+                type(error).__name__,
+                error,
+                RETRY_REDIS_AFTER,
+            )
+        return fallback()
+
+    def _pop(self, tokens: deque[str]) -> str | None:
+        try:
+            return tokens.popleft()
+        except IndexError:
+            return None
+
+    def _client(self) -> Any:
+        with self._lock:
+            if self._sync_client is None:
+                import redis
+
+                self._sync_client = redis.Redis(**self._client_kwargs())
+            return self._sync_client
+
+    def _aclient(self) -> Any:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        client = self._async_clients.get(loop)
+        if client is None:
+            import redis.asyncio
+
+            client = self._async_clients[loop] = redis.asyncio.Redis(**self._client_kwargs())
+        return client
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        return {
+            **self.redis.kwargs,
+            "socket_timeout": REDIS_TIMEOUT,
+            "socket_connect_timeout": REDIS_TIMEOUT,
+        }
+
+    def _script(self, source: str) -> Any:
+        return self._client().register_script(source)
+
+    def _ascript(self, source: str) -> Any:
+        return self._aclient().register_script(source)
+
+
+_SHARED: dict[tuple[Any, ...], SharedBudget] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_budget_for(
+    scopes: Sequence[BudgetScope],
+    redis: RedisParams,
+    *,
+    window: float,
+    fallback: RequestBudget,
+    log: logging.Logger | Any,
+) -> SharedBudget:
+    """
+    The process's one :class:`SharedBudget` for these scopes and this Redis, created on first use.
+
+    :param scopes: The limits, account-wide first.
+    :param redis: How to reach Redis.
+    :param window: Seconds of the request window.
+    :param fallback: The process's own budget, used while Redis cannot be reached.
+    :param log: Where a fallback is reported.
+    """
+    key = (tuple(scopes), redis.key, window)
+    with _SHARED_LOCK:
+        budget = _SHARED.get(key)
+        if budget is None:
+            budget = _SHARED[key] = SharedBudget(scopes, redis, window=window, fallback=fallback, log=log)
+        return budget
+
+
+def account_scope_name(base_url: str, api_key: str) -> str:
+    """
+    The Redis name of an API key's limits: every connection with the same key shares them.
+
+    :param base_url: The API's base URL.
+    :param api_key: The key (only a digest of it is used).
+    """
+    return hashlib.sha256(f"{base_url}\n{api_key}".encode()).hexdigest()[:16]
+
+
+_SSL_OPTIONS = ("ssl", "ssl_cert_reqs", "ssl_ca_certs", "ssl_keyfile", "ssl_certfile", "ssl_check_hostname")
+
+
+def redis_params(
+    host: str | None, port: int | None, login: str | None, password: str | None, extra: dict[str, Any]
+) -> RedisParams:
+    """
+    How to reach Redis, from the fields of an Airflow ``redis`` connection (as its RedisHook reads them).
+
+    :param host: Host name.
+    :param port: Port (default 6379).
+    :param login: User name, if any.
+    :param password: Password, if any.
+    :param extra: The connection's extra: ``db`` and the ``ssl*`` options.
+    """
+    kwargs: dict[str, Any] = {
+        "host": host or "localhost",
+        "port": int(port or 6379),
+        "db": int(extra.get("db") or 0),
+        "username": login or None,
+        "password": None if str(password).lower() in ("none", "false", "") else password,
+    }
+    kwargs.update({name: value for name, value in extra.items() if name in _SSL_OPTIONS})
+    return RedisParams(kwargs)
