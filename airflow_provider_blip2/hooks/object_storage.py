@@ -16,9 +16,43 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
-from urllib.parse import unquote, urlsplit
+
+from airflow_provider_blip2.storage.errors import (
+    MissingExtraError,
+    ObjectNotFoundError,
+    SigningError,
+    StorageError,
+    missing_bucket,
+    missing_extra,
+    missing_key,
+)
+from airflow_provider_blip2.storage.masking import MASKED_SIGNED_URLS_PER_PROCESS, mask_signed_url
+from airflow_provider_blip2.storage.uris import (
+    HTTP_SCHEMES,
+    REMOTE_SCHEMES,
+    is_local,
+    is_remote_object,
+    local_path,
+    object_key,
+    split_uri,
+    uri_scheme,
+)
+
+__all__ = [
+    "EXISTENCE_CHECK_THREADS",
+    "IMAGE_PATTERNS",
+    "MASKED_SIGNED_URLS_PER_PROCESS",
+    "MAX_LISTED_MISSING",
+    "MAX_SIGNED_URL_SECONDS",
+    "MissingExtraError",
+    "ObjectNotFoundError",
+    "ObjectStorage",
+    "SigningError",
+    "StorageError",
+    "is_remote_object",
+    "split_uri",
+]
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -32,101 +66,8 @@ EXISTENCE_CHECK_THREADS = 8
 #: How many missing URIs an error message lists.
 MAX_LISTED_MISSING = 10
 
-#: Signed URLs one process registers with Airflow's secret masker. The masker recompiles one regular
-#: expression of all its secrets for each new one (O(n²) for n URLs: about 30 s for 350 URLs), so a
-#: large batch stops registering them; the provider never logs a signed URL (only file names), and
-#: scrubs URLs out of the API's error messages.
-MASKED_SIGNED_URLS_PER_PROCESS = 100
-
-_masked_signed_urls = 0
-_masked_signed_urls_lock = threading.Lock()
-_REMOTE_SCHEMES = ("s3", "gs")
-_HTTP_SCHEMES = ("http", "https")
 _EXTRAS = {"s3": "amazon", "gs": "google"}
 _T = TypeVar("_T")
-
-
-class StorageError(Exception):
-    """An object store operation failed."""
-
-
-class ObjectNotFoundError(StorageError):
-    """The object, or its bucket, does not exist."""
-
-
-class MissingExtraError(StorageError):
-    """The provider package a URI scheme needs is not installed."""
-
-
-class SigningError(StorageError):
-    """The connection's credentials cannot sign a URL."""
-
-
-def is_remote_object(uri: str) -> bool:
-    """
-    Tell whether ``uri`` names an object in S3 or GCS.
-
-    :param uri: Any URI or path.
-    :return: True for ``s3://`` and ``gs://`` URIs.
-    """
-    return _scheme(uri) in _REMOTE_SCHEMES
-
-
-def split_uri(uri: str) -> tuple[str, str, str]:
-    """
-    Split an ``s3://`` or ``gs://`` URI.
-
-    :param uri: ``s3://bucket/key`` or ``gs://bucket/object``; the key may be empty (``s3://bucket/``).
-    :return: ``(scheme, bucket, key)``, e.g. ``("s3", "bucket", "photos/cat.jpg")``.
-    :raises ValueError: For other schemes, or when the bucket is missing.
-    """
-    scheme = _scheme(uri)
-    if scheme not in _REMOTE_SCHEMES:
-        raise ValueError(f"{uri!r} is not an s3:// or gs:// URI")
-    rest = uri.split("://", 1)[1]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise ValueError(f"{uri!r} names no bucket: expected {scheme}://<bucket>/<key>")
-    if any(c in bucket for c in "?#") or bucket.strip() != bucket:
-        raise ValueError(f"{uri!r} has an invalid bucket name {bucket!r}")
-    return scheme, bucket, key
-
-
-def _scheme(uri: str) -> str:
-    """The lower-cased scheme of ``uri``; ``""`` for a plain path."""
-    if "://" not in uri:
-        return ""
-    return uri.split("://", 1)[0].lower()
-
-
-def _is_local(uri: str) -> bool:
-    return _scheme(uri) in ("", "file")
-
-
-def _local_path(uri: str) -> Path:
-    """The path a plain path or ``file://`` URI names."""
-    if _scheme(uri) != "file":
-        return Path(uri)
-    parts = urlsplit(uri)
-    if parts.netloc not in ("", "localhost"):
-        raise ValueError(f"{uri!r}: file:// URIs must name a local path (file:///path/to/file)")
-    return Path(unquote(parts.path))
-
-
-def _object_key(uri: str) -> tuple[str, str, str]:
-    """Like :func:`split_uri`, but the URI must name an object, not just a bucket."""
-    scheme, bucket, key = split_uri(uri)
-    if not key or key.endswith("/"):
-        raise ValueError(f"{uri!r} names a bucket or a folder, not an object")
-    return scheme, bucket, key
-
-
-def _missing_key(uri: str) -> ObjectNotFoundError:
-    return ObjectNotFoundError(f"{uri} does not exist")
-
-
-def _missing_bucket(bucket: str, uri: str) -> ObjectNotFoundError:
-    return ObjectNotFoundError(f"bucket {bucket!r} does not exist ({uri})")
 
 
 class ObjectStorage:
@@ -172,16 +113,16 @@ class ObjectStorage:
         :raises ValueError: For local paths and other schemes.
         :raises SigningError: When the ``gs://`` credentials cannot sign.
         """
-        scheme = _scheme(uri)
-        if scheme in _HTTP_SCHEMES:
+        scheme = uri_scheme(uri)
+        if scheme in HTTP_SCHEMES:
             return uri
-        if scheme not in _REMOTE_SCHEMES:
+        if scheme not in REMOTE_SCHEMES:
             raise ValueError(
                 f"cannot make a URL for {uri!r}: expected an s3://, gs://, http:// or https:// URI"
             )
         seconds = int(min(max(expires_in, 1), MAX_SIGNED_URL_SECONDS))
         url = self._s3_signed_url(uri, seconds) if scheme == "s3" else self._gcs_signed_url(uri, seconds)
-        _mask_signed_url(url)
+        mask_signed_url(url)
         return url
 
     def check_writable(self, uri: str) -> None:
@@ -194,13 +135,13 @@ class ObjectStorage:
         :raises ObjectNotFoundError: When the bucket does not exist.
         :raises ValueError: For ``http(s)://`` and other schemes, or a URI that names no object.
         """
-        if _is_local(uri):
+        if is_local(uri):
             return
-        scheme, bucket, _key = _object_key(uri)
+        scheme, bucket, _key = object_key(uri)
         self._client_for(scheme)
         exists = self._s3_bucket_exists(bucket) if scheme == "s3" else self._gcs_bucket_exists(bucket)
         if not exists:
-            raise _missing_bucket(bucket, uri)
+            raise missing_bucket(bucket, uri)
 
     def check_exists(self, uri: str) -> None:
         """
@@ -213,12 +154,12 @@ class ObjectStorage:
         :raises ObjectNotFoundError: Naming the URI; the message tells a missing bucket from a
             missing key.
         """
-        scheme = _scheme(uri)
-        if scheme in _HTTP_SCHEMES:
+        scheme = uri_scheme(uri)
+        if scheme in HTTP_SCHEMES:
             return
-        if _is_local(uri):
-            if not _local_path(uri).is_file():
-                raise _missing_key(uri)
+        if is_local(uri):
+            if not local_path(uri).is_file():
+                raise missing_key(uri)
             return
         if scheme == "s3":
             self._s3_check_exists(uri)
@@ -237,10 +178,10 @@ class ObjectStorage:
         """
         unique = list(dict.fromkeys(uris))
         for uri in unique:
-            if not (_scheme(uri) in _HTTP_SCHEMES or _is_local(uri)):
+            if not (uri_scheme(uri) in HTTP_SCHEMES or is_local(uri)):
                 # Reject bad URIs before any request, and create the clients outside the threads.
-                _object_key(uri)
-                self._client_for(_scheme(uri))
+                object_key(uri)
+                self._client_for(uri_scheme(uri))
 
         def missing(uri: str) -> bool:
             try:
@@ -292,11 +233,11 @@ class ObjectStorage:
         :return: The content.
         :raises ObjectNotFoundError: When the object or its bucket does not exist.
         """
-        if _is_local(uri):
+        if is_local(uri):
             try:
-                return _local_path(uri).read_bytes()
+                return local_path(uri).read_bytes()
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                raise _missing_key(uri) from None
+                raise missing_key(uri) from None
         scheme, bucket, key = self._remote_object(uri)
         if scheme == "s3":
             response = self._s3_call(uri, lambda: self._client_for("s3").get_object(Bucket=bucket, Key=key))
@@ -314,8 +255,8 @@ class ObjectStorage:
         :param content_type: The object's ``Content-Type`` (ignored for local files).
         :raises ObjectNotFoundError: When the bucket does not exist.
         """
-        if _is_local(uri):
-            path = _local_path(uri)
+        if is_local(uri):
+            path = local_path(uri)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             return
@@ -345,10 +286,10 @@ class ObjectStorage:
         """
         if source == destination:
             raise ValueError(f"cannot copy {source!r} onto itself")
-        scheme = _scheme(source)
-        if scheme in _REMOTE_SCHEMES and scheme == _scheme(destination):
-            _, source_bucket, source_key = _object_key(source)
-            _, destination_bucket, destination_key = _object_key(destination)
+        scheme = uri_scheme(source)
+        if scheme in REMOTE_SCHEMES and scheme == uri_scheme(destination):
+            _, source_bucket, source_key = object_key(source)
+            _, destination_bucket, destination_key = object_key(destination)
             if scheme == "s3":
                 self._s3_copy(
                     source, destination, source_bucket, source_key, destination_bucket, destination_key
@@ -368,7 +309,7 @@ class ObjectStorage:
     def _remote_object(self, uri: str) -> tuple[str, str, str]:
         if not is_remote_object(uri):
             raise ValueError(f"unsupported URI {uri!r}: expected s3://, gs://, a local path or file://")
-        return _object_key(uri)
+        return object_key(uri)
 
     def _hook(self, scheme: str) -> Any:
         """The provider hook of ``s3`` or ``gs``, made on first use; MissingExtraError without it."""
@@ -386,7 +327,7 @@ class ObjectStorage:
                     else:
                         raise ValueError(f"no client for scheme {scheme!r}")
                 except ImportError as error:
-                    raise self._missing_extra(scheme, error) from None
+                    raise missing_extra(scheme, _EXTRAS[scheme], error) from None
             return self._hooks[scheme]
 
     def _client_for(self, scheme: str) -> Any:
@@ -396,14 +337,6 @@ class ObjectStorage:
             if scheme not in self._clients:
                 self._clients[scheme] = hook.get_conn()
             return self._clients[scheme]
-
-    @staticmethod
-    def _missing_extra(scheme: str, error: ImportError) -> MissingExtraError:
-        provider = _EXTRAS[scheme]
-        return MissingExtraError(
-            f"{scheme}:// URIs need the {provider} provider: "
-            f"pip install 'airflow-provider-blip2[{provider}]' ({error})"
-        )
 
     # ----------------------------------------------------------------------------------------------
     # S3
@@ -426,14 +359,14 @@ class ObjectStorage:
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         _, bucket, _ = split_uri(uri)
         if code == "NoSuchBucket":
-            raise _missing_bucket(bucket, uri) from None
+            raise missing_bucket(bucket, uri) from None
         if code == "NoSuchKey":
-            raise _missing_key(uri) from None
+            raise missing_key(uri) from None
         if code in ("404", "NotFound") or status == 404:
             # HEAD responses have no body, so a missing bucket and a missing key look alike.
             if not self._s3_bucket_exists(bucket):
-                raise _missing_bucket(bucket, uri) from None
-            raise _missing_key(uri) from None
+                raise missing_bucket(bucket, uri) from None
+            raise missing_key(uri) from None
         message = error.response.get("Error", {}).get("Message") or code
         raise StorageError(f"{uri}: {code or status}: {message}") from error
 
@@ -471,7 +404,7 @@ class ObjectStorage:
             return self._s3_presign_hook_instance
 
     def _s3_signed_url(self, uri: str, seconds: int) -> str:
-        _, bucket, key = _object_key(uri)
+        _, bucket, key = object_key(uri)
         url = self._s3_presign_hook().generate_presigned_url(
             "get_object", params={"Bucket": bucket, "Key": key}, expires_in=seconds
         )
@@ -480,7 +413,7 @@ class ObjectStorage:
         return url
 
     def _s3_check_exists(self, uri: str) -> None:
-        _, bucket, key = _object_key(uri)
+        _, bucket, key = object_key(uri)
         self._s3_call(uri, lambda: self._client_for("s3").head_object(Bucket=bucket, Key=key))
 
     def _s3_list(self, bucket: str, prefix: str) -> list[str]:
@@ -523,7 +456,7 @@ class ObjectStorage:
             # The source object, its bucket or the destination bucket may be missing: find out which.
             self.check_exists(source)
             if not self._s3_bucket_exists(destination_bucket):
-                raise _missing_bucket(destination_bucket, destination) from None
+                raise missing_bucket(destination_bucket, destination) from None
             code = error.response.get("Error", {}).get("Code", "")
             message = error.response.get("Error", {}).get("Message") or code
             raise StorageError(f"{source} -> {destination}: {code}: {message}") from error
@@ -543,8 +476,8 @@ class ObjectStorage:
             _, bucket, _ = split_uri(uri)
             # GCS answers 404 for a missing bucket and a missing object alike.
             if not self._gcs_bucket_exists(bucket):
-                raise _missing_bucket(bucket, uri) from None
-            raise _missing_key(uri) from None
+                raise missing_bucket(bucket, uri) from None
+            raise missing_key(uri) from None
         except GoogleAPICallError as error:
             raise StorageError(f"{uri}: {error.code}: {error.message}") from error
 
@@ -558,7 +491,7 @@ class ObjectStorage:
             return True
 
     def _gcs_check_exists(self, uri: str) -> None:
-        _, bucket, key = _object_key(uri)
+        _, bucket, key = object_key(uri)
         blob = self._client_for("gs").bucket(bucket).blob(key)
         self._gcs_call(uri, blob.reload)
 
@@ -584,7 +517,7 @@ class ObjectStorage:
         except NotFound:
             # The source object, its bucket or the destination bucket: find out which.
             self.check_exists(source)
-            raise _missing_bucket(destination_bucket, destination) from None
+            raise missing_bucket(destination_bucket, destination) from None
         except GoogleAPICallError as error:
             raise StorageError(f"{source} -> {destination}: {error.code}: {error.message}") from error
 
@@ -600,7 +533,7 @@ class ObjectStorage:
         serves objects at ``/{bucket}/{object}`` - the path form of signed URLs - without checking
         the signature. Otherwise it points at the client's endpoint, ``https://storage.googleapis.com``.
         """
-        _, bucket, key = _object_key(uri)
+        _, bucket, key = object_key(uri)
         hook = self._hook("gs")
         from google.auth.credentials import Signing
 
@@ -650,15 +583,3 @@ class ObjectStorage:
             "roles/iam.serviceAccountTokenCreator on itself (permission iam.serviceAccounts.signBlob)"
             f"{reason}"
         )
-
-
-def _mask_signed_url(url: str) -> None:
-    """Register a signed URL with the secret masker, within :data:`MASKED_SIGNED_URLS_PER_PROCESS`."""
-    global _masked_signed_urls
-    with _masked_signed_urls_lock:
-        _masked_signed_urls += 1
-        count = _masked_signed_urls
-    if count <= MASKED_SIGNED_URLS_PER_PROCESS:
-        from airflow.providers.common.compat.sdk import mask_secret
-
-        mask_secret(url)
