@@ -16,7 +16,7 @@ INSTALLED_AIRFLOW2 := $(VENV_AIRFLOW2)/.installed
 AIRFLOW2_TESTS := tests/test_protocol.py tests/test_hook.py tests/test_trigger.py tests/test_operator.py \
 	tests/test_provider_info.py tests/test_example_dags.py tests/test_legacy_spellings.py tests/test_batch.py \
 	tests/unit/storage/test_uris.py tests/unit/storage/test_extras.py tests/unit/storage/test_local.py \
-	tests/unit/storage/test_front.py tests/integration/test_object_storage.py
+	tests/unit/storage/test_front.py tests/unit/storage/test_masking.py tests/integration/test_object_storage.py
 
 .PHONY: demo test lint typecheck pytest pytest-airflow2 bench lock emulator clean
 
