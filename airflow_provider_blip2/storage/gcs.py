@@ -25,8 +25,9 @@ _T = TypeVar("_T")
 class GCSBackend(CloudBackend["GCSHook"]):
     """
     Objects in Google Cloud Storage, named ``gs://bucket/object``, through the google provider's
-    ``GCSHook`` (the ``google`` extra) and its google-cloud-storage client; ``conn_id`` is an Airflow
-    connection of type ``google_cloud_platform``.
+    ``GCSHook`` (the ``google`` extra) and its google-cloud-storage client.
+
+    :param conn_id: The Airflow connection of type ``google_cloud_platform``.
     """
 
     scheme = "gs"

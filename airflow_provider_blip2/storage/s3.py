@@ -18,7 +18,9 @@ _T = TypeVar("_T")
 class S3Backend(CloudBackend["S3Hook"]):
     """
     Objects in S3, named ``s3://bucket/key``, through the amazon provider's ``S3Hook`` (the
-    ``amazon`` extra) and its boto3 client; ``conn_id`` is an Airflow connection of type ``aws``.
+    ``amazon`` extra) and its boto3 client.
+
+    :param conn_id: The Airflow connection of type ``aws``.
     """
 
     scheme = "s3"
