@@ -16,7 +16,7 @@ INSTALLED_AIRFLOW2 := $(VENV_AIRFLOW2)/.installed
 AIRFLOW2_TESTS := tests/unit tests/integration/test_hook.py tests/integration/test_trigger.py \
 	tests/integration/test_operator.py tests/integration/test_provider_info.py \
 	tests/integration/test_example_dags.py tests/integration/test_legacy_spellings.py \
-	tests/integration/test_batch_operator.py tests/test_object_storage.py
+	tests/integration/test_batch_operator.py tests/integration/test_object_storage.py
 
 .PHONY: demo test lint typecheck pytest pytest-airflow2 bench lock emulator clean
 

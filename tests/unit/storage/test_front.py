@@ -1,0 +1,28 @@
+"""ObjectStorage on URIs that no backend handles, and the former import path."""
+
+from __future__ import annotations
+
+import pytest
+
+from airflow_provider_blip2 import storage
+from airflow_provider_blip2.storage import ObjectStorage
+
+
+@pytest.mark.parametrize("url", ["https://example.com/cat.jpg?x=1", "http://127.0.0.1:1/cat.jpg"])
+def test_signed_url_leaves_http_urls_unchanged(url: str) -> None:
+    assert ObjectStorage().signed_url(url, expires_in=60) == url
+
+
+@pytest.mark.parametrize("uri", ["/tmp/cat.jpg", "file:///tmp/cat.jpg", "ftp://host/cat.jpg"])
+def test_signed_url_rejects_other_uris(uri: str) -> None:
+    with pytest.raises(ValueError, match=r"s3://, gs://, http:// or https://") as excinfo:
+        ObjectStorage().signed_url(uri, expires_in=60)
+    assert uri in str(excinfo.value)
+
+
+def test_the_former_import_path_exposes_the_same_names() -> None:
+    from airflow_provider_blip2.hooks import object_storage
+
+    assert object_storage.__all__ == storage.__all__
+    assert {"ObjectStorage", "StorageError", "is_remote_object", "IMAGE_PATTERNS"} <= set(storage.__all__)
+    assert all(getattr(object_storage, name) is getattr(storage, name) for name in storage.__all__)
