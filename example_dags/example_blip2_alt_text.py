@@ -43,7 +43,7 @@ with DAG(
     @task
     def write_alt_text(summary: dict[str, Any]) -> int:
         """Write ``<image>.alt.txt`` next to every captioned image; return how many were written."""
-        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+        from airflow_provider_blip2.storage import ObjectStorage
 
         storage = ObjectStorage()
         written = 0

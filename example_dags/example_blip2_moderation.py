@@ -59,7 +59,7 @@ with DAG(
     @task
     def flag(summary: dict[str, Any]) -> dict[str, Any]:
         """Turn the answers into flags per image: ``{image: [reasons]}`` for every flagged image."""
-        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+        from airflow_provider_blip2.storage import ObjectStorage
 
         answers = ObjectStorage().read_bytes(summary["output_uri"]).decode().splitlines()
         images: dict[str, list[str]] = {}
@@ -80,7 +80,7 @@ with DAG(
         flags: dict[str, Any], params: dict[str, Any] | None = None, ds: str | None = None
     ) -> str:
         """Write the day's report next to the answers; return its URI."""
-        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+        from airflow_provider_blip2.storage import ObjectStorage
 
         uri = f"s3://{(params or {})['bucket']}/moderation/{ds}/report.json"
         body = json.dumps({"date": ds, **flags}, indent=2).encode()
@@ -92,7 +92,7 @@ with DAG(
         flags: dict[str, Any], params: dict[str, Any] | None = None, ds: str | None = None
     ) -> list[str]:
         """Copy every flagged image to the quarantine prefix, keeping its path below the day."""
-        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+        from airflow_provider_blip2.storage import ObjectStorage
 
         storage = ObjectStorage()
         bucket = (params or {})["bucket"]
@@ -112,7 +112,7 @@ with DAG(
         ds: str | None = None,
     ) -> str:
         """Publish the clean images: write the manifest the publishing system picks up."""
-        from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+        from airflow_provider_blip2.storage import ObjectStorage
 
         uri = f"s3://{(params or {})['bucket']}/published/{ds}/manifest.json"
         manifest = {"date": ds, "images": flags["clean"], "held_back": len(quarantined)}

@@ -6,7 +6,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_blip2.client.errors import Blip2Error
-from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+from airflow_provider_blip2.storage import ObjectStorage
 
 if TYPE_CHECKING:
     from airflow_provider_blip2.hooks.blip2 import Blip2Hook

@@ -297,7 +297,7 @@ def test_batch_over_a_gcs_prefix_writes_results_to_gcs(
     )
     summary, _ = run_batch(operator, DictStore())
     assert (summary["total"], summary["succeeded"]) == (4, 4)
-    from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+    from airflow_provider_blip2.storage import ObjectStorage
 
     lines = ObjectStorage().read_bytes("gs://catalogue/alt-text/captions.jsonl").decode().splitlines()
     assert [json.loads(line)["image"] for line in lines] == [

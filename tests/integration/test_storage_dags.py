@@ -102,7 +102,7 @@ def test_s3_and_gcs_images_in_airflow_leave_no_signed_url_behind(
     assert emulator.ledger()["creates"] == 10
     assert emulator.ledger()["statuses"]["success"] == 10  # every signed URL downloaded
 
-    from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+    from airflow_provider_blip2.storage import ObjectStorage
 
     lines = ObjectStorage().read_bytes(summary["output_uri"]).decode().splitlines()
     assert {json.loads(line)["image"] for line in lines} == {f"gs://photos/2026-11-27/{n}" for n in SAMPLES}
@@ -119,7 +119,7 @@ def test_s3_and_gcs_images_in_airflow_leave_no_signed_url_behind(
 
 def test_signature_pattern_matches_real_signed_urls(s3_connection: Any, gcs_connection: Any) -> None:
     """The leak search above would see a signed URL if one were written."""
-    from airflow_provider_blip2.hooks.object_storage import ObjectStorage
+    from airflow_provider_blip2.storage import ObjectStorage
 
     s3_connection.create_bucket("signed")
     s3_connection.put_object("signed", "k.jpg", b"x")

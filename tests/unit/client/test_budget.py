@@ -8,6 +8,7 @@ import pytest
 
 from airflow_provider_blip2.client import budget as budget_module
 from airflow_provider_blip2.client.budget import (
+    Pace,
     RequestBudget,
     budget_for,
 )
@@ -161,3 +162,49 @@ def test_budget_for_is_per_connection_and_server(monkeypatch: pytest.MonkeyPatch
     assert updated is first
     assert (first.requests_per_minute, first.max_concurrency, first.window) == (1, 3, 3.0)
     assert first.reserve_request() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Pace: slower after an unexpected 429, recovered step by step
+# --------------------------------------------------------------------------------------------------
+def test_pace_halves_once_per_cooldown_and_recovers_gradually() -> None:
+    clock = FakeClock()
+    pace = Pace(floor=0.1, step=0.1, cooldown=2.0, clock=clock)
+    assert pace.limit(60) == 60
+    pace.answered(rate_limited=True)
+    pace.answered(rate_limited=True)  # the same burst: counted once
+    assert pace.limit(60) == 30
+    clock.advance(2.0)
+    pace.answered(rate_limited=True)
+    assert pace.limit(60) == 15
+    for _ in range(3):
+        pace.answered(rate_limited=False)
+    assert pace.share == pytest.approx(0.55)
+    for _ in range(20):
+        pace.answered(rate_limited=False)
+    assert pace.limit(60) == 60
+
+
+def test_pace_keeps_a_floor_and_at_least_one_request() -> None:
+    clock = FakeClock()
+    pace = Pace(floor=0.1, cooldown=0.0, clock=clock)
+    for _ in range(20):
+        pace.answered(rate_limited=True)
+    assert pace.share == 0.1
+    assert pace.limit(60) == 6
+    assert pace.limit(5) == 1
+
+
+def test_budget_slows_down_after_a_429_it_let_through() -> None:
+    clock = FakeClock()
+    budget = RequestBudget(10, 10, window=60.0, clock=clock, pace=Pace(step=0.1, clock=clock))
+    assert budget.reserve_request() == 0
+    budget.request_done(rate_limited=True)  # the pace halves: 5 requests per window
+    for _ in range(4):
+        assert budget.reserve_request() == 0
+        clock.advance(1.0)
+    assert budget.reserve_request() == pytest.approx(56.0)  # until the 429 answer leaves the window
+    for _ in range(4):
+        budget.request_done()  # answered without a 429: 0.5 -> 0.9
+    assert budget.pace.limit(10) == 9
+    assert budget.reserve_request() == 0

@@ -186,6 +186,7 @@ def test_connection_fields_are_the_one_source_of_the_defaults() -> None:
         "request_timeout": settings.request_timeout,
         "requests_per_minute": settings.requests_per_minute,
         "max_concurrency": settings.max_concurrency,
+        "redis_conn_id": settings.redis_conn_id,
     }
     assert {field.name: field.to_provider_info() for field in CONNECTION_FIELDS} == CONN_FIELDS
     assert CONN_FIELDS["requests_per_minute"]["schema"] == {
@@ -193,3 +194,11 @@ def test_connection_fields_are_the_one_source_of_the_defaults() -> None:
         "default": 60,
         "minimum": 1,
     }
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, None), ("", None), ("  ", None), (" redis_x ", "redis_x")]
+)
+def test_redis_conn_id_is_optional(value: str | None, expected: str | None) -> None:
+    settings = ClientSettings.from_connection_values(host=None, password="k", extra={"redis_conn_id": value})
+    assert settings.redis_conn_id == expected
