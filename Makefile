@@ -7,7 +7,7 @@ UV_VERSION := 0.13.9
 CONSTRAINTS := requirements/constraints.txt
 # The main environment has the storage extras and the local S3/GCS servers; the Airflow 2.11 one has
 # neither, so its run also proves that https-only use works without them.
-EXTRAS := dev,emulator,amazon,google,storage-servers
+EXTRAS := dev,emulator,amazon,google,storage-servers,redis
 INSTALLED := $(VENV)/.installed
 # The oldest Airflow the provider supports gets a virtualenv and a test run of its own.
 VENV_AIRFLOW2 ?= .venv-airflow2
