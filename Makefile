@@ -17,7 +17,7 @@ AIRFLOW2_TESTS := tests/test_protocol.py tests/test_hook.py tests/test_trigger.p
 	tests/test_provider_info.py tests/test_example_dags.py tests/test_legacy_spellings.py tests/test_batch.py \
 	tests/test_object_storage.py
 
-.PHONY: demo test lint typecheck pytest pytest-airflow2 bench lock emulator clean
+.PHONY: demo test lint typecheck pytest pytest-airflow2 system-packages bench lock emulator clean
 
 $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,11 @@ lint: $(INSTALLED)
 typecheck: $(INSTALLED)
 	$(BIN)/mypy
 
-pytest: $(INSTALLED)
+## system-packages: PostgreSQL and Redis for the production-shaped system tests (apt-get, as root)
+system-packages:
+	bash scripts/system_packages.sh
+
+pytest: $(INSTALLED) system-packages
 	$(BIN)/pytest
 
 pytest-airflow2: $(INSTALLED_AIRFLOW2)
