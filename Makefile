@@ -7,7 +7,7 @@ UV_VERSION := 0.13.9
 CONSTRAINTS := requirements/constraints.txt
 # The main environment has the storage extras and the local S3/GCS servers; the Airflow 2.11 one has
 # neither, so its run also proves that https-only use works without them.
-EXTRAS := dev,emulator,amazon,google,storage-servers
+EXTRAS := dev,emulator,amazon,google,storage-servers,redis
 INSTALLED := $(VENV)/.installed
 # The oldest Airflow the provider supports gets a virtualenv and a test run of its own.
 VENV_AIRFLOW2 ?= .venv-airflow2
@@ -18,7 +18,7 @@ AIRFLOW2_TESTS := tests/unit tests/integration/test_hook.py tests/integration/te
 	tests/integration/test_example_dags.py tests/integration/test_legacy_spellings.py \
 	tests/integration/test_batch_operator.py tests/integration/test_object_storage.py
 
-.PHONY: demo test lint typecheck pytest pytest-airflow2 bench lock emulator clean
+.PHONY: demo test lint typecheck pytest pytest-airflow2 system-packages bench lock emulator clean
 
 $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,11 @@ lint: $(INSTALLED)
 typecheck: $(INSTALLED)
 	$(BIN)/mypy
 
-pytest: $(INSTALLED)
+## system-packages: PostgreSQL and Redis for the production-shaped system tests (apt-get, as root)
+system-packages:
+	bash scripts/system_packages.sh
+
+pytest: $(INSTALLED) system-packages
 	$(BIN)/pytest
 
 pytest-airflow2: $(INSTALLED_AIRFLOW2)

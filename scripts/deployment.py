@@ -1,7 +1,8 @@
-"""A real Airflow deployment on loopback: API server, scheduler, DAG processor and triggerer."""
+"""A real Airflow deployment on loopback: API server, scheduler, DAG processor and one or more triggerers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -9,38 +10,106 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
+from scripts.ports import free_port
 from scripts.sandbox import AirflowSandbox
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+COMPONENT_ENV = "BLIP2_DEPLOYMENT_COMPONENT"
+"""Set in a named component's environment; :func:`component_hostname` reports it as the host name."""
+PAGE_LIMIT = 100
+"""Items per page of the REST API's lists (``[api] maximum_page_limit`` is 100 by default)."""
+
+__all__ = ["COMPONENTS", "AirflowDeployment", "RunSummary", "component_hostname", "free_port"]
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def component_hostname() -> str:
+    """
+    The host name a component reports to Airflow (``[core] hostname_callable``).
+
+    Named triggerers run on one machine but must be told apart in the ``job`` table: each gets its
+    component name (``triggerer-1``, ...) as its host name.
+    """
+    return os.environ.get(COMPONENT_ENV) or socket.getfqdn()
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """
+    The task instances of one DAG run, counted.
+
+    :param states: Number of task instances per state (``None`` counts as ``"none"``).
+    :param try_numbers: Try number per task instance, keyed ``task_id`` or ``task_id[map_index]``.
+    """
+
+    states: dict[str, int]
+    try_numbers: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        """Number of task instances."""
+        return sum(self.states.values())
+
+    @property
+    def retried(self) -> list[str]:
+        """The task instances that needed more than one try."""
+        return sorted(key for key, tries in self.try_numbers.items() if tries > 1)
 
 
 class AirflowDeployment:
     """
-    Every Airflow component as its own process, sharing the sandbox's SQLite database.
+    Every Airflow component as its own process, sharing the sandbox's metadata database.
 
-    LocalExecutor runs the tasks; the triggerer runs deferred tasks' triggers; the REST API (all
-    users admin) triggers runs and marks task instances. Logs go to ``<home>/component-logs``.
+    LocalExecutor runs the tasks; the triggerer(s) run deferred tasks' triggers; the REST API (all
+    users admin) triggers runs and marks task instances. Logs go to ``<home>/component-logs``, one
+    file per component.
 
-    :param sandbox: The migrated Airflow home, its connections and DAGs folder.
+    With ``triggerers=1`` the triggerer is the component ``triggerer``. With more, they are
+    ``triggerer-1`` ... ``triggerer-N``, each its own process and log, reporting its name as its host
+    name, serving no logs (the API server reads every log file from the shared log folder), and
+    considered dead ``triggerer_health_check_threshold`` seconds after its last heartbeat, when
+    the others take over its triggers. Several triggerers need a database with ``SKIP LOCKED``
+    (PostgreSQL): on SQLite two triggerers can run the same trigger.
+
+    :param sandbox: The migrated Airflow home, its connections, DAGs folder and metadata database.
+    :param parallelism: LocalExecutor slots (``[core] parallelism``): task instances running at once.
+    :param triggerers: How many triggerers to run.
+    :param triggerer_health_check_threshold: Seconds without a heartbeat (sent every second) after
+        which a triggerer counts as dead, with several triggerers.
+    :raises ValueError: when several triggerers are asked for on SQLite.
     """
 
-    def __init__(self, sandbox: AirflowSandbox) -> None:
+    def __init__(
+        self,
+        sandbox: AirflowSandbox,
+        *,
+        parallelism: int = 4,
+        triggerers: int = 1,
+        triggerer_health_check_threshold: int = 15,
+    ) -> None:
+        if triggerers < 1:
+            raise ValueError("a deployment needs at least one triggerer")
+        if triggerers > 1 and sandbox.uses_sqlite:
+            raise ValueError(
+                "two triggerers on SQLite can run the same trigger (no SKIP LOCKED): "
+                "give the sandbox a PostgreSQL database (scripts.postgres.PostgresCluster)"
+            )
         self.sandbox = sandbox
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.paused: set[str] = set()
+        self.triggerers: tuple[str, ...] = (
+            ("triggerer",) if triggerers == 1 else tuple(f"triggerer-{n}" for n in range(1, triggerers + 1))
+        )
+        self.components: tuple[str, ...] = (*COMPONENTS[:-1], *self.triggerers)
         self.log_dir = sandbox.home / "component-logs"
         self.log_dir.mkdir(exist_ok=True)
         sandbox.extra_env.update(
@@ -50,38 +119,129 @@ class AirflowDeployment:
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
                 "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
                 "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
-                "AIRFLOW__CORE__PARALLELISM": "4",
+                "AIRFLOW__CORE__PARALLELISM": str(parallelism),
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
                 "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
                 "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(sandbox.home / "logs"),
             }
         )
+        if triggerers > 1:
+            sandbox.extra_env["AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD"] = str(
+                triggerer_health_check_threshold
+            )
+
+    def _command(self, name: str) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment of a component."""
+        env = self.sandbox.env()
+        program = "triggerer" if name in self.triggerers else name
+        args = [sys.executable, "-m", "airflow", program]
+        if name == "api-server":
+            args += ["--port", str(self.port), "--host", "127.0.0.1"]
+        if program == "triggerer" and name != "triggerer":
+            args.append("--skip-serve-logs")
+            env[COMPONENT_ENV] = name
+            env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] = f"{__name__}.component_hostname"
+        return args, env
 
     def start(self, *components: str) -> None:
-        """Start components (all by default) and wait for the API server to answer."""
-        for name in components or COMPONENTS:
-            log = (self.log_dir / f"{name}.log").open("ab")
-            args = [sys.executable, "-m", "airflow", name]
-            if name == "api-server":
-                args += ["--port", str(self.port), "--host", "127.0.0.1"]
-            self.processes[name] = subprocess.Popen(
-                args, env=self.sandbox.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        """
+        Start components (all by default) and wait for the API server to answer.
+
+        :param components: Component names, from :attr:`components`.
+        """
+        for name in components or self.components:
+            if name not in self.components:
+                raise ValueError(f"unknown component {name!r}; this deployment has {self.components}")
+            args, env = self._command(name)
+            with (self.log_dir / f"{name}.log").open("ab") as log:
+                self.processes[name] = subprocess.Popen(
+                    args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
         self.wait_for(lambda: self._api_ready(), timeout=120, what="the API server")
 
     def stop(self, *components: str, kill: bool = False) -> None:
-        """Stop components (all by default), waiting for each process group to exit."""
+        """
+        Stop components (all by default), waiting for each process and all its children to exit.
+
+        :param components: Component names.
+        :param kill: SIGKILL instead of SIGTERM (a crash: nothing is cleaned up).
+        """
         for name in components or list(self.processes):
             process = self.processes.pop(name, None)
-            if process is None or process.poll() is not None:
+            if process is None:
                 continue
-            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            tree = _process_tree(process.pid)
+            if name in self.paused:
+                self._signal(tree, process.pid, signal.SIGCONT)  # a stopped process ignores SIGTERM
+                self.paused.discard(name)
+            if process.poll() is None:
+                self._signal(tree, process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self._signal(tree, process.pid, signal.SIGKILL)
+                    process.wait(timeout=30)
+            _kill_survivors(tree)
+
+    def kill(self, name: str) -> None:
+        """
+        SIGKILL a component and its children, as an OOM kill or a lost machine would; wait for them.
+
+        :param name: The component, e.g. ``triggerer-1``.
+        """
+        self.stop(name, kill=True)
+
+    def restart(self, name: str) -> None:
+        """
+        Stop a component gracefully (SIGTERM) and start it again.
+
+        :param name: The component.
+        """
+        self.stop(name)
+        self.start(name)
+
+    def pause(self, name: str) -> None:
+        """
+        SIGSTOP a component and its children: it stays alive but stops heartbeating, as a hung
+        machine or a long garbage collection would. :meth:`resume` continues it.
+
+        :param name: The component.
+        """
+        process = self.processes[name]
+        self._signal(_process_tree(process.pid), process.pid, signal.SIGSTOP)
+        self.paused.add(name)
+
+    def resume(self, name: str) -> None:
+        """
+        SIGCONT a component paused by :meth:`pause`.
+
+        :param name: The component.
+        """
+        process = self.processes[name]
+        self._signal(_process_tree(process.pid), process.pid, signal.SIGCONT)
+        self.paused.discard(name)
+
+    def running(self, name: str) -> bool:
+        """
+        Whether a component's process is running (a paused one counts as running).
+
+        :param name: The component.
+        """
+        process = self.processes.get(name)
+        return process is not None and process.poll() is None
+
+    @staticmethod
+    def _signal(tree: list[psutil.Process], pgid: int, signum: signal.Signals) -> None:
+        """Signal the process group, then any process of the tree that left it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signum)
+        for child in tree:
             try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
+                if os.getpgid(child.pid) != pgid:
+                    child.send_signal(signum)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                continue
 
     def __enter__(self) -> AirflowDeployment:
         self.start()
@@ -164,3 +324,67 @@ class AirflowDeployment:
     def written_files(self) -> list[Path]:
         """Every file the deployment wrote: database, task logs, component logs."""
         return self.sandbox.written_files()
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """
+        Every task instance of a DAG run (mapped ones one per map index), page by page.
+
+        :param dag_id: The DAG.
+        :param run_id: The run.
+        """
+        items: list[dict[str, Any]] = []
+        while True:
+            page = self.api(
+                "GET",
+                f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances",
+                params={"limit": PAGE_LIMIT, "offset": len(items), "order_by": "id"},
+            )
+            batch = page["task_instances"]
+            items.extend(batch)
+            if not batch or len(items) >= page["total_entries"]:
+                return items
+
+    def run_summary(self, dag_id: str, run_id: str) -> RunSummary:
+        """
+        The task instances of a run counted by state, and their try numbers.
+
+        :param dag_id: The DAG.
+        :param run_id: The run.
+        """
+        instances = self.task_instances(dag_id, run_id)
+        states = Counter(str(ti["state"] or "none") for ti in instances)
+        tries = {_ti_key(ti): int(ti["try_number"]) for ti in instances}
+        return RunSummary(dict(states), tries)
+
+    def alive_triggerers(self) -> set[str]:
+        """Host names of the triggerers the metadata database considers alive (named ones: their names)."""
+        page = self.api(
+            "GET", "/jobs", params={"job_type": "TriggererJob", "is_alive": True, "limit": PAGE_LIMIT}
+        )
+        return {str(job["hostname"]) for job in page["jobs"]}
+
+
+def _ti_key(ti: dict[str, Any]) -> str:
+    """``task_id``, or ``task_id[map_index]`` for a mapped task instance."""
+    map_index = int(ti.get("map_index", -1))
+    return str(ti["task_id"]) if map_index < 0 else f"{ti['task_id']}[{map_index}]"
+
+
+def _process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants, as they are now."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _kill_survivors(tree: list[psutil.Process], timeout: float = 30.0) -> None:
+    """SIGKILL what is left of a process tree (children that outlived their parent) and wait for it."""
+    alive = [process for process in tree if process.is_running()]
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=timeout)

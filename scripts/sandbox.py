@@ -1,4 +1,4 @@
-"""A throwaway Airflow installation (home, SQLite metadata DB, env connections) for `airflow dags test`."""
+"""A throwaway Airflow installation (home, metadata DB, env connections) for `airflow dags test`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ EXAMPLE_DAGS = REPO_ROOT / "example_dags"
 
 class AirflowSandbox:
     """
-    An ``AIRFLOW_HOME`` of its own with a migrated SQLite database.
+    An ``AIRFLOW_HOME`` of its own with a migrated metadata database: SQLite in the home, or a given one.
 
     Connections are passed as ``AIRFLOW_CONN_*`` variables, which the inline trigger of
     ``airflow dags test`` can see (connections stored in the database it cannot).
@@ -25,6 +25,8 @@ class AirflowSandbox:
     :param dags_folder: The DAGs to load.
     :param connections: Connection id -> JSON connection (``conn_type``, ``host``, ``password``, ``extra``).
     :param extra_env: More environment variables for every Airflow command.
+    :param sql_alchemy_conn: The metadata database's SQLAlchemy URL (for example a
+        :class:`scripts.postgres.PostgresCluster`'s); None keeps a SQLite file in the home.
     """
 
     def __init__(
@@ -34,8 +36,10 @@ class AirflowSandbox:
         dags_folder: Path = EXAMPLE_DAGS,
         connections: dict[str, dict[str, Any]] | None = None,
         extra_env: dict[str, str] | None = None,
+        sql_alchemy_conn: str | None = None,
     ) -> None:
         self.home = home
+        self.sql_alchemy_conn = sql_alchemy_conn or f"sqlite:///{home / 'airflow.db'}"
         self.dags_folder = dags_folder
         self.connections = dict(connections or {})
         self.extra_env = dict(extra_env or {})
@@ -43,8 +47,13 @@ class AirflowSandbox:
 
     @property
     def database(self) -> Path:
-        """The SQLite metadata database."""
+        """The SQLite metadata database (when the sandbox uses SQLite)."""
         return self.home / "airflow.db"
+
+    @property
+    def uses_sqlite(self) -> bool:
+        """Whether the metadata database is SQLite (which allows only one triggerer)."""
+        return self.sql_alchemy_conn.startswith("sqlite")
 
     def env(self) -> dict[str, str]:
         """The environment of every Airflow command run in this sandbox."""
@@ -54,7 +63,7 @@ class AirflowSandbox:
                 "AIRFLOW_HOME": str(self.home),
                 "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.database}",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.sql_alchemy_conn,
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
                 "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
@@ -85,8 +94,11 @@ class AirflowSandbox:
 
     def migrate(self) -> None:
         """Create the metadata database (once)."""
-        if not self.database.exists():
-            self.airflow("db", "migrate")
+        marker = self.home / ".migrated"
+        if self.database.exists() if self.uses_sqlite else marker.exists():
+            return
+        self.airflow("db", "migrate")
+        marker.touch()
 
     def dags_test(
         self, dag_id: str, conf: dict[str, Any] | None = None, *, logical_date: str | None = None
@@ -128,8 +140,24 @@ class AirflowSandbox:
         return [json.loads(value) if isinstance(value, (str, bytes)) else value for (value,) in rows]
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.database) as db:
-            return db.execute(sql, params).fetchall()
+        if self.uses_sqlite:
+            with sqlite3.connect(self.database) as db:
+                return db.execute(sql, params).fetchall()
+        return self._query_sqlalchemy(sql, params)
+
+    def _query_sqlalchemy(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run a ``?``-style query on a database other than SQLite."""
+        import sqlalchemy
+
+        parts = sql.split("?")
+        named = "".join(part + (f":p{i}" if i < len(parts) - 1 else "") for i, part in enumerate(parts))
+        engine = sqlalchemy.create_engine(self.sql_alchemy_conn)
+        try:
+            with engine.connect() as db:
+                result = db.execute(sqlalchemy.text(named), {f"p{i}": v for i, v in enumerate(params)})
+                return [tuple(row) for row in result]
+        finally:
+            engine.dispose()
 
     def written_files(self) -> list[Path]:
         """Every file Airflow wrote in this home: logs, the database, config."""

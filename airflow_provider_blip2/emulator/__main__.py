@@ -6,7 +6,12 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from airflow_provider_blip2.emulator.config import DEFAULT_API_KEY, EmulatorConfig
+from airflow_provider_blip2.emulator.config import (
+    DEFAULT_API_KEY,
+    ENDPOINTS,
+    RETRY_AFTER_PLACES,
+    EmulatorConfig,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -42,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fault-drop", type=float, default=0.0, help="probability of a dropped connection")
     parser.add_argument("--slow-seconds", type=float, default=defaults.slow_seconds)
     parser.add_argument(
+        "--fault-endpoint",
+        action="append",
+        dest="fault_endpoints",
+        choices=ENDPOINTS,
+        help="endpoint the faults hit, repeatable (default: all); e.g. --fault-endpoint get fails reads only",
+    )
+    parser.add_argument(
+        "--retry-after-in",
+        choices=RETRY_AFTER_PLACES,
+        default=defaults.retry_after_in,
+        help="where a 429 carries its wait: Retry-After header, body retry_after, or both (default)",
+    )
+    parser.add_argument(
         "--spelling",
         choices=("current", "legacy"),
         default="current",
@@ -70,6 +88,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         fault_drop=args.fault_drop,
         slow_seconds=args.slow_seconds,
         spelling=args.spelling,
+        retry_after_in=args.retry_after_in,
+        fault_endpoints=tuple(args.fault_endpoints or ()),
     )
 
 

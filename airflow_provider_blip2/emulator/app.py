@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from airflow_provider_blip2.emulator.config import INJECTED_RETRY_AFTER_SECONDS, EmulatorConfig
-from airflow_provider_blip2.emulator.engine import Emulator
+from airflow_provider_blip2.emulator.engine import Emulator, FaultDecision
 from airflow_provider_blip2.emulator.inputs import MODEL_SLUG, InputError, model_record, parse_input
 
 CONTEXT_SCOPE_KEY = "blip2_emulator.context"
@@ -157,14 +157,19 @@ def format_retry_after(seconds: float, time_scale: float) -> tuple[str, int | fl
 
 
 def too_many_requests(seconds: float, config: EmulatorConfig, message: str = "too many requests") -> ApiError:
-    """Build a 429 answer carrying ``Retry-After`` and ``retry_after``.
+    """Build a 429 answer carrying ``Retry-After`` and/or ``retry_after`` (``config.retry_after_in``).
 
     :param seconds: seconds until the client may retry.
     :param config: the emulator config.
     :param message: the error text.
     """
     header, number = format_retry_after(seconds, config.time_scale)
-    return ApiError(429, {"error": message, "retry_after": number}, {"Retry-After": header})
+    place = "body" if config.legacy else config.retry_after_in
+    body: dict[str, Any] = {"error": message}
+    if place != "header":
+        body["retry_after"] = number
+    headers = {} if place == "body" else {"Retry-After": header}
+    return ApiError(429, body, headers)
 
 
 def _emulator(request: Request) -> Emulator:
@@ -218,6 +223,8 @@ async def admit(request: Request, label: str) -> Admission:
     if wait is not None:
         raise too_many_requests(wait, config)
     faults = emulator.draw_faults()
+    if not config.faults_hit(label):
+        faults = FaultDecision()
     if faults.slow:
         emulator.ledger.slow_injected += 1
         await asyncio.sleep(config.scaled(config.slow_seconds))

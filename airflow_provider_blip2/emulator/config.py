@@ -12,6 +12,8 @@ _FAULT_FIELDS = ("fault_5xx", "fault_429", "fault_slow", "fault_drop")
 
 
 SPELLINGS = ("current", "legacy")
+RETRY_AFTER_PLACES = ("both", "header", "body")
+ENDPOINTS = ("create", "get", "cancel", "model")
 
 
 @dataclass
@@ -42,6 +44,12 @@ class EmulatorConfig:
         spellings the API's docs and SDKs show: 201 on create, statuses ``completed``, ``failed`` and
         ``canceled``, empty ``{}`` error bodies, and 429s with only a body ``retry_after``.
     :param cost_per_prediction: ``metrics.cost`` reported by a successful prediction.
+    :param retry_after_in: where a 429 says how long to wait: ``both`` (a ``Retry-After`` header and
+        a body ``retry_after``), ``header`` only or ``body`` only. ``spelling="legacy"`` always
+        answers with the body only.
+    :param fault_endpoints: the endpoints that injected faults hit (``create``, ``get``, ``cancel``,
+        ``model``); empty means all. ``("get",)`` fails reads only. Requests of other endpoints draw
+        the same random numbers, so a seed gives the same sequence whatever this is.
     """
 
     api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
@@ -60,6 +68,8 @@ class EmulatorConfig:
     download_timeout: float = 30.0
     cost_per_prediction: float = 0.0011
     spelling: str = "current"
+    retry_after_in: str = "both"
+    fault_endpoints: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Normalise and validate the settings.
@@ -81,6 +91,10 @@ class EmulatorConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.spelling not in SPELLINGS:
             raise ValueError(f"spelling must be one of {', '.join(SPELLINGS)}, got {self.spelling!r}")
+        if self.retry_after_in not in RETRY_AFTER_PLACES:
+            raise ValueError(
+                f"retry_after_in must be one of {', '.join(RETRY_AFTER_PLACES)}, got {self.retry_after_in!r}"
+            )
         self.validate_faults()
 
     @property
@@ -89,7 +103,7 @@ class EmulatorConfig:
         return self.spelling == "legacy"
 
     def validate_faults(self) -> None:
-        """Check that every fault probability lies in [0, 1].
+        """Check that every fault probability lies in [0, 1] and the fault endpoints exist.
 
         :raises ValueError: when one does not.
         """
@@ -97,6 +111,19 @@ class EmulatorConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+        if isinstance(self.fault_endpoints, str):
+            self.fault_endpoints = (self.fault_endpoints,)
+        self.fault_endpoints = tuple(self.fault_endpoints)
+        unknown = sorted(set(self.fault_endpoints) - set(ENDPOINTS))
+        if unknown:
+            raise ValueError(f"fault_endpoints must be among {', '.join(ENDPOINTS)}, got {unknown}")
+
+    def faults_hit(self, endpoint: str) -> bool:
+        """Whether injected faults apply to an endpoint.
+
+        :param endpoint: the endpoint label (``create``, ``get``, ``cancel`` or ``model``).
+        """
+        return not self.fault_endpoints or endpoint in self.fault_endpoints
 
     def scaled(self, seconds: float) -> float:
         """Return a duration multiplied by the time scale.
