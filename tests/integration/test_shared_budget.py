@@ -1,0 +1,229 @@
+"""
+The deployment-wide budget in a real Redis: shared windows and slots, expiry, fallback, processes.
+
+Each ``SharedBudget`` built here stands for another process: they share nothing but Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from airflow_provider_blip2.client.budget import RequestBudget
+from airflow_provider_blip2.client.shared_budget import (
+    BudgetScope,
+    RedisParams,
+    SharedBudget,
+    redis_params,
+)
+from airflow_provider_blip2.emulator import EmulatorServer
+from scripts.ports import free_port
+from scripts.redis_server import RedisServer, redis_missing_reason
+from tests.conftest import API_KEY, REPO_ROOT, connection_json
+
+pytestmark = pytest.mark.skipif(redis_missing_reason() is not None, reason=str(redis_missing_reason()))
+LOG = logging.getLogger(__name__)
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> RedisParams:
+    import redis as redis_py
+
+    client = redis_py.Redis(host="127.0.0.1", port=redis_server.port)
+    client.flushall()
+    client.close()
+    return redis_params("127.0.0.1", redis_server.port, None, None, {})
+
+
+@pytest.fixture
+def process_budget(redis: RedisParams) -> Callable[..., SharedBudget]:
+    """``process_budget(rpm, mc)`` -> a budget as another process would build it."""
+
+    def build(rpm: int = 60, mc: int = 10, *, window: float = 60.0, **kwargs: Any) -> SharedBudget:
+        scopes = kwargs.pop("scopes", [BudgetScope("account", rpm, mc)])
+        return SharedBudget(scopes, redis, window=window, fallback=RequestBudget(rpm, mc), log=LOG, **kwargs)
+
+    return build
+
+
+def test_processes_share_one_request_window(process_budget: Callable[..., SharedBudget]) -> None:
+    first, second = process_budget(rpm=5, window=1.0), process_budget(rpm=5, window=1.0)
+    granted = [budget.reserve_request() for budget in (first, second, first, second, first)]
+    assert granted == [0.0] * 5
+    wait = second.reserve_request()
+    assert 0 < wait <= 0.05  # every request still open: ask again soon
+    for budget in (first, second, first, second, first):
+        budget.request_done()
+    wait = second.reserve_request()
+    assert 0.9 < wait <= 1.0  # answered: each counts for a window from its answer
+    time.sleep(wait)
+    assert second.reserve_request() == 0.0
+    assert first.fallback.reserve_request() == 0.0 and len(first.fallback._finished_requests) == 0
+
+
+def test_processes_share_predictions_in_flight(process_budget: Callable[..., SharedBudget]) -> None:
+    worker_a, worker_b, triggerer = process_budget(mc=2), process_budget(mc=2), process_budget(mc=2)
+    assert worker_a.reserve_prediction() == 0.0
+    worker_a.prediction_created("p1")
+    assert worker_b.reserve_prediction() == 0.0
+    worker_b.prediction_created("p2")
+    assert worker_a.reserve_prediction() > 0  # two in flight in the deployment
+    assert triggerer.in_flight == 2
+    triggerer.prediction_finished("p1")  # read finished by the triggerer: the worker's slot is free
+    assert worker_a.reserve_prediction() == 0.0
+    worker_a.prediction_created(None)  # the create failed: its slot is released
+    assert triggerer.in_flight == 1
+
+
+def test_slots_of_a_crashed_process_expire(process_budget: Callable[..., SharedBudget]) -> None:
+    crashed = process_budget(mc=1, in_flight_ttl=0.5)
+    assert crashed.reserve_prediction() == 0.0
+    crashed.prediction_created("lost")  # and never seen finished: the worker died
+    survivor = process_budget(mc=1, in_flight_ttl=0.5)
+    assert survivor.reserve_prediction() > 0
+    time.sleep(0.6)
+    assert survivor.reserve_prediction() == 0.0
+
+
+def test_a_task_with_limits_of_its_own_is_capped_within_the_account(
+    process_budget: Callable[..., SharedBudget],
+) -> None:
+    account = BudgetScope("account", 10, 10)
+    batch = process_budget(scopes=[account, BudgetScope("account:2/10", 2, 10)])
+    mapped = process_budget(scopes=[account])
+    assert [batch.reserve_request(), batch.reserve_request()] == [0.0, 0.0]
+    assert batch.reserve_request() > 0  # its own 2
+    for _ in range(8):
+        assert mapped.reserve_request() == 0.0  # the account's 10, two of them the batch's
+    assert mapped.reserve_request() > 0
+
+
+async def test_the_event_loop_path_shares_the_same_counts(
+    process_budget: Callable[..., SharedBudget],
+) -> None:
+    worker, triggerer = process_budget(rpm=3, mc=1), process_budget(rpm=3, mc=1)
+    assert worker.reserve_request() == 0.0
+    assert await triggerer.areserve_request() == 0.0
+    assert await triggerer.areserve_request() == 0.0
+    assert worker.reserve_request() > 0
+    await triggerer.arequest_done()
+    assert worker.reserve_prediction() == 0.0
+    worker.prediction_created("p")
+    await triggerer.aprediction_finished("p")
+    assert worker.in_flight == 0
+
+
+def test_unreachable_redis_falls_back_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    fallback = RequestBudget(2, 1)
+    unreachable = redis_params("127.0.0.1", free_port(), None, None, {})
+    budget = SharedBudget(
+        [BudgetScope("account", 2, 1)], unreachable, window=60.0, fallback=fallback, log=LOG
+    )
+    with caplog.at_level(logging.WARNING):
+        assert budget.reserve_request() == 0.0  # from the fallback, which now counts it
+        assert budget.reserve_request() == 0.0
+        assert budget.reserve_request() > 0
+        assert budget.reserve_prediction() == 0.0
+        budget.prediction_created("p")
+        budget.request_done()
+    assert fallback.in_flight == 1
+    warnings = [record for record in caplog.records if "unreachable" in record.getMessage()]
+    assert len(warnings) == 1
+    assert "tries Redis again" in warnings[0].getMessage()
+
+
+# --------------------------------------------------------------------------------------------------
+# Separate processes against the emulator: the hook picks the shared budget from the connection
+# --------------------------------------------------------------------------------------------------
+CREATOR = """
+import json, sys
+from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+from tests.conftest import FAST_RETRIES
+hook = Blip2Hook(retry_policy=FAST_RETRIES)
+ids = [hook.create_prediction(url, caption=True) for url in json.loads(sys.argv[1])]
+outcomes = [hook.wait_for_prediction(pid, poll_interval=0.05, timeout=60) for pid in ids]
+print(json.dumps([o.status for o in outcomes]))
+"""
+
+
+def run_processes(emulator: EmulatorServer, connection: str, images: list[list[str]]) -> list[list[str]]:
+    """Run one creating process per image list at once; return each one's outcome statuses."""
+    env = {**os.environ, "AIRFLOW_CONN_BLIP2_DEFAULT": connection, "PYTHONPATH": str(REPO_ROOT)}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", CREATOR, json.dumps(urls)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+        )
+        for urls in images
+    ]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=240)
+        assert process.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "per-process"])
+def test_processes_with_a_shared_budget_draw_no_429(
+    start_emulator: Callable[..., EmulatorServer],
+    redis_server: RedisServer,
+    redis: RedisParams,
+    image_url: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+    shared: bool,
+) -> None:
+    # 20 requests per emulated minute (1.2 s here), 4 processes, each within the limit on its own.
+    time_scale = 0.02
+    server = start_emulator(time_scale=time_scale, requests_per_minute=20, latency=2.0)
+    extra: dict[str, Any] = {"requests_per_minute": 20, "rate_window": 60 * time_scale}
+    if shared:
+        extra["redis_conn_id"] = "redis_budget"
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_REDIS_BUDGET",
+            json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": redis_server.port}),
+        )
+    images = [[image_url("chelsea.jpg") + f"?p={p}&n={n}" for n in range(4)] for p in range(4)]
+    results = run_processes(server, connection_json(server.url, **extra), images)
+    assert results == [["success"] * 4] * 4
+    ledger = server.ledger()
+    assert ledger["creates"] == 16
+    if shared:
+        assert ledger["responses_429"] == 0
+    else:
+        assert ledger["responses_429"] > 0  # four budgets of 20 each against one limit of 20
+
+
+def test_api_key_reaches_no_redis_key(redis_server: RedisServer, redis: RedisParams) -> None:
+    import redis as redis_py
+
+    from airflow_provider_blip2.client.shared_budget import account_scope_name
+
+    name = account_scope_name("http://127.0.0.1:1", API_KEY)
+    budget = SharedBudget(
+        [BudgetScope(name, 5, 5)], redis, window=60.0, fallback=RequestBudget(5, 5), log=LOG
+    )
+    assert budget.reserve_request() == 0.0
+    keys = [key.decode() for key in redis_py.Redis(port=redis_server.port).keys("*")]
+    assert keys and all(API_KEY not in key for key in keys)
+    assert asyncio.run(budget.areserve_request()) == 0.0
