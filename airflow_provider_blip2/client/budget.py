@@ -78,6 +78,10 @@ class Budget(Protocol):
     def max_concurrency(self) -> int:
         """Predictions allowed in flight."""
 
+    @property
+    def window(self) -> float:
+        """Seconds of the window ``requests_per_minute`` counts over."""
+
     def reserve_request(self) -> float:
         """Take a request slot and return 0, or return the seconds to wait before asking again."""
 

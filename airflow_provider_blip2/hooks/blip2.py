@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
 import requests
 import tenacity
-from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook
 from requests.adapters import HTTPAdapter
 
@@ -54,9 +50,10 @@ from airflow_provider_blip2.client.wire import (
     request_arguments,
     transport_error,
 )
+from airflow_provider_blip2.hooks.event_loop import aconnection, ahttp_client
 
 if TYPE_CHECKING:
-    import httpx
+    pass
 
 #: Seconds a create waits out 429 answers by default (nothing is created by a 429).
 CREATE_PATIENCE = 600.0
@@ -105,7 +102,6 @@ class Blip2Hook(BaseHook):
         self._connection_settings: ClientSettings | None = None
         self._budget: Budget | None = None
         self._session: requests.Session | None = None
-        self._async_client: httpx.AsyncClient | None = None
 
     # ----------------------------------------------------------------------------------------------
     # Connection form (Airflow 2.x UI; Airflow 3.2+ reads the declarative metadata in provider info)
@@ -160,8 +156,8 @@ class Blip2Hook(BaseHook):
     async def aget_settings(self) -> ClientSettings:
         """The connection's settings, resolved without blocking the event loop."""
         if self._settings is None:
-            conn = await get_async_connection(self.blip2_conn_id, hook=self)
-            self._use_connection(conn.host, conn.password, await get_async_extra_dejson(conn))
+            conn, extra = await aconnection(self.blip2_conn_id, hook=self)
+            self._use_connection(conn.host, conn.password, extra)
         return self._settings  # type: ignore[return-value]
 
     def _use_connection(self, host: str | None, password: str | None, extra: dict[str, Any]) -> None:
@@ -188,7 +184,7 @@ class Blip2Hook(BaseHook):
                     redis = redis_params(conn.host, conn.port, conn.login, conn.password, conn.extra_dejson)
                 except Exception as error:
                     self._redis_unusable(settings.redis_conn_id, error)
-            self._budget = self._make_budget(redis)
+            self._budget = self._make_budget(settings, redis)
         return self._budget
 
     async def abudget(self) -> Budget:
@@ -198,12 +194,11 @@ class Blip2Hook(BaseHook):
             redis = None
             if settings.redis_conn_id:
                 try:
-                    conn = await get_async_connection(settings.redis_conn_id)
-                    extra = await get_async_extra_dejson(conn)
+                    conn, extra = await aconnection(settings.redis_conn_id)
                     redis = redis_params(conn.host, conn.port, conn.login, conn.password, extra)
                 except Exception as error:
                     self._redis_unusable(settings.redis_conn_id, error)
-            self._budget = self._make_budget(redis)
+            self._budget = self._make_budget(settings, redis)
         return self._budget
 
     def _redis_unusable(self, conn_id: str, error: Exception) -> None:
@@ -214,8 +209,7 @@ class Blip2Hook(BaseHook):
             error,
         )
 
-    def _make_budget(self, redis: RedisParams | None) -> Budget:
-        settings = self.settings
+    def _make_budget(self, settings: ClientSettings, redis: RedisParams | None) -> Budget:
         own_limits = self.requests_per_minute is not None or self.max_concurrency is not None
         limits = f"{settings.requests_per_minute}/{settings.max_concurrency}"
         local = budget_for(
@@ -405,10 +399,7 @@ class Blip2Hook(BaseHook):
         self.log.info("Cancelled BLIP-2 prediction %s", prediction_id)
 
     async def aclose(self) -> None:
-        """Close the async HTTP client, if one was opened."""
-        if self._async_client is not None:
-            await self._async_client.aclose()
-            self._async_client = None
+        """Nothing to close: the async HTTP client belongs to the event loop, shared by its hooks."""
 
     def close(self) -> None:
         """Close the sync HTTP session, if one was opened."""
@@ -477,14 +468,9 @@ class Blip2Hook(BaseHook):
     async def _asend_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
         import httpx
 
-        if self._async_client is None:
-            # Building a TLS context reads the CA bundle from disk: do it once, off the event loop, and
-            # only for https (httpx builds one even for plain-http clients unless told not to).
-            uses_tls = settings.base_url.startswith("https://")
-            tls: ssl.SSLContext | bool = await asyncio.to_thread(_shared_ssl_context) if uses_tls else False
-            self._async_client = httpx.AsyncClient(verify=tls, follow_redirects=False)
+        client = await ahttp_client(settings.base_url.startswith("https://"))
         try:
-            answer = await self._async_client.request(**request_arguments(settings, request))
+            answer = await client.request(**request_arguments(settings, request))
         except httpx.UnsupportedProtocol as error:
             raise Blip2InputError(f"connection host is not an http(s) URL: {error}") from None
         except httpx.HTTPError as error:
@@ -513,11 +499,3 @@ def _httpx_error_was_sent(error: Exception) -> bool:
     import httpx
 
     return not isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
-
-
-@functools.cache
-def _shared_ssl_context() -> ssl.SSLContext:
-    """One TLS context per process: building one reads the CA bundle from disk."""
-    import certifi
-
-    return ssl.create_default_context(cafile=certifi.where())

@@ -32,8 +32,8 @@ from airflow_provider_blip2.client.errors import (
 )
 from airflow_provider_blip2.client.inputs import PredictionInput
 from airflow_provider_blip2.client.models import PredictionOutcome, PredictionStatus
-from airflow_provider_blip2.storage import SigningError, StorageError, is_remote_object
 from airflow_provider_blip2.operators.base import Blip2TaskMixin, url_expiry
+from airflow_provider_blip2.storage import SigningError, StorageError, is_remote_object
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context

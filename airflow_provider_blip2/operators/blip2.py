@@ -19,9 +19,9 @@ from airflow.providers.common.compat.sdk import (
 from airflow_provider_blip2.client.errors import Blip2InputError, Blip2NotFoundError
 from airflow_provider_blip2.client.inputs import PredictionInput
 from airflow_provider_blip2.client.models import PredictionOutcome, PredictionStatus
-from airflow_provider_blip2.storage import StorageError, is_remote_object
 from airflow_provider_blip2.operators.base import Blip2TaskMixin, url_expiry
 from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
+from airflow_provider_blip2.storage import StorageError, is_remote_object
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context

@@ -9,13 +9,75 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_blip2.client.errors import Blip2Error
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.polling import PredictionWatch
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 
 # Bound on the remote cancel when a user kills the task.
 ON_KILL_TIMEOUT = 20.0
+# Seconds ``on_kill`` waits before it asks Airflow whether the task instance left its deferral.
+ON_KILL_GRACE = 1.0
+DEFERRED = "deferred"
+
+
+async def task_left_deferral(trigger: BaseTrigger) -> bool:
+    """
+    Whether the trigger's task instance is no longer deferred, as the Airflow API says.
+
+    Airflow 3.3 calls ``on_kill`` when a user marks a deferred task failed or success or clears it,
+    but also when a trigger is handed over to another triggerer (apache/airflow#73454): the task is
+    then still deferred and its prediction still awaited. Without a task instance to ask about (an
+    inline ``dags test`` trigger) or an answer, the kill counts as a user's.
+
+    :param trigger: The trigger being killed.
+    """
+    ti = trigger.task_instance
+    if ti is None:
+        return True
+    await asyncio.sleep(ON_KILL_GRACE)
+    try:
+        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+        from asgiref.sync import sync_to_async
+
+        states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
+            dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id], map_index=ti.map_index
+        )
+    except Exception as error:
+        trigger.log.warning("Could not read the state of task %s: %s", ti.task_id, error)
+        return True
+    key = ti.task_id if ti.map_index is None or ti.map_index < 0 else f"{ti.task_id}_{ti.map_index}"
+    return (states.get(ti.run_id) or {}).get(key) != DEFERRED
+
+
+async def cancel_for_kill(trigger: BaseTrigger, hook: Blip2Hook, prediction_ids: list[str]) -> None:
+    """
+    ``on_kill`` of both triggers: cancel the predictions, unless the task is still deferred.
+
+    :param trigger: The trigger being killed.
+    :param hook: The hook to cancel with; closed afterwards.
+    :param prediction_ids: The predictions the trigger waits for.
+    """
+    try:
+        if not await task_left_deferral(trigger):
+            trigger.log.info(
+                "The task is still deferred (its trigger moved to another triggerer): "
+                "%d prediction(s) left running",
+                len(prediction_ids),
+            )
+            return
+        results = await asyncio.wait_for(
+            asyncio.gather(*(hook.acancel_prediction(pid) for pid in prediction_ids), return_exceptions=True),
+            timeout=ON_KILL_TIMEOUT,
+        )
+        for prediction_id, result in zip(prediction_ids, results, strict=True):
+            if isinstance(result, BaseException):
+                trigger.log.warning("Could not cancel prediction %s: %s", prediction_id, result)
+            else:
+                trigger.log.info("Cancelled prediction %s because the task was killed", prediction_id)
+    except asyncio.TimeoutError:
+        trigger.log.warning("Cancelling %d prediction(s) timed out", len(prediction_ids))
+    finally:
+        await hook.aclose()
 
 
 class Blip2PredictionTrigger(BaseTrigger):
@@ -87,14 +149,7 @@ class Blip2PredictionTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """Cancel the prediction when a user marks the deferred task failed or success, or clears it."""
-        hook = self._hook()
-        try:
-            await asyncio.wait_for(hook.acancel_prediction(self.prediction_id), timeout=ON_KILL_TIMEOUT)
-            self.log.info("Cancelled prediction %s because the task was killed", self.prediction_id)
-        except (Blip2Error, asyncio.TimeoutError) as error:
-            self.log.warning("Could not cancel prediction %s: %s", self.prediction_id, error)
-        finally:
-            await hook.aclose()
+        await cancel_for_kill(self, self._hook(), [self.prediction_id])
 
 
 class Blip2BatchPredictionTrigger(BaseTrigger):
@@ -204,18 +259,4 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """Cancel the in-flight predictions when a user marks the deferred task failed, success or cleared."""
-        hook = self._hook()
-        try:
-            results = await asyncio.wait_for(
-                asyncio.gather(
-                    *(hook.acancel_prediction(pid) for pid in self.predictions), return_exceptions=True
-                ),
-                timeout=ON_KILL_TIMEOUT,
-            )
-            for prediction_id, result in zip(self.predictions, results, strict=True):
-                if isinstance(result, BaseException):
-                    self.log.warning("Could not cancel prediction %s: %s", prediction_id, result)
-        except asyncio.TimeoutError:
-            self.log.warning("Cancelling %d predictions timed out", len(self.predictions))
-        finally:
-            await hook.aclose()
+        await cancel_for_kill(self, self._hook(), list(self.predictions))

@@ -182,7 +182,7 @@ def test_get_prediction_fields(
     assert running.raw_status in {"created", "processing"}
     assert running.output is None and running.error is None
     assert running.predict_time == 0.0
-    assert hook._budget(hook.settings).in_flight == 1
+    assert hook.budget().in_flight == 1
     outcome = hook.wait_for_prediction(prediction_id, poll_interval=POLL, timeout=10)
     done = hook.get_prediction(prediction_id)
     assert done.status is PredictionStatus.SUCCEEDED
@@ -192,7 +192,7 @@ def test_get_prediction_fields(
     assert done.error is None and done.error_code is None
     assert outcome == done.outcome()
     assert outcome.status == "success"
-    assert hook._budget(hook.settings).in_flight == 0  # seen finished: the slot is free
+    assert hook.budget().in_flight == 0  # seen finished: the slot is free
 
 
 def test_cancel_a_running_prediction(
@@ -206,7 +206,7 @@ def test_cancel_a_running_prediction(
     prediction_id = hook.create_prediction(image_url("chelsea.jpg"))
     assert hook.get_prediction(prediction_id).status is PredictionStatus.RUNNING
     hook.cancel_prediction(prediction_id)
-    assert hook._budget(hook.settings).in_flight == 0
+    assert hook.budget().in_flight == 0
     prediction = hook.get_prediction(prediction_id)
     assert prediction.status is PredictionStatus.CANCELLED
     assert prediction.raw_status == "cancelled"
@@ -265,7 +265,7 @@ def test_failed_prediction(
     assert prediction.error_code == error_code
     assert prediction.error
     assert prediction.output is None
-    assert hook._budget(hook.settings).in_flight == 0
+    assert hook.budget().in_flight == 0
 
     with pytest.raises(Blip2PredictionFailedError) as caught:
         hook.run(image_url(image), caption=True, poll_interval=POLL, timeout=10)
@@ -320,7 +320,7 @@ def test_wrong_api_key_is_not_retried(
     assert ledger["requests"] == {"create": 1}
     assert ledger["responses_401"] == 1
     assert ledger["creates"] == 0
-    assert hook._budget(hook.settings).in_flight == 0  # the failed create freed its slot
+    assert hook.budget().in_flight == 0  # the failed create freed its slot
 
 
 def test_unknown_prediction_is_not_retried(
@@ -382,7 +382,7 @@ def test_create_with_5xx_is_ambiguous_and_not_retried(
     ledger = emulator.ledger()
     assert ledger["requests"] == {"create": 1}
     assert ledger["creates"] == 0
-    assert hook._budget(hook.settings).in_flight == 0
+    assert hook.budget().in_flight == 0
 
 
 def test_dropped_create_is_ambiguous_and_never_resent(
@@ -453,7 +453,7 @@ def test_create_to_closed_port_is_retried_then_raises_unsent_transport_error(
     assert "before the request was sent" in str(caught.value)
     assert len(policy.failures) == FAST_RETRIES.max_attempts
     assert all(isinstance(error, Blip2TransportError) and not error.sent for error in policy.failures)
-    assert hook._budget(hook.settings).in_flight == 0
+    assert hook.budget().in_flight == 0
 
 
 def test_batch_succeeds_under_seeded_partial_faults(
@@ -501,7 +501,7 @@ def test_client_budget_keeps_the_server_from_answering_429(
         assert hook.get_model()["slug"] == "blip-2"
     elapsed = time.monotonic() - started
     assert prediction.succeeded
-    budget = hook._budget(hook.settings)
+    budget = hook.budget()
     assert (budget.requests_per_minute, budget.window) == (client_limit, RATE_WINDOW)
     ledger = server.ledger()
     sent = sum(ledger["requests"].values())
@@ -542,7 +542,7 @@ def test_budget_is_shared_by_hooks_of_the_same_connection(
         monkeypatch, "blip2_shared", server.url, requests_per_minute=5, rate_window=RATE_WINDOW
     )
     first, second = make_hook(conn_id), make_hook(conn_id)
-    assert first._budget(first.settings) is second._budget(second.settings)
+    assert first.budget() is second.budget()
     errors: list[BaseException] = []
 
     def work(hook: Blip2Hook) -> None:
@@ -599,9 +599,9 @@ def test_max_concurrency_one_makes_a_second_create_wait(
     ledger = server.ledger()
     assert ledger["creates"] == 2
     assert ledger["peak_in_flight"] == 1
-    assert second._budget(second.settings).in_flight == 1
+    assert second.budget().in_flight == 1
     assert second.wait_for_prediction(created[0], poll_interval=POLL).succeeded
-    assert second._budget(second.settings).in_flight == 0
+    assert second.budget().in_flight == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -706,7 +706,7 @@ async def test_async_get_and_cancel(
         await hook.acancel_prediction(prediction_id)
         cancelled = await hook.aget_prediction(prediction_id)
         assert cancelled.status is PredictionStatus.CANCELLED
-        assert hook._budget(await hook.aget_settings()).in_flight == 0
+        assert (await hook.abudget()).in_flight == 0
     finally:
         await hook.aclose()
     ledger = server.ledger()
