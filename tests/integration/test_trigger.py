@@ -7,6 +7,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -444,6 +445,53 @@ async def test_on_kill_without_a_running_trigger_cancels_too(
 
     assert slow_connection.ledger()["requests"]["cancel"] == 1
     assert slow_connection.app.emulator.predictions[prediction_id].status == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("map_index", "state", "cancels"),
+    [
+        (-1, "deferred", False),  # handed over to another triggerer (apache/airflow#73454)
+        (3, "deferred", False),
+        (-1, "failed", True),  # marked failed by a user
+        (3, "success", True),
+        (-1, None, True),  # cleared
+    ],
+)
+async def test_on_kill_leaves_a_prediction_alone_while_the_task_is_still_deferred(
+    slow_connection: EmulatorServer,
+    image_url: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+    map_index: int,
+    state: str | None,
+    cancels: bool,
+) -> None:
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    from airflow_provider_blip2.triggers import blip2 as triggers
+
+    prediction_id = await asyncio.to_thread(_create, image_url("coffee.png"))
+    asked: list[dict[str, Any]] = []
+
+    def get_task_states(**query: Any) -> dict[str, Any]:
+        asked.append(query)
+        key = "caption" if map_index < 0 else f"caption_{map_index}"
+        return {"run_1": {key: state, "other_task": "failed"}}
+
+    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states", staticmethod(get_task_states))
+    monkeypatch.setattr(triggers, "ON_KILL_GRACE", 0.0)
+    trigger = _trigger(prediction_id)
+    trigger.task_instance = SimpleNamespace(  # type: ignore[assignment]
+        dag_id="dag_1", run_id="run_1", task_id="caption", map_index=map_index
+    )
+
+    await trigger.on_kill()
+
+    assert asked == [
+        {"dag_id": "dag_1", "task_ids": ["caption"], "run_ids": ["run_1"], "map_index": map_index}
+    ]
+    assert slow_connection.ledger()["requests"].get("cancel", 0) == (1 if cancels else 0)
+    status = slow_connection.app.emulator.predictions[prediction_id].status
+    assert (status == "cancelled") is cancels
 
 
 async def test_a_triggerer_restart_reattaches_without_creating_anything(
