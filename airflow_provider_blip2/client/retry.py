@@ -108,8 +108,7 @@ class RetryPolicy:
 
         return {
             "retry": tenacity.retry_if_exception(lambda error: self.should_retry(error, request)),
-            "stop": tenacity.stop_after_attempt(self.max_attempts)
-            | tenacity.stop_after_delay(self.max_elapsed),
+            "stop": stop,
             "wait": wait,
             "before_sleep": before_sleep,
             "reraise": True,

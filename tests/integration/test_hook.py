@@ -417,14 +417,21 @@ def test_dropped_gets_are_retried(
 def test_create_retried_after_429_succeeds(
     emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
 ) -> None:
-    # Phase 1: every create answered 429: retried up to max_attempts, nothing created, not ambiguous.
+    # Phase 1: every create answered 429: retried until the caller's deadline (however many
+    # attempts that takes), nothing created, not ambiguous.
     emulator.config.fault_429 = 1.0
+    hook = make_hook(blip2_connection)
+    started = time.monotonic()
     with pytest.raises(Blip2RateLimitError) as caught:
-        make_hook(blip2_connection).create_prediction(image_url("chelsea.jpg"))
+        hook.submit_prediction(
+            hook.prediction_input(image_url("chelsea.jpg")), patient_until=time.time() + 1.0
+        )
+    assert 1.0 <= time.monotonic() - started < 5.0
     assert caught.value.retry_after == pytest.approx(0.05)  # the emulator's scaled Retry-After
     ledger = emulator.ledger()
-    assert ledger["requests"]["create"] == FAST_RETRIES.max_attempts
-    assert ledger["responses_429"] == FAST_RETRIES.max_attempts
+    attempts = ledger["requests"]["create"]
+    assert attempts > FAST_RETRIES.max_attempts
+    assert ledger["responses_429"] == attempts
     assert ledger["creates"] == 0
 
     # Phase 2: the server recovers after the first 429; the retried create succeeds, once.
@@ -437,9 +444,26 @@ def test_create_retried_after_429_succeeds(
     prediction_id = hook.create_prediction(image_url("chelsea.jpg"))
     assert len(policy.failures) == 1
     ledger = emulator.ledger()
-    assert ledger["requests"]["create"] == FAST_RETRIES.max_attempts + 2
+    assert ledger["requests"]["create"] == attempts + 2
     assert ledger["creates"] == 1
     assert hook.wait_for_prediction(prediction_id, poll_interval=POLL).succeeded
+
+
+def test_a_429_storm_on_create_is_waited_out_beyond_max_attempts(
+    emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    """A 429 creates nothing: it is back-pressure, waited out while the caller's deadline lasts."""
+    emulator.config.fault_429 = 1.0
+    timer = threading.Timer(1.5, lambda: setattr(emulator.config, "fault_429", 0.0))
+    timer.start()
+    try:
+        prediction_id = make_hook(blip2_connection).create_prediction(image_url("chelsea.jpg"))
+    finally:
+        timer.cancel()
+    ledger = emulator.ledger()
+    assert ledger["responses_429"] > FAST_RETRIES.max_attempts
+    assert ledger["creates"] == 1
+    assert prediction_id
 
 
 def test_create_to_closed_port_is_retried_then_raises_unsent_transport_error(
