@@ -447,6 +447,7 @@ async def test_on_kill_without_a_running_trigger_cancels_too(
     assert slow_connection.app.emulator.predictions[prediction_id].status == "cancelled"
 
 
+@requires_airflow_3_3
 @pytest.mark.parametrize(
     ("map_index", "state", "cancels"),
     [
