@@ -21,7 +21,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,25 @@ for _, key in ipairs(KEYS) do
 end
 return 1
 """
+
+# KEYS: the in-flight sets. ARGV: prediction id.
+_SLOT_FREED = """
+for _, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[1]) end
+return 1
+"""
+
+# KEYS: the in-flight sets (the first counts). Predictions counted now.
+_IN_FLIGHT = """
+local t = redis.call('TIME')
+return redis.call('ZCOUNT', KEYS[1], '(' .. (tonumber(t[1]) + tonumber(t[2]) / 1000000), '+inf')
+"""
+
+#: What the fallback answers a slot reservation with, told apart from Redis's 0 or 1.
+_TOKEN_LOCAL = "local"
+
+
+def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -186,66 +205,42 @@ class SharedBudget:
     # ----------------------------------------------------------------------------------------------
     def reserve_request(self) -> float:
         """Take a request slot in Redis and return 0, or the seconds to wait; see the module."""
-        if not self._redis_up():
-            return self.fallback.reserve_request()
         token = uuid.uuid4().hex
-        try:
-            script = self._script(_RESERVE_REQUEST)
-            wait = float(script(keys=self._keys("requests"), args=self._request_args(token)))
-        except Exception as error:
-            return self._fell_back(error, self.fallback.reserve_request)
+        wait = self._call(
+            _RESERVE_REQUEST, "requests", self._request_args(token), self.fallback.reserve_request
+        )
         return self._reserved(token, wait)
 
     async def areserve_request(self) -> float:
         """:meth:`reserve_request` without blocking the event loop."""
-        if not self._redis_up():
-            return self.fallback.reserve_request()
         token = uuid.uuid4().hex
-        try:
-            script = self._ascript(_RESERVE_REQUEST)
-            wait = float(await script(keys=self._keys("requests"), args=self._request_args(token)))
-        except Exception as error:
-            return self._fell_back(error, self.fallback.reserve_request)
+        args = self._request_args(token)
+        wait = await self._acall(_RESERVE_REQUEST, "requests", args, self.fallback.reserve_request)
         return self._reserved(token, wait)
 
     def request_done(self, *, rate_limited: bool = False) -> None:
         """Count a reserved request from now on; ``rate_limited`` when it was a 429."""
-        self.pace.answered(rate_limited=rate_limited)
-        token = self._pop(self._open_tokens)
-        if token is None:
-            self.fallback.request_done(rate_limited=rate_limited)
-            return
-        try:
-            self._script(_REQUEST_DONE)(keys=self._keys("requests"), args=[token])
-        except Exception as error:
-            self._fell_back(error, lambda: None)
+        token = self._answered(rate_limited)
+        if token is not None:
+            self._call(_REQUEST_DONE, "requests", [token], _nothing)
 
     async def arequest_done(self, *, rate_limited: bool = False) -> None:
         """:meth:`request_done` without blocking the event loop."""
-        self.pace.answered(rate_limited=rate_limited)
-        token = self._pop(self._open_tokens)
-        if token is None:
-            self.fallback.request_done(rate_limited=rate_limited)
-            return
-        try:
-            await self._ascript(_REQUEST_DONE)(keys=self._keys("requests"), args=[token])
-        except Exception as error:
-            self._fell_back(error, lambda: None)
+        token = self._answered(rate_limited)
+        if token is not None:
+            await self._acall(_REQUEST_DONE, "requests", [token], _nothing)
 
     # ----------------------------------------------------------------------------------------------
     # Predictions in flight (created on workers, which are synchronous)
     # ----------------------------------------------------------------------------------------------
     def reserve_prediction(self) -> float:
         """Take a slot for a prediction about to be created; 0, or seconds to wait."""
-        if not self._redis_up():
-            return self.fallback.reserve_prediction()
         token = uuid.uuid4().hex
         args = [token, self.in_flight_ttl, *(scope.max_concurrency for scope in self.scopes)]
-        try:
-            granted = int(self._script(_RESERVE_SLOT)(keys=self._keys("in_flight"), args=args))
-        except Exception as error:
-            return self._fell_back(error, self.fallback.reserve_prediction)
-        if not granted:
+        granted = self._call(_RESERVE_SLOT, "in_flight", args, lambda: _TOKEN_LOCAL)
+        if granted == _TOKEN_LOCAL:
+            return self.fallback.reserve_prediction()
+        if not int(granted):
             return 0.25
         self._slot_tokens.append(token)
         return 0.0
@@ -255,45 +250,24 @@ class SharedBudget:
         token = self._pop(self._slot_tokens)
         if token is None:
             self.fallback.prediction_created(prediction_id)
-            return
-        try:
-            args = [token, prediction_id or "", self.in_flight_ttl]
-            self._script(_SLOT_CREATED)(keys=self._keys("in_flight"), args=args)
-        except Exception as error:
-            self._fell_back(error, lambda: None)
+        else:
+            self._call(_SLOT_CREATED, "in_flight", [token, prediction_id or "", self.in_flight_ttl], _nothing)
 
     def prediction_finished(self, prediction_id: str) -> None:
         """Free the slot of a prediction seen finished, whichever process created it."""
         self.fallback.prediction_finished(prediction_id)
-        if self._redis_up():
-            try:
-                client = self._client()
-                for key in self._keys("in_flight"):
-                    client.zrem(key, prediction_id)
-            except Exception as error:
-                self._fell_back(error, lambda: None)
+        self._call(_SLOT_FREED, "in_flight", [prediction_id], _nothing)
 
     async def aprediction_finished(self, prediction_id: str) -> None:
         """:meth:`prediction_finished` without blocking the event loop."""
         self.fallback.prediction_finished(prediction_id)
-        if self._redis_up():
-            try:
-                client = self._aclient()
-                for key in self._keys("in_flight"):
-                    await client.zrem(key, prediction_id)
-            except Exception as error:
-                self._fell_back(error, lambda: None)
+        await self._acall(_SLOT_FREED, "in_flight", [prediction_id], _nothing)
 
     @property
     def in_flight(self) -> int:
         """Predictions counted in Redis against the account's ``max_concurrency``."""
-        if not self._redis_up():
-            return self.fallback.in_flight
-        try:
-            key = self._keys("in_flight")[0]
-            return int(self._client().zcount(key, f"({time.time()}", "+inf"))
-        except Exception as error:
-            return self._fell_back(error, lambda: self.fallback.in_flight)
+        count = self._call(_IN_FLIGHT, "in_flight", [], lambda: self.fallback.in_flight)
+        return int(count)
 
     def recent_requests(self) -> list[float]:
         """Nothing to hand over while Redis counts every process's requests; else the fallback's."""
@@ -306,6 +280,24 @@ class SharedBudget:
     # ----------------------------------------------------------------------------------------------
     # Redis
     # ----------------------------------------------------------------------------------------------
+    def _call(self, script: str, kind: str, args: list[Any], fallback: Callable[[], Any]) -> Any:
+        """Run a script on this budget's keys of ``kind``; ``fallback()`` while Redis is down."""
+        if time.monotonic() < self._down_until:
+            return fallback()
+        try:
+            return self._client().register_script(script)(keys=self._keys(kind), args=args)
+        except Exception as error:
+            return self._fell_back(error, fallback)
+
+    async def _acall(self, script: str, kind: str, args: list[Any], fallback: Callable[[], Any]) -> Any:
+        """:meth:`_call` without blocking the event loop."""
+        if time.monotonic() < self._down_until:
+            return fallback()
+        try:
+            return await self._aclient().register_script(script)(keys=self._keys(kind), args=args)
+        except Exception as error:
+            return self._fell_back(error, fallback)
+
     def _keys(self, kind: str) -> list[str]:
         return [f"blip2:budget:{scope.name}:{kind}" for scope in self.scopes]
 
@@ -314,17 +306,25 @@ class SharedBudget:
         limits += [scope.requests_per_minute for scope in self.scopes[1:]]
         return [token, self.window, OPEN_REQUEST_TTL, *limits]
 
-    def _reserved(self, token: str, wait: float) -> float:
-        """Redis answered a reservation: keep the token if it was granted."""
+    def _reserved(self, token: str, wait: Any) -> float:
+        """A reservation's answer: Redis's (then keep a granted token) or the fallback's float."""
+        if isinstance(wait, float):
+            return wait
         self._outage_reported = False
-        if wait == 0:
+        seconds = float(wait)
+        if seconds == 0:
             self._open_tokens.append(token)
-        return wait
+        return seconds
 
-    def _redis_up(self) -> bool:
-        return time.monotonic() >= self._down_until
+    def _answered(self, rate_limited: bool) -> str | None:
+        """Note an answer in the pace; the token to mark done in Redis, or ``None`` (counted locally)."""
+        self.pace.answered(rate_limited=rate_limited)
+        token = self._pop(self._open_tokens)
+        if token is None:
+            self.fallback.request_done(rate_limited=rate_limited)
+        return token
 
-    def _fell_back(self, error: Exception, fallback: Any) -> Any:
+    def _fell_back(self, error: Exception, fallback: Callable[[], Any]) -> Any:
         """Note an unreachable Redis (logged once per outage) and answer from the fallback."""
         with self._lock:
             first, self._outage_reported = not self._outage_reported, True
@@ -372,12 +372,6 @@ class SharedBudget:
             "socket_timeout": REDIS_TIMEOUT,
             "socket_connect_timeout": REDIS_TIMEOUT,
         }
-
-    def _script(self, source: str) -> Any:
-        return self._client().register_script(source)
-
-    def _ascript(self, source: str) -> Any:
-        return self._aclient().register_script(source)
 
 
 _SHARED: dict[tuple[Any, ...], SharedBudget] = {}
