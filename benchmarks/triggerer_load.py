@@ -94,7 +94,7 @@ def emulator_process(max_in_flight: int) -> Iterator[tuple[str, psutil.Process]]
             if child.poll() is not None:
                 raise RuntimeError(f"the emulator exited with status {child.returncode}")
             try:
-                httpx.get(f"{url}/_emulator/ledger", timeout=1.0).raise_for_status()
+                ledger(url)
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline:
@@ -110,9 +110,13 @@ def emulator_process(max_in_flight: int) -> Iterator[tuple[str, psutil.Process]]
             child.wait()
 
 
+#: Asks the emulator for its ledger; made once (a new client loads the CA bundle, a stall of its own).
+_LEDGER_CLIENT = httpx.Client(timeout=10.0, trust_env=False)
+
+
 def ledger(url: str) -> dict[str, Any]:
     """The emulator's counters (``GET /_emulator/ledger``)."""
-    answer = httpx.get(f"{url}/_emulator/ledger", timeout=10.0)
+    answer = _LEDGER_CLIENT.get(f"{url}/_emulator/ledger")
     answer.raise_for_status()
     result: dict[str, Any] = answer.json()
     return result
@@ -238,6 +242,7 @@ async def measure(
         if math.isnan(first_reads_after) and await gets(url) - gets_before >= len(ids):
             first_reads_after = loop.time() - started
     rss_after = rss()
+    await asyncio.sleep(1.0)  # the collection's own stall stays out of the steady window
     steady_from = loop.time()
     gets_from, own_cpu, emulator_cpu = await gets(url), cpu_seconds(psutil.Process()), cpu_seconds(emulator)
     await asyncio.sleep(max(0.0, steady_from + args.steady_seconds - loop.time()))

@@ -227,3 +227,32 @@ def test_api_key_reaches_no_redis_key(redis_server: RedisServer, redis: RedisPar
     keys = [str(key) for key in redis_py.Redis(port=redis_server.port, decode_responses=True).keys("*")]
     assert keys and all(API_KEY not in key for key in keys)
     assert asyncio.run(budget.areserve_request()) == 0.0
+
+
+def test_a_hook_with_redis_conn_id_shares_the_budget_and_survives_a_missing_connection(
+    redis_server: RedisServer,
+    redis: RedisParams,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import structlog.testing
+
+    from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_REDIS_BUDGET",
+        json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": redis_server.port}),
+    )
+    for conn_id, redis_conn_id in (("blip2_shared", "redis_budget"), ("blip2_orphan", "no_such_redis")):
+        extra = {"redis_conn_id": redis_conn_id, "requests_per_minute": 7, "max_concurrency": 3}
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", connection_json("http://127.0.0.1:1", **extra))
+    shared = Blip2Hook("blip2_shared").budget()
+    assert isinstance(shared, SharedBudget)
+    assert (shared.requests_per_minute, shared.max_concurrency) == (7, 3)
+    assert shared.reserve_request() == 0.0
+    with structlog.testing.capture_logs() as logs:
+        orphan = Blip2Hook("blip2_orphan").budget()
+    assert isinstance(orphan, RequestBudget)  # its own, process-wide budget: the task goes on
+    assert any("no_such_redis" in str(entry) for entry in logs), logs
+    own = Blip2Hook("blip2_shared", requests_per_minute=2).budget()
+    assert isinstance(own, SharedBudget)
+    assert [scope.requests_per_minute for scope in own.scopes] == [7, 2]
