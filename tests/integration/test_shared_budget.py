@@ -243,7 +243,11 @@ def test_a_hook_with_redis_conn_id_shares_the_budget_and_survives_a_missing_conn
         json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": redis_server.port}),
     )
     for conn_id, redis_conn_id in (("blip2_shared", "redis_budget"), ("blip2_orphan", "no_such_redis")):
-        extra = {"redis_conn_id": redis_conn_id, "requests_per_minute": 7, "max_concurrency": 3}
+        extra: dict[str, Any] = {
+            "redis_conn_id": redis_conn_id,
+            "requests_per_minute": 7,
+            "max_concurrency": 3,
+        }
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", connection_json("http://127.0.0.1:1", **extra))
     shared = Blip2Hook("blip2_shared").budget()
     assert isinstance(shared, SharedBudget)
