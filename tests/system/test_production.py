@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from scripts.deployment import AirflowDeployment
 from scripts.production import DAG_ID, ProductionStack, missing_reason, production_stack
+from scripts.sandbox import AirflowSandbox
 
 pytestmark = pytest.mark.timeout(900)
 IMAGES = 12
@@ -112,11 +115,33 @@ def test_mapped_deferrable_predictions_succeed_with_two_triggerers(fresh: Produc
 
 def test_a_killed_triggerer_hands_its_triggers_to_the_other(fresh: ProductionStack) -> None:
     fresh.emulator.config.latency = 20.0  # long enough for the handover to happen mid-prediction
-    images = fresh.images("killed", IMAGES)
+    images = fresh.images("killed", 10)  # all in flight at once: none waits for a free slot
     run_id = run_to_the_end(fresh, images, kill_after_deferred=6)
 
     assert_every_task_succeeded_and_one_create_per_image(fresh, run_id, images)
     assert fresh.emulator.ledger()["statuses"]["cancelled"] == 0
+
+
+def test_a_paused_triggerer_counts_as_dead_until_it_is_resumed(fresh: ProductionStack) -> None:
+    deployment = fresh.deployment
+    deployment.pause("triggerer-2")
+    try:
+        deployment.wait_for(
+            lambda: deployment.alive_triggerers() == {"triggerer-1"},
+            timeout=45,
+            what="the paused triggerer to count as dead",
+        )
+        assert deployment.running("triggerer-2")
+    finally:
+        deployment.resume("triggerer-2")
+    deployment.wait_for(
+        lambda: deployment.alive_triggerers() >= ALL_TRIGGERERS, timeout=45, what="the resumed triggerer"
+    )
+
+
+def test_two_triggerers_on_sqlite_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="SKIP LOCKED"):
+        AirflowDeployment(AirflowSandbox(tmp_path), triggerers=2)
 
 
 def test_the_metadata_database_is_postgresql(stack: ProductionStack) -> None:
