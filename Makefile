@@ -57,12 +57,14 @@ pytest: $(INSTALLED) system-packages
 pytest-airflow2: $(INSTALLED_AIRFLOW2)
 	$(VENV_AIRFLOW2)/bin/pytest $(AIRFLOW2_TESTS)
 
-## bench: print the benchmark numbers (import cost, batch throughput against the limits; ~10 min)
-bench: $(INSTALLED)
+## bench: print the benchmark numbers (import cost, batch throughput against the limits, a production-shaped
+## deployment with 100 mapped tasks and a 100-image batch; ~20 min)
+bench: $(INSTALLED) system-packages
 	$(BIN)/python -m benchmarks.import_time
 	$(BIN)/python -m benchmarks.budget
 	$(BIN)/python -m benchmarks.batch
 	$(BIN)/python -m benchmarks.batch_deployment
+	$(BIN)/python -m benchmarks.scale
 
 ## emulator: run the API emulator in the foreground on 127.0.0.1:8765
 emulator: $(INSTALLED)

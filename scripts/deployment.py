@@ -69,12 +69,11 @@ class AirflowDeployment:
 
     LocalExecutor runs the tasks; the triggerer(s) run deferred tasks' triggers; the REST API (all
     users admin) triggers runs and marks task instances. Logs go to ``<home>/component-logs``, one
-    file per component.
+    file per component; no component serves logs over HTTP (the API server reads the shared log folder).
 
     With ``triggerers=1`` the triggerer is the component ``triggerer``. With more, they are
     ``triggerer-1`` ... ``triggerer-N``, each its own process and log, reporting its name as its host
-    name, serving no logs (the API server reads every log file from the shared log folder), and
-    considered dead ``triggerer_health_check_threshold`` seconds after its last heartbeat, when
+    name, and considered dead ``triggerer_health_check_threshold`` seconds after its last heartbeat, when
     the others take over its triggers. Several triggerers need a database with ``SKIP LOCKED``
     (PostgreSQL): on SQLite two triggerers can run the same trigger.
 
@@ -138,8 +137,9 @@ class AirflowDeployment:
         args = [sys.executable, "-m", "airflow", program]
         if name == "api-server":
             args += ["--port", str(self.port), "--host", "127.0.0.1"]
+        if program in ("scheduler", "triggerer"):
+            args.append("--skip-serve-logs")  # the API server reads the shared log folder
         if program == "triggerer" and name != "triggerer":
-            args.append("--skip-serve-logs")
             env[COMPONENT_ENV] = name
             env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] = f"{__name__}.component_hostname"
         return args, env
@@ -162,11 +162,12 @@ class AirflowDeployment:
 
     def stop(self, *components: str, kill: bool = False) -> None:
         """
-        Stop components (all by default), waiting for each process and all its children to exit.
+        Stop components (all by default) at once, waiting for each process and all its children to exit.
 
         :param components: Component names.
         :param kill: SIGKILL instead of SIGTERM (a crash: nothing is cleaned up).
         """
+        stopping: list[tuple[subprocess.Popen[bytes], list[psutil.Process]]] = []
         for name in components or list(self.processes):
             process = self.processes.pop(name, None)
             if process is None:
@@ -177,11 +178,13 @@ class AirflowDeployment:
                 self.paused.discard(name)
             if process.poll() is None:
                 self._signal(tree, process.pid, signal.SIGKILL if kill else signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self._signal(tree, process.pid, signal.SIGKILL)
-                    process.wait(timeout=30)
+            stopping.append((process, tree))
+        for process, tree in stopping:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._signal(tree, process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
             _kill_survivors(tree)
 
     def kill(self, name: str) -> None:
@@ -355,6 +358,21 @@ class AirflowDeployment:
         states = Counter(str(ti["state"] or "none") for ti in instances)
         tries = {_ti_key(ti): int(ti["try_number"]) for ti in instances}
         return RunSummary(dict(states), tries)
+
+    def deferred_by_triggerer(self, dag_id: str, run_id: str) -> dict[str, int]:
+        """
+        The run's deferred task instances per triggerer that runs their trigger (its host name;
+        for named triggerers, their names); ``""`` counts those no triggerer has picked up yet.
+
+        :param dag_id: The DAG.
+        :param run_id: The run.
+        """
+        holders = Counter(
+            str((ti.get("triggerer_job") or {}).get("hostname") or "")
+            for ti in self.task_instances(dag_id, run_id)
+            if ti["state"] == "deferred"
+        )
+        return dict(holders)
 
     def alive_triggerers(self) -> set[str]:
         """Host names of the triggerers the metadata database considers alive (named ones: their names)."""

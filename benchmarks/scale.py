@@ -1,0 +1,175 @@
+"""
+Many mapped deferrable predictions and, beside them, one batch, in a production-shaped deployment.
+
+PostgreSQL metadata database, LocalExecutor with 8 slots, two triggerers, a Redis server, and the
+emulator at the API's real limits and speed: 60 requests a minute and 10 predictions in flight per
+key, 2 s per prediction, no time scaling, ``retry_after`` in the 429's body only, 2 % of the reads
+answered 5xx. One DAG run captions ``--tasks`` images with one mapped ``Blip2PredictionOperator``
+each (deferrable, ``retries=1``) and, in parallel, ``--batch-images`` images with one deferrable
+``Blip2BatchPredictionOperator``. All share one API key, as the tasks of one account do.
+
+Prints one JSON line per run:
+
+- ``wall_s``: the DAG run's duration (start to end, as the scheduler recorded them);
+- ``minimum_s``: the least time the API's limits allow for ``P = tasks + batch_images``
+  predictions, each needing at least ``2`` requests (a create, and a read once it has ended)::
+
+      minimum = max((2 P - RPM) * 60 / RPM,     # the rate: RPM requests at once, then one per 60/RPM s
+                    ceil(P / IN_FLIGHT) * LATENCY,  # the predictions in flight
+                    LATENCY)                     # one prediction
+
+  with ``RPM = 60``, ``IN_FLIGHT = 10``, ``LATENCY = 2 s``; for P = 200 that is 340 s, set by the rate;
+- ``ratio``: ``wall_s / minimum_s``;
+- ``share_429``: the share of the emulator's responses that were 429;
+- ``requests_per_prediction``: the requests the emulator received (429s included) per prediction,
+  and ``admitted_requests_per_prediction`` without the 429s (at best 2);
+- ``failed_tasks``, ``tries_gt_1``: task instances that did not succeed, and that needed a retry;
+  ``batch_failed``: predictions the batch recorded as failed;
+- ``max_creates_per_image``, ``creates``, ``images``: creates of the most-created image (1 means no
+  duplicate), and all creates against all images.
+
+``--redis`` puts ``"redis_conn_id": "redis_default"`` in the blip2 connection's extra, next to a
+``redis_default`` connection to the local Redis (for a provider that shares its request budget there).
+Takes the minimum plus start-up (about a minute) and scheduling overhead: ~8 minutes at the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from scripts.production import SCALE_DAG_ID, ProductionSettings, ProductionStack, production_stack
+
+RPM = 60
+IN_FLIGHT = 10
+LATENCY = 2.0
+REQUESTS_PER_PREDICTION = 2
+
+
+def minimum_seconds(
+    predictions: int, rpm: int = RPM, in_flight: int = IN_FLIGHT, latency: float = LATENCY
+) -> float:
+    """
+    The least time the API's limits allow for a number of predictions (see the module docstring).
+
+    :param predictions: How many predictions.
+    :param rpm: Requests per minute allowed.
+    :param in_flight: Predictions in flight allowed.
+    :param latency: Seconds per prediction.
+    """
+    rate = max(0, REQUESTS_PER_PREDICTION * predictions - rpm) * 60.0 / rpm
+    concurrency = math.ceil(predictions / in_flight) * latency
+    return max(rate, concurrency, latency)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", type=int, default=100, help="mapped deferrable prediction tasks")
+    parser.add_argument("--batch-images", type=int, default=100, help="images of the one batch task")
+    parser.add_argument("--triggerers", type=int, default=2)
+    parser.add_argument("--parallelism", type=int, default=8, help="LocalExecutor slots")
+    parser.add_argument("--read-fault-rate", type=float, default=0.02, help="share of reads answered 5xx")
+    parser.add_argument("--redis", action="store_true", help="name the local Redis in the blip2 connection")
+    parser.add_argument("--runs", type=int, default=1, help="runs, one after the other, in one deployment")
+    parser.add_argument("--keep", action="store_true", help="keep the Airflow home (logs) afterwards")
+    return parser.parse_args()
+
+
+def run_once(stack: ProductionStack, args: argparse.Namespace, number: int, home: Path) -> dict[str, Any]:
+    """
+    One DAG run; return its numbers.
+
+    :param stack: The running deployment.
+    :param args: The command line.
+    :param number: The run's number, naming its images.
+    :param home: Where the batch writes its output.
+    """
+    stack.emulator.reset()
+    tasks = stack.images(f"task{number}", args.tasks)
+    batch = stack.images(f"batch{number}", args.batch_images)
+    deployment = stack.deployment
+    conf = {"images": tasks, "batch_images": batch, "output_uri": str(home / f"batch-{number}.jsonl")}
+    run_id = deployment.trigger(SCALE_DAG_ID, conf)
+    predictions = len(tasks) + len(batch)
+    minimum = minimum_seconds(predictions)
+    state = deployment.wait_for_run(SCALE_DAG_ID, run_id, timeout=3 * minimum + 900)
+    run = deployment.api("GET", f"/dags/{SCALE_DAG_ID}/dagRuns/{run_id}")
+    wall = (
+        datetime.fromisoformat(run["end_date"]) - datetime.fromisoformat(run["start_date"])
+    ).total_seconds()
+    summary = deployment.run_summary(SCALE_DAG_ID, run_id)
+    ledger = stack.emulator.ledger()
+    creates = stack.creates_per_image(tasks + batch)
+    responses = sum(ledger["responses_by_status"].values())
+    requests = sum(ledger["requests"].values())
+    return {
+        "tasks": len(tasks),
+        "batch_images": len(batch),
+        "triggerers": args.triggerers,
+        "parallelism": args.parallelism,
+        "redis": args.redis,
+        "run": state,
+        "wall_s": round(wall, 1),
+        "minimum_s": round(minimum, 1),
+        "ratio": round(wall / minimum, 2),
+        "requests": requests,
+        "requests_per_prediction": round(requests / predictions, 2),
+        "admitted_requests_per_prediction": round((requests - ledger["responses_429"]) / predictions, 2),
+        "share_429": round(ledger["responses_429"] / responses, 3) if responses else 0.0,
+        "responses_5xx_injected": ledger["responses_5xx_injected"],
+        "failed_tasks": summary.total - summary.states.get("success", 0),
+        "tries_gt_1": len(summary.retried),
+        "batch_failed": batch_failures(stack, run_id),
+        "max_creates_per_image": max(creates.values(), default=0),
+        "creates": ledger["creates"],
+        "images": predictions,
+    }
+
+
+def batch_failures(stack: ProductionStack, run_id: str) -> int | None:
+    """Predictions the batch recorded as failed (its summary XCom), or None without a summary."""
+    path = f"/dags/{SCALE_DAG_ID}/dagRuns/{run_id}/taskInstances/batch/xcomEntries/return_value"
+    try:
+        return int(stack.deployment.api("GET", path)["value"]["failed"])
+    except (httpx.HTTPStatusError, KeyError, TypeError, ValueError):
+        return None
+
+
+def main() -> None:
+    """Start the deployment, run the DAG ``--runs`` times and print one JSON line per run."""
+    args = parse_args()
+    home = Path(tempfile.mkdtemp(prefix="blip2-scale-bench-"))
+    settings = ProductionSettings(
+        parallelism=args.parallelism,
+        triggerers=args.triggerers,
+        read_fault_rate=args.read_fault_rate,
+        redis_in_connection=args.redis,
+    )
+    started = time.monotonic()
+    try:
+        with production_stack(home, settings) as stack:
+            for number in range(args.runs):
+                print(json.dumps(run_once(stack, args, number, home)), flush=True)
+    finally:
+        kept = args.keep
+        if not kept:
+            shutil.rmtree(home, ignore_errors=True)
+        print(
+            json.dumps({"total_s": round(time.monotonic() - started, 1), "home": str(home) if kept else None})
+        )
+
+
+if __name__ == "__main__":
+    main()

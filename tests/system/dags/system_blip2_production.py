@@ -1,0 +1,50 @@
+"""
+DAGs for the production-shaped runs: many mapped deferrable predictions, and beside them one batch.
+
+``system_blip2_production`` captions every URL of ``dag_run.conf["images"]``, one mapped deferrable
+task each. ``system_blip2_production_scale`` does the same and, in parallel, captions
+``dag_run.conf["batch_images"]`` in one deferrable batch writing to ``dag_run.conf["output_uri"]``.
+Every task has one retry.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.providers.common.compat.sdk import DAG, task
+
+from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator, Blip2PredictionOperator
+
+RETRY = {"retries": 1, "retry_delay": timedelta(seconds=2)}
+
+
+def run_conf_images(dag_run: Any = None) -> list[str]:
+    """The image URLs of the run's conf."""
+    return [str(url) for url in dag_run.conf.get("images", [])]
+
+
+for dag_id, with_batch in (("system_blip2_production", False), ("system_blip2_production_scale", True)):
+    with DAG(
+        dag_id=dag_id,
+        schedule=None,
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_tasks=64,
+        render_template_as_native_obj=True,
+    ):
+        images = task(task_id="images")(run_conf_images)()
+        Blip2PredictionOperator.partial(
+            task_id="caption", caption=True, deferrable=True, timeout=600, **RETRY
+        ).expand(image=images)
+        if with_batch:
+            Blip2BatchPredictionOperator(
+                task_id="batch",
+                images="{{ dag_run.conf['batch_images'] }}",
+                caption=True,
+                output_uri="{{ dag_run.conf['output_uri'] }}",
+                deferrable=True,
+                timeout=1800,
+                **RETRY,
+            )
