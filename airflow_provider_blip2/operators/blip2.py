@@ -204,7 +204,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         return self._complete(finished)
 
     def _defer(self, prediction_id: str) -> None:
-        from airflow_provider_blip2.triggers.blip2 import Blip2PredictionTrigger
+        from airflow_provider_blip2.triggers.blip2 import DEFERRAL_SETTLE_SECONDS, Blip2PredictionTrigger
 
         self.log.info("Deferring; waiting for prediction %s in the triggerer", prediction_id)
         self.defer(
@@ -213,6 +213,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
                 blip2_conn_id=self.blip2_conn_id,
                 poll_interval=self.poll_interval,
                 end_time=time.time() + self.timeout,
+                not_before=time.time() + DEFERRAL_SETTLE_SECONDS,
             ),
             method_name="execute_complete",
         )

@@ -15,9 +15,27 @@ from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 
 # Bound on the remote cancel when a user kills the task.
 ON_KILL_TIMEOUT = 20.0
+#: Seconds after a deferral before which a trigger yields no event. A faster event can let the
+#: scheduler see the worker's exit from ``defer()`` only after it resumed the task, and fail it
+#: ("state mismatch", apache/airflow#67287): the operators pass ``not_before`` = defer time + this.
+DEFERRAL_SETTLE_SECONDS = 5.0
 # Seconds ``on_kill`` waits before it asks Airflow whether the task instance left its deferral.
 ON_KILL_GRACE = 1.0
 DEFERRED = "deferred"
+
+
+async def settle(trigger: BaseTrigger, not_before: float | None) -> None:
+    """
+    In a triggerer, wait until ``not_before`` (a Unix time): no event comes too soon after the deferral.
+
+    A trigger run inline (``airflow dags test``, or on the worker) has no task instance set and no
+    scheduler to race with, so it does not wait.
+
+    :param trigger: The trigger about to yield its event.
+    :param not_before: The time, or ``None`` for no wait.
+    """
+    if not_before is not None and trigger.task_instance is not None:
+        await asyncio.sleep(max(0.0, not_before - time.time()))
 
 
 async def task_left_deferral(trigger: BaseTrigger) -> bool:
@@ -96,6 +114,8 @@ class Blip2PredictionTrigger(BaseTrigger):
     :param prediction_id: The prediction to watch (created by the operator on the worker).
     :param blip2_conn_id: The ``blip2`` connection.
     :param poll_interval: Seconds between polls.
+    :param not_before: Unix time before which no event is yielded (see
+        :data:`DEFERRAL_SETTLE_SECONDS`); ``None`` yields as soon as the prediction ends.
     :param end_time: Absolute Unix time after which a ``timeout`` event is yielded; computed on the
         worker, so a triggerer restart does not restart the clock.
     """
@@ -106,12 +126,14 @@ class Blip2PredictionTrigger(BaseTrigger):
         blip2_conn_id: str,
         poll_interval: float,
         end_time: float,
+        not_before: float | None = None,
     ) -> None:
         super().__init__()
         self.prediction_id = prediction_id
         self.blip2_conn_id = blip2_conn_id
         self.poll_interval = float(poll_interval)
         self.end_time = float(end_time)
+        self.not_before = None if not_before is None else float(not_before)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and the (primitive, non-secret) keyword arguments."""
@@ -122,6 +144,7 @@ class Blip2PredictionTrigger(BaseTrigger):
                 "blip2_conn_id": self.blip2_conn_id,
                 "poll_interval": self.poll_interval,
                 "end_time": self.end_time,
+                "not_before": self.not_before,
             },
         )
 
@@ -135,6 +158,7 @@ class Blip2PredictionTrigger(BaseTrigger):
             outcome = await self._poll(hook)
         finally:
             await hook.aclose()
+        await settle(self, self.not_before)
         yield TriggerEvent(outcome.to_json())
 
     async def _poll(self, hook: Blip2Hook) -> PredictionOutcome:
@@ -176,6 +200,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
     :param recent_requests: Unix times of the worker's requests still counting against the window.
     :param requests_per_minute: The task's own request budget, or ``None`` for the connection's.
     :param max_concurrency: The task's own limit of predictions in flight, or ``None``.
+    :param not_before: Unix time before which no event is yielded (see :data:`DEFERRAL_SETTLE_SECONDS`).
     """
 
     def __init__(
@@ -188,6 +213,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
         recent_requests: list[float] | None = None,
         requests_per_minute: int | None = None,
         max_concurrency: int | None = None,
+        not_before: float | None = None,
     ) -> None:
         super().__init__()
         self.predictions = {str(k): float(v) for k, v in predictions.items()}
@@ -198,6 +224,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
         self.recent_requests = [float(t) for t in recent_requests or []]
         self.requests_per_minute = requests_per_minute
         self.max_concurrency = max_concurrency
+        self.not_before = None if not_before is None else float(not_before)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and the (primitive, non-secret) keyword arguments."""
@@ -212,6 +239,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
                 "recent_requests": self.recent_requests,
                 "requests_per_minute": self.requests_per_minute,
                 "max_concurrency": self.max_concurrency,
+                "not_before": self.not_before,
             },
         )
 
@@ -232,6 +260,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
             recent_requests = budget.recent_requests()
         finally:
             await hook.aclose()
+        await settle(self, self.not_before)
         yield TriggerEvent({"finished": finished, "polled": polled, "recent_requests": recent_requests})
 
     async def _poll(self, hook: Blip2Hook) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:

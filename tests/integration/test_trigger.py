@@ -133,6 +133,7 @@ def test_serialize_round_trips_through_serde() -> None:
         blip2_conn_id="blip2_other",
         poll_interval=2,
         end_time=1_900_000_000.25,
+        not_before=1_899_999_405,
     )
     classpath, kwargs = trigger.serialize()
     assert classpath == CLASSPATH
@@ -142,6 +143,7 @@ def test_serialize_round_trips_through_serde() -> None:
         "blip2_conn_id": "blip2_other",
         "poll_interval": 2.0,
         "end_time": 1_900_000_000.25,
+        "not_before": 1_899_999_405.0,
     }
     assert all(type(value) in (str, int, float, bool) for value in kwargs.values())
 
@@ -198,8 +200,10 @@ def test_trigger_built_by_operator_has_no_secret(
     assert deferred.value.method_name == "execute_complete"
     classpath, kwargs = trigger.serialize()
     assert classpath == CLASSPATH
-    assert set(kwargs) == {"prediction_id", "blip2_conn_id", "poll_interval", "end_time"}
+    assert set(kwargs) == {"prediction_id", "blip2_conn_id", "poll_interval", "end_time", "not_before"}
     assert all(type(value) in (str, int, float, bool) for value in kwargs.values())
+    # No event before the scheduler has seen the worker leave (apache/airflow#67287).
+    assert started + 5 <= kwargs["not_before"] <= time.time() + 5
     assert kwargs["prediction_id"] == ti.xcom["prediction_id"]
     if Version("3.3") <= AIRFLOW_VERSION:  # the task state store arrived in 3.3
         assert store.data["blip2_prediction_id"] == kwargs["prediction_id"]
@@ -445,6 +449,30 @@ async def test_on_kill_without_a_running_trigger_cancels_too(
 
     assert slow_connection.ledger()["requests"]["cancel"] == 1
     assert slow_connection.app.emulator.predictions[prediction_id].status == "cancelled"
+
+
+async def test_in_a_triggerer_no_event_comes_before_not_before(
+    blip2_connection: str, emulator: EmulatorServer, image_url: Callable[[str], str]
+) -> None:
+    """A triggerer sets task_instance; then the event waits for not_before. Inline, it does not."""
+    for in_triggerer, hold in ((True, 1.5), (False, 0.0)):
+        prediction_id = await asyncio.to_thread(_create, image_url("chelsea.jpg"))
+        trigger = Blip2PredictionTrigger(
+            prediction_id=prediction_id,
+            blip2_conn_id="blip2_default",
+            poll_interval=0.05,
+            end_time=time.time() + 30,
+            not_before=time.time() + 1.5,
+        )
+        if in_triggerer:
+            trigger.task_instance = SimpleNamespace(  # type: ignore[assignment]
+                dag_id="d", run_id="r", task_id="t", map_index=-1
+            )
+        started = time.monotonic()
+        events = await _events(trigger)
+        elapsed = time.monotonic() - started
+        assert [event.payload["status"] for event in events] == ["success"]
+        assert hold <= elapsed < hold + 1.2, (in_triggerer, elapsed)
 
 
 @requires_airflow_3_3
