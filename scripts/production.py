@@ -28,6 +28,13 @@ SYSTEM_DAGS = REPO_ROOT / "tests" / "system" / "dags"
 API_KEY = "production-shaped-key-7c1e"
 DAG_ID = "system_blip2_production"
 SCALE_DAG_ID = "system_blip2_production_scale"
+#: The scale DAG with the ``blip2_shared`` connection (the budget in Redis).
+SHARED_SCALE_DAG_ID = "system_blip2_production_scale_shared"
+#: The mapped DAG whose tasks run in the pool :data:`POOL`.
+POOL_DAG_ID = "system_blip2_production_pool"
+POOL = "blip2_predictions"
+#: Requests per minute of the ``blip2_shared`` connection (tests lower the emulator's limit to it).
+SHARED_REQUESTS_PER_MINUTE = 30
 
 
 def missing_reason() -> str | None:
@@ -143,7 +150,8 @@ def connections(
     emulator_url: str, redis: RedisServer, settings: ProductionSettings
 ) -> dict[str, dict[str, Any]]:
     """
-    The deployment's connections: ``blip2_default`` to the emulator, ``redis_default`` to Redis.
+    The deployment's connections: ``blip2_default`` to the emulator, ``redis_default`` to Redis, and
+    ``blip2_shared``: the emulator with the budget in Redis at :data:`SHARED_REQUESTS_PER_MINUTE`.
 
     :param emulator_url: The emulator's base URL.
     :param redis: The Redis server.
@@ -152,8 +160,14 @@ def connections(
     extra: dict[str, Any] = {"requests_per_minute": settings.requests_per_minute, "max_concurrency": 10}
     if settings.redis_in_connection:
         extra["redis_conn_id"] = "redis_default"
+    shared = {
+        "requests_per_minute": SHARED_REQUESTS_PER_MINUTE,
+        "max_concurrency": 10,
+        "redis_conn_id": "redis_default",
+    }
     return {
         "blip2_default": {"conn_type": "blip2", "host": emulator_url, "password": API_KEY, "extra": extra},
+        "blip2_shared": {"conn_type": "blip2", "host": emulator_url, "password": API_KEY, "extra": shared},
         "redis_default": {"conn_type": "redis", "host": "127.0.0.1", "port": redis.port, "extra": {"db": 0}},
     }
 

@@ -10,6 +10,7 @@ as root). Without them the tests are skipped when not root, and fail as root.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,17 @@ from pathlib import Path
 import pytest
 
 from scripts.deployment import AirflowDeployment
-from scripts.production import DAG_ID, ProductionStack, missing_reason, production_stack
+from scripts.production import (
+    DAG_ID,
+    POOL,
+    POOL_DAG_ID,
+    SCALE_DAG_ID,
+    SHARED_REQUESTS_PER_MINUTE,
+    SHARED_SCALE_DAG_ID,
+    ProductionStack,
+    missing_reason,
+    production_stack,
+)
 from scripts.sandbox import AirflowSandbox
 
 pytestmark = pytest.mark.timeout(900)
@@ -47,6 +58,8 @@ def fresh(stack: ProductionStack) -> ProductionStack:
     """The stack with the emulator's ledger cleared, at the real speed, both triggerers running."""
     stack.emulator.reset()
     stack.emulator.config.latency = 2.0
+    stack.emulator.config.requests_per_minute = 60
+    flush_redis(stack)
     for name in stack.deployment.triggerers:
         if not stack.deployment.running(name):
             stack.deployment.start(name)
@@ -54,6 +67,15 @@ def fresh(stack: ProductionStack) -> ProductionStack:
         lambda: stack.deployment.alive_triggerers() >= ALL_TRIGGERERS, timeout=120, what="both triggerers"
     )
     return stack
+
+
+def flush_redis(stack: ProductionStack) -> None:
+    """Forget the shared budget's counts of earlier tests."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=stack.redis.port)
+    client.flushall()
+    client.close()
 
 
 def run_to_the_end(stack: ProductionStack, images: list[str], *, kill_after_deferred: int = 0) -> str:
@@ -150,3 +172,102 @@ def test_the_metadata_database_is_postgresql(stack: ProductionStack) -> None:
         "postgresql+psycopg2://airflow:airflow@127.0.0.1:"
     )
     assert not stack.deployment.sandbox.database.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Mapped tasks and a batch at once, at a rate limit they exceed together
+# --------------------------------------------------------------------------------------------------
+MAPPED = 12
+BATCH = 12
+
+
+def run_mapped_and_batch(stack: ProductionStack, dag_id: str, tmp_path: Path) -> tuple[str, list[str]]:
+    """Run ``dag_id`` over MAPPED mapped tasks and a batch of BATCH images; return the run and images."""
+    mapped, batch = stack.images(f"{dag_id}-m", MAPPED), stack.images(f"{dag_id}-b", BATCH)
+    conf = {"images": mapped, "batch_images": batch, "output_uri": str(tmp_path / "batch.jsonl")}
+    run_id = stack.deployment.trigger(dag_id, conf)
+    state = stack.deployment.wait_for_run(dag_id, run_id, timeout=600)
+    assert state == "success", stack.explain()
+    summary = stack.deployment.run_summary(dag_id, run_id)
+    assert summary.states == {"success": MAPPED + 2}, summary
+    lines = [json.loads(line) for line in (tmp_path / "batch.jsonl").read_text().splitlines()]
+    assert [line["status"] for line in lines] == ["success"] * BATCH
+    creates = stack.creates_per_image(mapped + batch)
+    assert set(creates.values()) == {1}, creates
+    assert stack.emulator.ledger()["creates"] == MAPPED + BATCH
+    return run_id, mapped + batch
+
+
+def share_of_429(stack: ProductionStack) -> float:
+    ledger = stack.emulator.ledger()
+    return ledger["responses_429"] / max(1, sum(ledger["requests"].values()))
+
+
+def test_mapped_tasks_and_a_batch_share_one_budget_in_redis(fresh: ProductionStack, tmp_path: Path) -> None:
+    """Eight workers and two triggerers, one API key: with Redis they stay within its limit."""
+    fresh.emulator.config.requests_per_minute = SHARED_REQUESTS_PER_MINUTE
+    run_mapped_and_batch(fresh, SHARED_SCALE_DAG_ID, tmp_path)
+    assert share_of_429(fresh) <= 0.02, fresh.emulator.ledger()
+    assert fresh.emulator.ledger()["peak_in_flight"] <= 10
+
+
+def test_without_redis_every_task_still_succeeds_and_creates_once(
+    fresh: ProductionStack, tmp_path: Path
+) -> None:
+    """Each process believes it has 60 requests a minute where the API allows 30: 429s, no failure."""
+    fresh.emulator.config.requests_per_minute = SHARED_REQUESTS_PER_MINUTE
+    run_mapped_and_batch(fresh, SCALE_DAG_ID, tmp_path)
+    assert fresh.emulator.ledger()["responses_429"] > 0  # the limit was really exceeded
+
+
+# --------------------------------------------------------------------------------------------------
+# A stalled triggerer, and a pool that counts deferred tasks
+# --------------------------------------------------------------------------------------------------
+def test_a_stalled_triggerer_cancels_nothing_when_it_wakes(fresh: ProductionStack) -> None:
+    """SIGSTOP past the heartbeat: its triggers move to the other; on SIGCONT it lets them go."""
+    deployment = fresh.deployment
+    fresh.emulator.config.latency = 40.0  # still running long after the handover
+    images = fresh.images("stalled", 10)
+    run_id = deployment.trigger(DAG_ID, {"images": images})
+    victim = deployment.wait_for(
+        lambda: busiest_triggerer(fresh, run_id, 6), timeout=180, what="6 deferred tasks in a triggerer"
+    )
+    deployment.pause(victim)
+    try:
+        deployment.wait_for(
+            lambda: deployment.alive_triggerers() == ALL_TRIGGERERS - {victim},
+            timeout=60,
+            what=f"{victim} to count as dead",
+        )
+        deployment.wait_for(
+            lambda: victim not in deployment.deferred_by_triggerer(DAG_ID, run_id),
+            timeout=90,
+            what="its triggers to move to the other triggerer",
+        )
+    finally:
+        deployment.resume(victim)
+    state = deployment.wait_for_run(DAG_ID, run_id, timeout=480)
+    assert state == "success", fresh.explain()
+    assert_every_task_succeeded_and_one_create_per_image(fresh, run_id, images)
+    ledger = fresh.emulator.ledger()
+    assert ledger["statuses"]["cancelled"] == 0
+    assert ledger["requests"].get("cancel", 0) == 0
+
+
+def test_a_pool_counting_deferred_tasks_caps_predictions_in_flight(fresh: ProductionStack) -> None:
+    """Without Redis, an Airflow pool with include_deferred caps the deployment's predictions."""
+    deployment = fresh.deployment
+    deployment.api("POST", "/pools", json={"name": POOL, "slots": 3, "include_deferred": True})
+    try:
+        fresh.emulator.config.latency = 6.0
+        images = fresh.images("pooled", 9)
+        run_id = deployment.trigger(POOL_DAG_ID, {"images": images})
+        state = deployment.wait_for_run(POOL_DAG_ID, run_id, timeout=480)
+        assert state == "success", fresh.explain()
+        summary = deployment.run_summary(POOL_DAG_ID, run_id)
+        assert summary.states == {"success": len(images) + 1}, summary
+        ledger = fresh.emulator.ledger()
+        assert ledger["creates"] == len(images)
+        assert ledger["peak_in_flight"] == 3  # the pool's slots, though 8 workers could run more
+    finally:
+        deployment.api("DELETE", f"/pools/{POOL}")

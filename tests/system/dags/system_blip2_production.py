@@ -3,7 +3,9 @@ DAGs for the production-shaped runs: many mapped deferrable predictions, and bes
 
 ``system_blip2_production`` captions every URL of ``dag_run.conf["images"]``, one mapped deferrable
 task each. ``system_blip2_production_scale`` does the same and, in parallel, captions
-``dag_run.conf["batch_images"]`` in one deferrable batch writing to ``dag_run.conf["output_uri"]``.
+``dag_run.conf["batch_images"]`` in one deferrable batch writing to ``dag_run.conf["output_uri"]``;
+``system_blip2_production_scale_shared`` is that DAG on the ``blip2_shared`` connection (its budget
+in Redis), and ``system_blip2_production_pool`` the mapped DAG in the pool ``blip2_predictions``.
 Every task has one retry.
 """
 
@@ -25,7 +27,14 @@ def run_conf_images(dag_run: Any = None) -> list[str]:
     return [str(url) for url in dag_run.conf.get("images", [])]
 
 
-for dag_id, with_batch in (("system_blip2_production", False), ("system_blip2_production_scale", True)):
+DAGS: tuple[tuple[str, bool, str, str], ...] = (
+    ("system_blip2_production", False, "blip2_default", "default_pool"),
+    ("system_blip2_production_scale", True, "blip2_default", "default_pool"),
+    ("system_blip2_production_scale_shared", True, "blip2_shared", "default_pool"),
+    ("system_blip2_production_pool", False, "blip2_default", "blip2_predictions"),
+)
+
+for dag_id, with_batch, conn_id, pool in DAGS:
     with DAG(
         dag_id=dag_id,
         schedule=None,
@@ -36,7 +45,13 @@ for dag_id, with_batch in (("system_blip2_production", False), ("system_blip2_pr
     ):
         images = task(task_id="images")(run_conf_images)()
         Blip2PredictionOperator.partial(
-            task_id="caption", caption=True, deferrable=True, timeout=600, **RETRY
+            task_id="caption",
+            caption=True,
+            deferrable=True,
+            timeout=600,
+            blip2_conn_id=conn_id,
+            pool=pool,
+            **RETRY,
         ).expand(image=images)
         if with_batch:
             Blip2BatchPredictionOperator(
@@ -46,5 +61,6 @@ for dag_id, with_batch in (("system_blip2_production", False), ("system_blip2_pr
                 output_uri="{{ dag_run.conf['output_uri'] }}",
                 deferrable=True,
                 timeout=1800,
+                blip2_conn_id=conn_id,
                 **RETRY,
             )
