@@ -80,7 +80,11 @@ def emulator_process(max_in_flight: int) -> Iterator[tuple[str, psutil.Process]]
     """Run ``blip2-emulator`` in a child process until the block ends; yield its URL and process."""
     port = free_port()
     executable = Path(sys.executable).with_name("blip2-emulator")
-    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "airflow_provider_blip2.emulator"]
+    command = (
+        [str(executable)]
+        if executable.exists()
+        else [sys.executable, "-m", "airflow_provider_blip2.emulator"]
+    )
     command += [
         "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, "--latency", str(LATENCY),
         "--time-scale", "1", "--requests-per-minute", str(WIDE_OPEN_RPM),
@@ -201,7 +205,9 @@ async def stop_triggers(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    failures = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+    failures = [
+        r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+    ]
     if failures:
         raise RuntimeError(f"{len(failures)} trigger(s) failed, first: {failures[0]!r}")
 
@@ -211,8 +217,14 @@ async def gets(url: str) -> int:
     return int((await asyncio.to_thread(ledger, url))["requests"].get("get", 0))
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    """User and system CPU seconds a process has used."""
+def cpu_seconds(process: psutil.Process | None = None) -> float:
+    """User and system CPU seconds a process (its threads, not its children) has used; all CPUs' busy
+    seconds without one."""
+    if process is None:
+        busy = psutil.cpu_times()
+        return float(
+            busy.user + busy.nice + busy.system + getattr(busy, "irq", 0) + getattr(busy, "softirq", 0)
+        )
     times = process.cpu_times()
     return float(times.user + times.system)
 
@@ -244,11 +256,13 @@ async def measure(
     rss_after = rss()
     await asyncio.sleep(1.0)  # the collection's own stall stays out of the steady window
     steady_from = loop.time()
-    gets_from, own_cpu, emulator_cpu = await gets(url), cpu_seconds(psutil.Process()), cpu_seconds(emulator)
+    gets_from = await gets(url)
+    own_cpu, emulator_cpu, all_cpu = cpu_seconds(psutil.Process()), cpu_seconds(emulator), cpu_seconds()
     await asyncio.sleep(max(0.0, steady_from + args.steady_seconds - loop.time()))
     steady_to = loop.time()
     gets_to = await gets(url)
     own_cpu, emulator_cpu = cpu_seconds(psutil.Process()) - own_cpu, cpu_seconds(emulator) - emulator_cpu
+    other_cpu = cpu_seconds() - all_cpu - own_cpu - emulator_cpu
     await stop_triggers(tasks)
     beating.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -266,6 +280,7 @@ async def measure(
         "first_reads_done_after_s": round(first_reads_after, 2),
         "benchmark_cpu_percent": round(100 * own_cpu / steady_elapsed, 1),
         "emulator_cpu_percent": round(100 * emulator_cpu / steady_elapsed, 1),
+        "other_processes_cpu_percent": round(100 * max(0.0, other_cpu) / steady_elapsed, 1),
     }
 
 
@@ -294,11 +309,19 @@ async def measure_heap(url: str, ids: list[str], poll_interval: float) -> float:
 
 def main() -> None:
     """Run the measurement and print its numbers as one JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--triggers", type=int, default=1000, help="triggers in the loop (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--triggers", type=int, default=1000, help="triggers in the loop (default: %(default)s)"
+    )
     parser.add_argument("--poll-interval", type=float, default=2.0, help="seconds (default: %(default)s)")
-    parser.add_argument("--startup-seconds", type=float, default=10.0, help="start-up window (default: %(default)s)")
-    parser.add_argument("--steady-seconds", type=float, default=60.0, help="steady window (default: %(default)s)")
+    parser.add_argument(
+        "--startup-seconds", type=float, default=10.0, help="start-up window (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--steady-seconds", type=float, default=60.0, help="steady window (default: %(default)s)"
+    )
     parser.add_argument("--no-tracemalloc", action="store_true", help="skip the tracemalloc pass")
     args = parser.parse_args()
     os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="blip2-bench-"))
@@ -335,6 +358,8 @@ def main() -> None:
         "first_reads_done_after_s": result["first_reads_done_after_s"],
         "benchmark_cpu_percent": result["benchmark_cpu_percent"],
         "emulator_cpu_percent": result["emulator_cpu_percent"],
+        "other_processes_cpu_percent": result["other_processes_cpu_percent"],
+        "cpus": psutil.cpu_count(),
         "responses_by_status": counts["responses_by_status"],
     }
     report["goals_met"] = {
