@@ -19,8 +19,6 @@ ON_KILL_TIMEOUT = 20.0
 #: scheduler see the worker's exit from ``defer()`` only after it resumed the task, and fail it
 #: ("state mismatch", apache/airflow#67287): the operators pass ``not_before`` = defer time + this.
 DEFERRAL_SETTLE_SECONDS = 5.0
-# Seconds ``on_kill`` waits before it asks Airflow whether the task instance left its deferral.
-ON_KILL_GRACE = 1.0
 DEFERRED = "deferred"
 
 
@@ -52,7 +50,6 @@ async def task_left_deferral(trigger: BaseTrigger) -> bool:
     ti = trigger.task_instance
     if ti is None:
         return True
-    await asyncio.sleep(ON_KILL_GRACE)
     try:
         from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
         from asgiref.sync import sync_to_async
@@ -71,10 +68,17 @@ async def cancel_for_kill(trigger: BaseTrigger, hook: Blip2Hook, prediction_ids:
     """
     ``on_kill`` of both triggers: cancel the predictions, unless the task is still deferred.
 
+    The work is shielded: the triggerer cancels a killed trigger's task again on each of its loops,
+    which must not cut the cancel short.
+
     :param trigger: The trigger being killed.
     :param hook: The hook to cancel with; closed afterwards.
     :param prediction_ids: The predictions the trigger waits for.
     """
+    await asyncio.shield(asyncio.ensure_future(_cancel_unless_deferred(trigger, hook, prediction_ids)))
+
+
+async def _cancel_unless_deferred(trigger: BaseTrigger, hook: Blip2Hook, prediction_ids: list[str]) -> None:
     try:
         if not await task_left_deferral(trigger):
             trigger.log.info(

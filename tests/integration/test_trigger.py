@@ -496,8 +496,6 @@ async def test_on_kill_leaves_a_prediction_alone_while_the_task_is_still_deferre
 ) -> None:
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
-    from airflow_provider_blip2.triggers import blip2 as triggers
-
     prediction_id = await asyncio.to_thread(_create, image_url("coffee.png"))
     asked: list[dict[str, Any]] = []
 
@@ -507,7 +505,6 @@ async def test_on_kill_leaves_a_prediction_alone_while_the_task_is_still_deferre
         return {"run_1": {key: state, "other_task": "failed"}}
 
     monkeypatch.setattr(RuntimeTaskInstance, "get_task_states", staticmethod(get_task_states))
-    monkeypatch.setattr(triggers, "ON_KILL_GRACE", 0.0)
     trigger = _trigger(prediction_id)
     trigger.task_instance = SimpleNamespace(  # type: ignore[assignment]
         dag_id="dag_1", run_id="run_1", task_id="caption", map_index=map_index

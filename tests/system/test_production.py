@@ -177,8 +177,8 @@ def test_the_metadata_database_is_postgresql(stack: ProductionStack) -> None:
 # --------------------------------------------------------------------------------------------------
 # Mapped tasks and a batch at once, at a rate limit they exceed together
 # --------------------------------------------------------------------------------------------------
-MAPPED = 12
-BATCH = 12
+MAPPED = 8
+BATCH = 8
 
 
 def run_mapped_and_batch(stack: ProductionStack, dag_id: str, tmp_path: Path) -> tuple[str, list[str]]:
@@ -226,7 +226,7 @@ def test_without_redis_every_task_still_succeeds_and_creates_once(
 def test_a_stalled_triggerer_cancels_nothing_when_it_wakes(fresh: ProductionStack) -> None:
     """SIGSTOP past the heartbeat: its triggers move to the other; on SIGCONT it lets them go."""
     deployment = fresh.deployment
-    fresh.emulator.config.latency = 40.0  # still running long after the handover
+    fresh.emulator.config.latency = 30.0  # still running after the handover
     images = fresh.images("stalled", 10)
     run_id = deployment.trigger(DAG_ID, {"images": images})
     victim = deployment.wait_for(
@@ -259,8 +259,8 @@ def test_a_pool_counting_deferred_tasks_caps_predictions_in_flight(fresh: Produc
     deployment = fresh.deployment
     deployment.api("POST", "/pools", json={"name": POOL, "slots": 3, "include_deferred": True})
     try:
-        fresh.emulator.config.latency = 6.0
-        images = fresh.images("pooled", 9)
+        fresh.emulator.config.latency = 4.0
+        images = fresh.images("pooled", 6)
         run_id = deployment.trigger(POOL_DAG_ID, {"images": images})
         state = deployment.wait_for_run(POOL_DAG_ID, run_id, timeout=480)
         assert state == "success", fresh.explain()
