@@ -19,7 +19,8 @@ triggerer warns past 0.2 s). Printed as one JSON object:
   Python heap it allocated and still holds once every trigger has read once (``memory_per_trigger_kb``);
 * reads per second asked for (N / poll interval) against those the emulator's ledger counted over the
   steady window, and the CPU share of the emulator's process and of this one over that window (a
-  single-threaded emulator near 100 % is the bottleneck, not the triggers).
+  single-threaded emulator near 100 % is the bottleneck, not the triggers), with the CPU the other
+  processes of the machine used and the hypervisor stole meanwhile: a run they disturbed is no measure.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
+import io
 import json
-import logging
 import math
 import os
 import socket
@@ -114,13 +116,15 @@ def emulator_process(max_in_flight: int) -> Iterator[tuple[str, psutil.Process]]
             child.wait()
 
 
-#: Asks the emulator for its ledger; made once (a new client loads the CA bundle, a stall of its own).
-_LEDGER_CLIENT = httpx.Client(timeout=10.0, trust_env=False)
+@functools.cache
+def _ledger_client() -> httpx.Client:
+    """One client for the ledger: each new one loads the CA bundle, a stall of its own."""
+    return httpx.Client(timeout=10.0, trust_env=False)
 
 
 def ledger(url: str) -> dict[str, Any]:
     """The emulator's counters (``GET /_emulator/ledger``)."""
-    answer = _LEDGER_CLIENT.get(f"{url}/_emulator/ledger")
+    answer = _ledger_client().get(f"{url}/_emulator/ledger")
     answer.raise_for_status()
     result: dict[str, Any] = answer.json()
     return result
@@ -153,7 +157,8 @@ def create_predictions(count: int) -> list[str]:
         finally:
             hook.close()
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    # The hook logs one line per create: not shown.
+    with contextlib.redirect_stdout(io.StringIO()), ThreadPoolExecutor(max_workers=8) as pool:
         return list(pool.map(create, range(count)))
 
 
@@ -218,8 +223,7 @@ async def gets(url: str) -> int:
 
 
 def cpu_seconds(process: psutil.Process | None = None) -> float:
-    """User and system CPU seconds a process (its threads, not its children) has used; all CPUs' busy
-    seconds without one."""
+    """CPU seconds a process has used (user and system), or without one, the machine's busy seconds."""
     if process is None:
         busy = psutil.cpu_times()
         return float(
@@ -258,11 +262,13 @@ async def measure(
     steady_from = loop.time()
     gets_from = await gets(url)
     own_cpu, emulator_cpu, all_cpu = cpu_seconds(psutil.Process()), cpu_seconds(emulator), cpu_seconds()
+    steal = getattr(psutil.cpu_times(), "steal", 0.0)
     await asyncio.sleep(max(0.0, steady_from + args.steady_seconds - loop.time()))
     steady_to = loop.time()
     gets_to = await gets(url)
     own_cpu, emulator_cpu = cpu_seconds(psutil.Process()) - own_cpu, cpu_seconds(emulator) - emulator_cpu
     other_cpu = cpu_seconds() - all_cpu - own_cpu - emulator_cpu
+    steal = getattr(psutil.cpu_times(), "steal", 0.0) - steal
     await stop_triggers(tasks)
     beating.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -281,6 +287,7 @@ async def measure(
         "benchmark_cpu_percent": round(100 * own_cpu / steady_elapsed, 1),
         "emulator_cpu_percent": round(100 * emulator_cpu / steady_elapsed, 1),
         "other_processes_cpu_percent": round(100 * max(0.0, other_cpu) / steady_elapsed, 1),
+        "cpu_steal_percent": round(100 * steal / steady_elapsed, 1),
     }
 
 
@@ -331,7 +338,6 @@ def main() -> None:
         use_connection(url, args.triggers)
         # Logs go to stderr: stdout carries the JSON only.
         with contextlib.redirect_stdout(sys.stderr):
-            logging.getLogger("airflow.task.hooks").setLevel(logging.WARNING)  # one line per create
             ids = create_predictions(args.triggers)
             result = asyncio.run(measure(url, emulator, ids, args))
             heap_kb = None
@@ -359,6 +365,7 @@ def main() -> None:
         "benchmark_cpu_percent": result["benchmark_cpu_percent"],
         "emulator_cpu_percent": result["emulator_cpu_percent"],
         "other_processes_cpu_percent": result["other_processes_cpu_percent"],
+        "cpu_steal_percent": result["cpu_steal_percent"],
         "cpus": psutil.cpu_count(),
         "responses_by_status": counts["responses_by_status"],
     }
