@@ -3,42 +3,56 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 comma := ,
+empty :=
+space := $(empty) $(empty)
 UV_VERSION := 0.13.9
 CONSTRAINTS := requirements/constraints.txt
-# The main environment has the storage extras and the local S3/GCS servers; the Airflow 2.11 one has
-# neither, so its run also proves that https-only use works without them.
-EXTRAS := dev,emulator,amazon,google,storage-servers,redis
+# What each virtualenv gets: the package's extras (what users install) and the dependency groups of
+# pyproject.toml (development only). The main environment has the storage extras and the local S3/GCS
+# servers; the Airflow 2.11 one has neither, so its run also proves that https-only use works without them.
+EXTRAS := emulator amazon google redis
+GROUPS := dev storage-servers release docs
 INSTALLED := $(VENV)/.installed
 # The oldest Airflow the provider supports gets a virtualenv and a test run of its own.
 VENV_AIRFLOW2 ?= .venv-airflow2
 CONSTRAINTS_AIRFLOW2 := requirements/constraints-airflow2.txt
 INSTALLED_AIRFLOW2 := $(VENV_AIRFLOW2)/.installed
+EXTRAS_AIRFLOW2 := emulator
+GROUPS_AIRFLOW2 := dev
 AIRFLOW2_TESTS := tests/unit tests/integration/test_hook.py tests/integration/test_trigger.py \
 	tests/integration/test_operator.py tests/integration/test_provider_info.py \
 	tests/integration/test_example_dags.py tests/integration/test_legacy_spellings.py \
 	tests/integration/test_batch_operator.py tests/integration/test_object_storage.py
 
-.PHONY: demo test lint typecheck pytest pytest-airflow2 system-packages bench lock emulator clean
+.PHONY: demo test lint typecheck dist pytest pytest-airflow2 system-packages bench lock emulator clean
+
+# `uv pip` arguments: ".[a,b]" for the package with its extras, --extra X for each extra, --group X for each group.
+with_extras = ".[$(subst $(space),$(comma),$(strip $(1)))]"
+extra_args = $(foreach extra,$(1),--extra $(extra))
+group_args = $(foreach group,$(1),--group $(group))
 
 $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
-	$(BIN)/uv pip install --python $(BIN)/python --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -c $(CONSTRAINTS) -e $(call with_extras,$(EXTRAS)) \
+		$(call group_args,$(GROUPS))
 	touch $@
 
 $(INSTALLED_AIRFLOW2): pyproject.toml $(CONSTRAINTS_AIRFLOW2)
 	$(PYTHON) -m venv $(VENV_AIRFLOW2)
 	$(VENV_AIRFLOW2)/bin/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
 	$(VENV_AIRFLOW2)/bin/uv pip install --python $(VENV_AIRFLOW2)/bin/python --quiet \
-		-c $(CONSTRAINTS_AIRFLOW2) -e ".[dev,emulator]" -r requirements/airflow2.in
+		-c $(CONSTRAINTS_AIRFLOW2) -e $(call with_extras,$(EXTRAS_AIRFLOW2)) $(call group_args,$(GROUPS_AIRFLOW2)) \
+		-r requirements/airflow2.in
 	touch $@
 
 ## demo: run the example DAGs with `airflow dags test` against the local API emulator and a local S3
 demo: $(INSTALLED)
 	$(BIN)/python -m scripts.demo
 
-## test: lint, type-check and run every test (on Airflow 3.3, then the Airflow 2.11 subset)
-test: lint typecheck pytest pytest-airflow2
+## test: lint, type-check, build and check the distributions, run every test (on Airflow 3.3, then the
+## Airflow 2.11 subset)
+test: lint typecheck dist pytest pytest-airflow2
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
@@ -46,6 +60,12 @@ lint: $(INSTALLED)
 
 typecheck: $(INSTALLED)
 	$(BIN)/mypy
+
+## dist: build the sdist and the wheel into dist/ (the wheel from the sdist) and check them for PyPI
+dist: $(INSTALLED)
+	rm -rf dist
+	$(BIN)/uv build --quiet --build-constraints $(CONSTRAINTS) --out-dir dist
+	$(BIN)/twine check --strict dist/*
 
 ## system-packages: PostgreSQL and Redis for the production-shaped system tests (apt-get, as root)
 system-packages:
@@ -72,10 +92,10 @@ emulator: $(INSTALLED)
 
 ## lock: re-resolve the pinned development environment
 lock: $(INSTALLED)
-	$(BIN)/uv pip compile pyproject.toml $(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra)) \
+	$(BIN)/uv pip compile pyproject.toml $(call extra_args,$(EXTRAS)) $(call group_args,$(GROUPS)) \
 		--universal --python-version 3.11 -o $(CONSTRAINTS) --quiet
-	$(BIN)/uv pip compile pyproject.toml requirements/airflow2.in --extra dev --extra emulator --universal \
-		--python-version 3.11 -o $(CONSTRAINTS_AIRFLOW2) --quiet
+	$(BIN)/uv pip compile pyproject.toml requirements/airflow2.in $(call extra_args,$(EXTRAS_AIRFLOW2)) \
+		$(call group_args,$(GROUPS_AIRFLOW2)) --universal --python-version 3.11 -o $(CONSTRAINTS_AIRFLOW2) --quiet
 
 clean:
-	rm -rf $(VENV) $(VENV_AIRFLOW2) .demo .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_AIRFLOW2) dist .demo .mypy_cache .pytest_cache .ruff_cache

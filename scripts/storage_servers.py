@@ -5,8 +5,8 @@ Local S3 and GCS servers on 127.0.0.1 for the tests and the demo: no account and
 * :func:`local_gcs` runs ``gcp-storage-emulator`` as a subprocess, plus a tiny OAuth token endpoint.
 
 Both listen on free ports and stop when the ``with`` block ends. They need the ``storage-servers``
-extra (``moto[server]`` and ``gcp-storage-emulator``) and ``boto3``/``cryptography``; nothing here
-is imported by the provider itself.
+dependency group of pyproject.toml (``moto[server]`` and ``gcp-storage-emulator``) and
+``boto3``/``cryptography``; nothing here is imported by the provider itself.
 
 Why a token endpoint: signing a GCS URL (V4) needs a private key, so the GCS connection holds a
 throwaway service-account key generated at start-up. The Google client then fetches an OAuth token
@@ -311,7 +311,7 @@ _EMULATOR_MAIN = (
 def _emulator_command(port: int) -> list[str]:
     if importlib.util.find_spec("gcp_storage_emulator") is None:
         raise FileNotFoundError(
-            "gcp-storage-emulator is not installed: pip install 'airflow-provider-blip2[storage-servers]'"
+            "gcp-storage-emulator is not installed: pip install --group storage-servers (from the checkout)"
         )
     args = ["start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"]
     return [sys.executable, "-c", _EMULATOR_MAIN, *args]

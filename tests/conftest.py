@@ -122,7 +122,7 @@ if TYPE_CHECKING:
 @pytest.fixture(scope="session")
 def local_s3() -> Iterator[LocalS3]:
     """A moto S3 server on 127.0.0.1 for the whole session; skips without moto or the amazon provider."""
-    pytest.importorskip("moto.server", reason="needs moto[server] (the storage-servers extra)")
+    pytest.importorskip("moto.server", reason="needs moto[server] (the storage-servers group)")
     pytest.importorskip("airflow.providers.amazon.aws.hooks.s3", reason="needs the amazon provider")
     from scripts.storage_servers import local_s3 as run_local_s3
 
@@ -133,7 +133,7 @@ def local_s3() -> Iterator[LocalS3]:
 @pytest.fixture(scope="session")
 def local_gcs() -> Iterator[LocalGcs]:
     """A gcp-storage-emulator on 127.0.0.1 for the whole session; skips without it or the google provider."""
-    pytest.importorskip("gcp_storage_emulator", reason="needs gcp-storage-emulator (storage-servers extra)")
+    pytest.importorskip("gcp_storage_emulator", reason="needs gcp-storage-emulator (storage-servers group)")
     pytest.importorskip("cryptography", reason="needs cryptography for the throwaway service-account key")
     pytest.importorskip("airflow.providers.google.cloud.hooks.gcs", reason="needs the google provider")
     from scripts.storage_servers import local_gcs as run_local_gcs
