@@ -27,6 +27,9 @@ class AirflowSandbox:
     :param extra_env: More environment variables for every Airflow command.
     :param sql_alchemy_conn: The metadata database's SQLAlchemy URL (for example a
         :class:`scripts.postgres.PostgresCluster`'s); None keeps a SQLite file in the home.
+    :param python: The interpreter that runs Airflow. None: this one, with the checkout first on
+        ``PYTHONPATH``. Another one (a virtualenv with the built wheel installed) runs from the home,
+        without the checkout on its path, so it imports the provider it has installed.
     """
 
     def __init__(
@@ -37,12 +40,14 @@ class AirflowSandbox:
         connections: dict[str, dict[str, Any]] | None = None,
         extra_env: dict[str, str] | None = None,
         sql_alchemy_conn: str | None = None,
+        python: Path | None = None,
     ) -> None:
         self.home = home
         self.sql_alchemy_conn = sql_alchemy_conn or f"sqlite:///{home / 'airflow.db'}"
         self.dags_folder = dags_folder
         self.connections = dict(connections or {})
         self.extra_env = dict(extra_env or {})
+        self.python = python
         self.home.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -58,6 +63,9 @@ class AirflowSandbox:
     def env(self) -> dict[str, str]:
         """The environment of every Airflow command run in this sandbox."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))}
+        inherited = env.pop("PYTHONPATH", None)
+        if self.python is None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), inherited]))
         env.update(
             {
                 "AIRFLOW_HOME": str(self.home),
@@ -66,7 +74,6 @@ class AirflowSandbox:
                 "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.sql_alchemy_conn,
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
                 "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
             }
         )
         for conn_id, conn in self.connections.items():
@@ -81,9 +88,11 @@ class AirflowSandbox:
         :param args: The command's arguments.
         :param timeout: Seconds before it is killed.
         """
-        command = [sys.executable, "-m", "airflow", *args]
+        command = [str(self.python or sys.executable), "-m", "airflow", *args]
+        # `python -m` puts the working directory on sys.path: another interpreter runs from the home.
+        cwd = None if self.python is None else self.home
         result = subprocess.run(
-            command, env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
+            command, env=self.env(), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
         )
         if result.returncode != 0:
             raise RuntimeError(
