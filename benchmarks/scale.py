@@ -131,6 +131,7 @@ def run_once(stack: ProductionStack, args: argparse.Namespace, number: int, home
         "responses_5xx_injected": ledger["responses_5xx_injected"],
         "failed_tasks": summary.total - summary.states.get("success", 0),
         "tries_gt_1": len(summary.retried),
+        "retried": summary.retried[:10],
         "batch_failed": batch_failures(stack, run_id),
         "max_creates_per_image": max(creates.values(), default=0),
         "creates": ledger["creates"],
