@@ -9,6 +9,9 @@ CONSTRAINTS := requirements/constraints.txt
 # neither, so its run also proves that https-only use works without them.
 EXTRAS := dev,emulator,amazon,google,storage-servers,redis
 INSTALLED := $(VENV)/.installed
+# The documentation site's packages (MkDocs, Material, mkdocstrings, matplotlib), pinned with the rest.
+DOCS_REQUIREMENTS := requirements/docs.in
+RESULTS := benchmarks/results
 # The oldest Airflow the provider supports gets a virtualenv and a test run of its own.
 VENV_AIRFLOW2 ?= .venv-airflow2
 CONSTRAINTS_AIRFLOW2 := requirements/constraints-airflow2.txt
@@ -18,12 +21,13 @@ AIRFLOW2_TESTS := tests/unit tests/integration/test_hook.py tests/integration/te
 	tests/integration/test_example_dags.py tests/integration/test_legacy_spellings.py \
 	tests/integration/test_batch_operator.py tests/integration/test_object_storage.py
 
-.PHONY: demo test lint typecheck pytest pytest-airflow2 system-packages bench lock emulator clean
+.PHONY: demo test lint typecheck docs pytest pytest-airflow2 system-packages bench lock emulator clean
 
-$(INSTALLED): pyproject.toml $(CONSTRAINTS)
+$(INSTALLED): pyproject.toml $(CONSTRAINTS) $(DOCS_REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
-	$(BIN)/uv pip install --python $(BIN)/python --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]" \
+		-r $(DOCS_REQUIREMENTS)
 	touch $@
 
 $(INSTALLED_AIRFLOW2): pyproject.toml $(CONSTRAINTS_AIRFLOW2)
@@ -37,8 +41,8 @@ $(INSTALLED_AIRFLOW2): pyproject.toml $(CONSTRAINTS_AIRFLOW2)
 demo: $(INSTALLED)
 	$(BIN)/python -m scripts.demo
 
-## test: lint, type-check and run every test (on Airflow 3.3, then the Airflow 2.11 subset)
-test: lint typecheck pytest pytest-airflow2
+## test: lint, type-check, build the docs and run every test (on Airflow 3.3, then the Airflow 2.11 subset)
+test: lint typecheck docs pytest pytest-airflow2
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
@@ -46,6 +50,10 @@ lint: $(INSTALLED)
 
 typecheck: $(INSTALLED)
 	$(BIN)/mypy
+
+## docs: build the documentation site into site/; any warning fails the build
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 ## system-packages: PostgreSQL and Redis for the production-shaped system tests (apt-get, as root)
 system-packages:
@@ -58,13 +66,16 @@ pytest-airflow2: $(INSTALLED_AIRFLOW2)
 	$(VENV_AIRFLOW2)/bin/pytest $(AIRFLOW2_TESTS)
 
 ## bench: print the benchmark numbers (import cost, batch throughput against the limits, a production-shaped
-## deployment with 100 mapped tasks and a 100-image batch; ~20 min)
+## deployment with 100 mapped tasks and a 100-image batch, 1,000 triggers in one loop; ~25 min) and write them
+## to benchmarks/results/, which the docs draw their plots from
 bench: $(INSTALLED) system-packages
-	$(BIN)/python -m benchmarks.import_time
-	$(BIN)/python -m benchmarks.budget
-	$(BIN)/python -m benchmarks.batch
-	$(BIN)/python -m benchmarks.batch_deployment
-	$(BIN)/python -m benchmarks.scale
+	$(BIN)/python -m benchmarks.import_time --json $(RESULTS)/import_time.json
+	$(BIN)/python -m benchmarks.budget --json $(RESULTS)/budget.json
+	$(BIN)/python -m benchmarks.batch --json $(RESULTS)/batch.json
+	$(BIN)/python -m benchmarks.batch_deployment --json $(RESULTS)/batch_deployment.json
+	$(BIN)/python -m benchmarks.scale --json $(RESULTS)/scale.json
+	$(BIN)/python -m benchmarks.scale --redis --json $(RESULTS)/scale-redis.json
+	$(BIN)/python -m benchmarks.triggerer_load --json $(RESULTS)/triggerer_load.json
 
 ## emulator: run the API emulator in the foreground on 127.0.0.1:8765
 emulator: $(INSTALLED)
@@ -72,10 +83,11 @@ emulator: $(INSTALLED)
 
 ## lock: re-resolve the pinned development environment
 lock: $(INSTALLED)
-	$(BIN)/uv pip compile pyproject.toml $(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra)) \
+	$(BIN)/uv pip compile pyproject.toml $(DOCS_REQUIREMENTS) \
+		$(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra)) \
 		--universal --python-version 3.11 -o $(CONSTRAINTS) --quiet
 	$(BIN)/uv pip compile pyproject.toml requirements/airflow2.in --extra dev --extra emulator --universal \
 		--python-version 3.11 -o $(CONSTRAINTS_AIRFLOW2) --quiet
 
 clean:
-	rm -rf $(VENV) $(VENV_AIRFLOW2) .demo .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_AIRFLOW2) .demo .mypy_cache .pytest_cache .ruff_cache site
