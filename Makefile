@@ -53,7 +53,7 @@ typecheck: $(INSTALLED)
 
 ## docs: build the documentation site into site/; any warning fails the build
 docs: $(INSTALLED)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 ## system-packages: PostgreSQL and Redis for the production-shaped system tests (apt-get, as root)
 system-packages:

@@ -258,11 +258,11 @@ def plot_triggerer_load(documents: list[dict[str, Any]]) -> Figure:
     stall_axes.set_yticks(positions, labels)
     stall_axes.invert_yaxis()
     stall_axes.set_xlabel("worst loop stall (s)")
-    legend(stall_axes)
+    stall_axes.legend(loc="upper left", bbox_to_anchor=(0.0, -0.35), fontsize=8, frameon=False, ncols=3)
     bars = read_axes.barh(positions, [r["reads_sent_ratio"] for r in reports], color=MEASURED)
     rates = [f"{r['reads_sent_per_s']:g} of {r['reads_asked_per_s']:g}/s" for r in reports]
     bar_labels(read_axes, bars, rates)
-    read_axes.set_xlim(0, 1.6)
+    read_axes.set_xlim(0, 1.8)
     read_axes.axvline(1.0, color=MINIMUM, linestyle="--")
     read_axes.set_xlabel("reads sent / reads asked for")
     figure.suptitle("Blip2PredictionTriggers in one event loop")
@@ -278,7 +278,8 @@ def plot_scale(documents: list[dict[str, Any]]) -> Figure:
     runs = [run for document in documents for run in document["results"]["runs"]]
     labels = [
         f"{'Redis budget' if run['redis'] else 'per-process budgets'}\n"
-        f"{run['tasks']} tasks + batch of {run['batch_images']}: {run['run']}"
+        f"{run['tasks']} tasks + batch of {run['batch_images']}: run {run['run']}"
+        + (f", {run['failed_tasks']} task(s) failed" if run.get("failed_tasks") else "")
         for run in runs
     ]
     figure = Figure(figsize=(7.5, 1.4 + 1.0 * len(runs)))
