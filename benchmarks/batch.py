@@ -20,6 +20,7 @@ from typing import Any
 
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer
 from benchmarks.budget import LATENCY, LIMIT_IN_FLIGHT, LIMIT_RPM, minimum_seconds
+from benchmarks.results import add_json_argument, write_results
 from scripts.sandbox import AirflowSandbox
 from scripts.storage_servers import local_s3
 
@@ -84,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--time-scale", type=float, default=0.05)
+    add_json_argument(parser)
     args = parser.parse_args()
     scale = args.time_scale
     names = sorted(p.name for p in IMAGES.iterdir() if p.suffix in {".jpg", ".png", ".webp"})
@@ -94,6 +96,7 @@ def main() -> None:
         f"time scale {scale:g} (minute = {60 * scale:g} s)"
     )
     print(f"minimum the limits allow: {floor:.2f} s (a create and a read per prediction)")
+    measured: list[dict[str, Any]] = []
     with local_s3() as s3, tempfile.TemporaryDirectory(prefix="blip2-bench-") as tmp:
         s3.create_bucket(BUCKET)
         for i in range(args.images):
@@ -123,7 +126,36 @@ def main() -> None:
                     else ""
                 )
             )
+            measured.append(
+                {
+                    "label": label,
+                    "deferrable": dag_id.endswith("deferrable"),
+                    "faults": faults,
+                    "elapsed_s": round(elapsed, 3),
+                    "ratio": round(elapsed / floor, 3),
+                    "creates": ledger["creates"],
+                    "responses_429": ledger["responses_429"],
+                    "requests": sum(ledger["requests"].values()),
+                    "succeeded": summary["succeeded"],
+                    "failed": summary["failed"],
+                    "peak_in_flight": ledger["peak_in_flight"],
+                    "responses_5xx_injected": ledger["responses_5xx_injected"],
+                    "drops_injected": ledger["drops_injected"],
+                }
+            )
     print(f"faults: {json.dumps(FAULTS)}")
+    write_results(
+        args.json,
+        "batch",
+        {
+            "images": args.images,
+            "time_scale": scale,
+            "limit_requests_per_minute": LIMIT_RPM,
+            "limit_in_flight": LIMIT_IN_FLIGHT,
+            "latency_s": LATENCY,
+        },
+        {"minimum_s": round(floor, 3), "scenarios": measured},
+    )
 
 
 if __name__ == "__main__":

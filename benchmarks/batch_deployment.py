@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
+from benchmarks.results import add_json_argument, write_results
 from scripts.deployment import AirflowDeployment
 from scripts.sandbox import AirflowSandbox
 
@@ -30,6 +31,7 @@ def main() -> None:
     """Run the batch and print its numbers."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=100)
+    add_json_argument(parser)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="blip2-deploy-bench-"))
     config = EmulatorConfig(api_keys=(API_KEY,), latency=2.0)
@@ -48,20 +50,18 @@ def main() -> None:
             summary = deployment.api("GET", path)["value"]
         ledger = api.ledger()
     minimum = max(0, 2 * args.images - RPM) / RPM * 60.0
-    print(
-        json.dumps(
-            {
-                "images": args.images,
-                "run": state,
-                "elapsed_s": summary["elapsed"],
-                "minimum_s": minimum,
-                "ratio": round(summary["elapsed"] / minimum, 2),
-                "creates": ledger["creates"],
-                "responses_429": ledger["responses_429"],
-                "requests": sum(ledger["requests"].values()),
-            }
-        )
-    )
+    result = {
+        "images": args.images,
+        "run": state,
+        "elapsed_s": summary["elapsed"],
+        "minimum_s": minimum,
+        "ratio": round(summary["elapsed"] / minimum, 2),
+        "creates": ledger["creates"],
+        "responses_429": ledger["responses_429"],
+        "requests": sum(ledger["requests"].values()),
+    }
+    print(json.dumps(result))
+    write_results(args.json, "batch_deployment", {"images": args.images, "requests_per_minute": RPM}, result)
 
 
 if __name__ == "__main__":

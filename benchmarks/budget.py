@@ -23,6 +23,7 @@ from pathlib import Path
 
 from airflow_provider_blip2.client.retry import RetryPolicy
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
+from benchmarks.results import add_json_argument, write_results
 
 IMAGES = Path(__file__).resolve().parent.parent / "example_dags" / "data"
 API_KEY = "bench-key"
@@ -61,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--predictions", type=int, default=100)
     parser.add_argument("--time-scale", type=float, default=0.05)
+    add_json_argument(parser)
     args = parser.parse_args()
     os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="blip2-bench-"))
     window, latency = 60.0 * args.time_scale, LATENCY * args.time_scale
@@ -72,6 +74,7 @@ def main() -> None:
     )
     print(f"minimum wall time the limits allow: {floor:.2f} s")
     scenarios = {"budget at the API's limits": LIMIT_RPM, "budget opened wide": 100_000}
+    measured: list[dict[str, object]] = []
     with serve_directory(IMAGES) as images:
         for label, rpm in scenarios.items():
             config = EmulatorConfig(api_keys=(API_KEY,), latency=LATENCY, time_scale=args.time_scale)
@@ -98,6 +101,30 @@ def main() -> None:
                 f"creates {ledger['creates']} | 429s {ledger['responses_429']} | "
                 f"requests {sum(ledger['requests'].values())} | peak in flight {ledger['peak_in_flight']}"
             )
+            measured.append(
+                {
+                    "label": label,
+                    "requests_per_minute": rpm,
+                    "wall_s": round(elapsed, 3),
+                    "ratio": round(elapsed / floor, 3),
+                    "creates": ledger["creates"],
+                    "responses_429": ledger["responses_429"],
+                    "requests": sum(ledger["requests"].values()),
+                    "peak_in_flight": ledger["peak_in_flight"],
+                }
+            )
+    write_results(
+        args.json,
+        "budget",
+        {
+            "predictions": args.predictions,
+            "time_scale": args.time_scale,
+            "limit_requests_per_minute": LIMIT_RPM,
+            "limit_in_flight": LIMIT_IN_FLIGHT,
+            "latency_s": LATENCY,
+        },
+        {"minimum_s": round(floor, 3), "scenarios": measured},
+    )
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ timed separately, the operator module on top. Prints medians.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
 import sys
+
+from benchmarks.results import add_json_argument, write_results
 
 RUNS = 9
 BASELINE = "from airflow.sdk import DAG, BaseOperator"
@@ -43,6 +46,9 @@ def measure() -> dict[str, float | list[str]]:
 
 def main() -> None:
     """Print the median cost of each import."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_json_argument(parser)
+    args = parser.parse_args()
     measure()  # warm the file cache and bytecode
     runs = [measure() for _ in range(RUNS)]
     base = statistics.median(float(run["baseline"]) for run in runs)  # type: ignore[arg-type]
@@ -50,6 +56,20 @@ def main() -> None:
     print(f"import airflow.sdk + DAG, BaseOperator: median {base * 1000:.0f} ms ({RUNS} fresh interpreters)")
     print(f"then import {OPERATOR}: median {extra * 1000:.1f} ms more ({(base + extra) / base:.3f}x)")
     print(f"heavy modules the operator pulls in: {runs[-1]['heavy'] or 'none'}")
+    write_results(
+        args.json,
+        "import_time",
+        {"runs": RUNS, "baseline": BASELINE, "module": OPERATOR},
+        {
+            "baseline_ms": [round(float(run["baseline"]) * 1000, 1) for run in runs],  # type: ignore[arg-type]
+            "operator_ms": [round(float(run["operator"]) * 1000, 2) for run in runs],  # type: ignore[arg-type]
+            "baseline_ms_median": round(base * 1000, 1),
+            "operator_ms_median": round(extra * 1000, 2),
+            "ratio": round((base + extra) / base, 4),
+            "heavy_modules": runs[-1]["heavy"],
+            "heavy_modules_checked": list(HEAVY_MODULES),
+        },
+    )
 
 
 if __name__ == "__main__":

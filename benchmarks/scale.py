@@ -47,6 +47,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.results import add_json_argument, write_results
 from scripts.production import SCALE_DAG_ID, ProductionSettings, ProductionStack, production_stack
 
 RPM = 60
@@ -84,6 +85,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--redis", action="store_true", help="name the local Redis in the blip2 connection")
     parser.add_argument("--runs", type=int, default=1, help="runs, one after the other, in one deployment")
     parser.add_argument("--keep", action="store_true", help="keep the Airflow home (logs) afterwards")
+    add_json_argument(parser)
     return parser.parse_args()
 
 
@@ -159,10 +161,14 @@ def main() -> None:
         redis_in_connection=args.redis,
     )
     started = time.monotonic()
+    runs: list[dict[str, Any]] = []
     try:
         with production_stack(home, settings) as stack:
             for number in range(args.runs):
-                print(json.dumps(run_once(stack, args, number, home)), flush=True)
+                runs.append(run_once(stack, args, number, home))
+                print(json.dumps(runs[-1]), flush=True)
+        parameters = {name: value for name, value in vars(args).items() if name not in ("keep", "json")}
+        write_results(args.json, "scale", parameters, {"runs": runs})
     finally:
         kept = args.keep
         if not kept:

@@ -49,6 +49,8 @@ from typing import Any
 import httpx
 import psutil
 
+from benchmarks.results import add_json_argument, write_results
+
 API_KEY = "bench-key"
 CONN_ID = "blip2_default"
 #: Seconds the heartbeat sleeps; its lateness on waking is the stall.
@@ -330,6 +332,7 @@ def main() -> None:
         "--steady-seconds", type=float, default=60.0, help="steady window (default: %(default)s)"
     )
     parser.add_argument("--no-tracemalloc", action="store_true", help="skip the tracemalloc pass")
+    add_json_argument(parser)
     args = parser.parse_args()
     os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="blip2-bench-"))
     import airflow_provider_blip2.triggers.blip2  # noqa: F401  (imported before anything is measured)
@@ -376,6 +379,14 @@ def main() -> None:
         "reads_sent": report["reads_sent_ratio"] >= GOAL_READ_RATIO,
     }
     print(json.dumps(report, indent=2))
+    parameters = {
+        "triggers": args.triggers,
+        "poll_interval": args.poll_interval,
+        "startup_seconds": args.startup_seconds,
+        "steady_seconds": args.steady_seconds,
+        "tracemalloc": not args.no_tracemalloc,
+    }
+    write_results(args.json, "triggerer_load", parameters, report)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ with DAG(
         "catalogue": Param("products", type="string", description="Prefix of the product images"),
     },
 ) as dag:
+    # --8<-- [start:batch]
     captions = Blip2BatchPredictionOperator(
         task_id="caption_catalogue",
         images="s3://{{ params.bucket }}/{{ params.catalogue }}/",
@@ -39,7 +40,9 @@ with DAG(
         poll_interval=2.0,
         timeout=600,
     )
+    # --8<-- [end:batch]
 
+    # --8<-- [start:write]
     @task
     def write_alt_text(summary: dict[str, Any]) -> int:
         """Write ``<image>.alt.txt`` next to every captioned image; return how many were written."""
@@ -59,3 +62,4 @@ with DAG(
         return written
 
     write_alt_text(captions.output)
+    # --8<-- [end:write]

@@ -38,6 +38,7 @@ with DAG(
 
     urls = image_urls()
 
+    # --8<-- [start:mapped]
     captions = Blip2PredictionOperator.partial(
         task_id="caption", caption=True, deferrable=True, poll_interval=1.0, timeout=300
     ).expand(image=urls)
@@ -45,7 +46,9 @@ with DAG(
     answers = Blip2PredictionOperator.partial(
         task_id="ask", question=QUESTION, deferrable=True, poll_interval=1.0, timeout=300
     ).expand(image=urls)
+    # --8<-- [end:mapped]
 
+    # --8<-- [start:report]
     @task
     def report(urls: list[str], captions: list[str], answers: list[str]) -> list[dict[str, str]]:
         """One row per image: its file name, caption and answer."""
@@ -58,3 +61,4 @@ with DAG(
         return rows
 
     report(urls, captions.output, answers.output)
+    # --8<-- [end:report]

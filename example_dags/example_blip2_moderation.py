@@ -25,12 +25,14 @@ from airflow.providers.common.compat.sdk import DAG, Param, task
 
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
 
+# --8<-- [start:questions]
 #: Label -> yes/no question. "yes" to any of them flags the image.
 MODERATION_QUESTIONS = {
     "nudity": "Does this image contain nudity? Answer yes or no.",
     "violence": "Does this image show violence or blood? Answer yes or no.",
     "weapon": "Is there a weapon in this image? Answer yes or no.",
 }
+# --8<-- [end:questions]
 BASE = "s3://{{ params.bucket }}"
 
 with DAG(
@@ -44,6 +46,7 @@ with DAG(
         "uploads": Param("uploads", type="string", description="Prefix of the uploads; the day is appended"),
     },
 ) as dag:
+    # --8<-- [start:batch]
     moderate = Blip2BatchPredictionOperator(
         task_id="moderate",
         images=BASE + "/{{ params.uploads }}/{{ ds }}/",
@@ -55,7 +58,9 @@ with DAG(
         poll_interval=2.0,
         timeout=600,
     )
+    # --8<-- [end:batch]
 
+    # --8<-- [start:flag]
     @task
     def flag(summary: dict[str, Any]) -> dict[str, Any]:
         """Turn the answers into flags per image: ``{image: [reasons]}`` for every flagged image."""
@@ -74,6 +79,8 @@ with DAG(
         clean = sorted(image for image, reasons in images.items() if not reasons)
         print(f"Checked {len(images)} images: {len(flagged)} flagged, {len(clean)} clean")
         return {"flagged": flagged, "clean": clean, "checked": len(images)}
+
+    # --8<-- [end:flag]
 
     @task
     def write_report(
@@ -121,11 +128,13 @@ with DAG(
         )
         return uri
 
+    # --8<-- [start:wiring]
     flags = flag(moderate.output)
     report = write_report(flags)
     quarantined = quarantine(flags)
     manifest = publish(flags, quarantined)
     report >> manifest
+    # --8<-- [end:wiring]
 
 
 def yes_or_no(answer: str | None) -> bool | None:
