@@ -70,6 +70,7 @@ class Emulator:
         self.ledger = Ledger()
         self.limiter = RateLimiter()
         self._rng = random.Random(config.seed)
+        self._prediction_rng = _prediction_rng(config.seed)
         self._downloads: httpx.AsyncHTTPTransport | None = None
 
     # ---- faults -------------------------------------------------------------------------------------
@@ -92,6 +93,16 @@ class Emulator:
         elif drop < config.fault_drop:
             kind = "drop"
         return FaultDecision(slow < config.fault_slow, kind, status_code, empty_body)
+
+    def draw_prediction_faults(self) -> tuple[bool, bool]:
+        """Draw the faults of one created prediction: ``(provider_fails, answer_5xx)``.
+
+        Two draws per created prediction from a generator of their own, so these faults leave the
+        sequence of request faults as it was.
+        """
+        config = self.config
+        provider, created_5xx = self._prediction_rng.random(), self._prediction_rng.random()
+        return provider < config.fault_provider_failed, created_5xx < config.fault_created_5xx
 
     # ---- predictions --------------------------------------------------------------------------------
 
@@ -130,12 +141,20 @@ class Emulator:
             return None
         return prediction
 
-    def create(self, api_key: str, raw_input: dict[str, Any], model_input: ModelInput) -> Prediction:
+    def create(
+        self,
+        api_key: str,
+        raw_input: dict[str, Any],
+        model_input: ModelInput,
+        *,
+        provider_fails: bool = False,
+    ) -> Prediction:
         """Create a prediction and start processing it in the background.
 
         :param api_key: the key creating it.
         :param raw_input: the input as the client sent it.
         :param model_input: the validated input.
+        :param provider_fails: end it with a retryable ``PROVIDER_FAILED`` error once its image was read.
         """
         prediction = Prediction(
             id=str(uuid.uuid4()),
@@ -143,6 +162,7 @@ class Emulator:
             input=raw_input,
             model_input=model_input,
             created_at=time.monotonic(),
+            provider_fails=provider_fails,
         )
         prediction.log(f"prediction created for image '{model_input.image_name}'")
         self.predictions[prediction.id] = prediction
@@ -196,6 +216,15 @@ class Emulator:
         prediction.log(f"downloaded {len(data)} bytes")
         facts = await asyncio.to_thread(inspect_image, data, name)
         prediction.log(f"decoded {facts.format} image {facts.size}, sha256 {facts.sha256[:12]}")
+        if prediction.provider_fails:
+            self.ledger.provider_failed_injected += 1
+            raise PredictionFailure(
+                "PROVIDER_FAILED",
+                "provider failed",
+                "the model provider failed while running the prediction (injected fault)",
+                category="provider",
+                retryable=True,
+            )
         prompt = model_input.prompt
         prediction.log("mode: caption" if prompt is None else f"prompt: {prompt}")
         answer = find_answer(self.answers, facts.sha256, name, model_input)
@@ -238,6 +267,7 @@ class Emulator:
         self.ledger = Ledger()
         self.limiter.clear()
         self._rng = random.Random(self.config.seed)
+        self._prediction_rng = _prediction_rng(self.config.seed)
 
     async def aclose(self) -> None:
         """Stop every running prediction (it ends with a retryable error) and close the downloads."""
@@ -259,3 +289,8 @@ class Emulator:
         if self._downloads is not None:
             await self._downloads.aclose()
             self._downloads = None
+
+
+def _prediction_rng(seed: int) -> random.Random:
+    """The generator of the faults of created predictions, seeded apart from the request faults."""
+    return random.Random(f"predictions/{seed}")
