@@ -297,7 +297,7 @@ async def create_prediction(request: Request) -> Response:
             emulator.config,
             f"too many predictions in flight (limit {emulator.config.max_in_flight})",
         )
-    provider_fails, answer_5xx = emulator.draw_prediction_faults()
+    provider_fails, answer_5xx = emulator.draw_prediction_faults(model_input)
     prediction = emulator.create(admission.api_key, raw_input, model_input, provider_fails=provider_fails)
     if answer_5xx and not admission.drop and emulator.config.faults_hit("create"):
         emulator.ledger.created_5xx_injected += 1

@@ -65,10 +65,11 @@ class EmulatorConfig:
         ``fault_created_5xx`` hits creates unless the list leaves ``create`` out;
         ``fault_provider_failed`` is no request fault and applies whatever the list.
 
-    The faults of requests (``fault_5xx`` to ``fault_drop``) are drawn per request, those of
-    created predictions (``fault_provider_failed``, ``fault_created_5xx``) per created prediction
-    from a second generator of the same seed, so adding either leaves the sequence of the others
-    as it was.
+    The faults of requests (``fault_5xx`` to ``fault_drop``) are drawn per request in sequence.
+    Those of created predictions (``fault_provider_failed``, ``fault_created_5xx``) are drawn from
+    the seed, the input (image file name and question) and how many predictions of that input were
+    created before: the same items get the same faults whatever the order of the creates, and
+    adding either leaves the sequence of the request faults as it was.
     """
 
     api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)

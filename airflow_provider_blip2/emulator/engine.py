@@ -70,7 +70,6 @@ class Emulator:
         self.ledger = Ledger()
         self.limiter = RateLimiter()
         self._rng = random.Random(config.seed)
-        self._prediction_rng = _prediction_rng(config.seed)
         self._downloads: httpx.AsyncHTTPTransport | None = None
 
     # ---- faults -------------------------------------------------------------------------------------
@@ -94,15 +93,20 @@ class Emulator:
             kind = "drop"
         return FaultDecision(slow < config.fault_slow, kind, status_code, empty_body)
 
-    def draw_prediction_faults(self) -> tuple[bool, bool]:
-        """Draw the faults of one created prediction: ``(provider_fails, answer_5xx)``.
+    def draw_prediction_faults(self, model_input: ModelInput) -> tuple[bool, bool]:
+        """Draw the faults of a prediction about to be created: ``(provider_fails, answer_5xx)``.
 
-        Two draws per created prediction from a generator of their own, so these faults leave the
-        sequence of request faults as it was.
+        The draws depend on the seed, the input (image file name and question, as the ledger's
+        ``creates_by_input`` names it) and how many predictions of that input were created before,
+        not on the order of the requests: the same items get the same faults however a client
+        interleaves its creates, and the request faults keep their sequence.
+
+        :param model_input: the validated input.
         """
-        config = self.config
-        provider, created_5xx = self._prediction_rng.random(), self._prediction_rng.random()
-        return provider < config.fault_provider_failed, created_5xx < config.fault_created_5xx
+        key = f"{model_input.image_name}|{model_input.label}"
+        draws = random.Random(f"{self.config.seed}/{key}/{self.ledger.creates_by_input[key]}")
+        provider, created_5xx = draws.random(), draws.random()
+        return provider < self.config.fault_provider_failed, created_5xx < self.config.fault_created_5xx
 
     # ---- predictions --------------------------------------------------------------------------------
 
@@ -267,7 +271,6 @@ class Emulator:
         self.ledger = Ledger()
         self.limiter.clear()
         self._rng = random.Random(self.config.seed)
-        self._prediction_rng = _prediction_rng(self.config.seed)
 
     async def aclose(self) -> None:
         """Stop every running prediction (it ends with a retryable error) and close the downloads."""
@@ -289,8 +292,3 @@ class Emulator:
         if self._downloads is not None:
             await self._downloads.aclose()
             self._downloads = None
-
-
-def _prediction_rng(seed: int) -> random.Random:
-    """The generator of the faults of created predictions, seeded apart from the request faults."""
-    return random.Random(f"predictions/{seed}")
