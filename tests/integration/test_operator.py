@@ -495,7 +495,12 @@ def test_execute_stores_the_id_and_a_second_try_reattaches(
     again, ti_retry = _execute(_operator(image_url("chelsea.jpg")), store)
 
     assert again == output
-    assert ti_retry.xcom == {"prediction_id": prediction_id}
+    prediction = emulator.app.emulator.predictions[prediction_id]
+    assert ti_retry.xcom == {
+        "prediction_id": prediction_id,
+        "cost": prediction.cost,
+        "predict_time": prediction.predict_time,
+    }
     assert emulator.ledger()["creates"] == 1
     assert emulator.ledger()["requests"]["create"] == 1
 
