@@ -70,7 +70,7 @@ def failure_message(prediction_id: str | None, status: str, error: str | None, e
     How a prediction that did not succeed is reported, on the worker and after a trigger alike.
 
     :param prediction_id: The prediction, or ``None`` when none was created.
-    :param status: How it ended (``error``, ``cancelled`` or ``timeout``).
+    :param status: How it ended (``error``, ``cancelled``, ``timeout`` or ``ambiguous``).
     :param error: The readable reason.
     :param error_code: The API's error code, if any.
     """
@@ -325,9 +325,10 @@ def parse_prediction(payload: Any, *, prediction_id: str) -> Prediction:
         error, error_code = _error_details(payload)
         if status is PredictionStatus.FAILED and error is None:
             error = "the prediction failed without an error message"
-        envelope = payload.get("output")
-        flag = envelope.get("retryable") if isinstance(envelope, dict) else None
-        retryable = flag if isinstance(flag, bool) and status.is_terminal else None
+        if status.is_terminal:
+            envelope = payload.get("output")
+            flag = envelope.get("retryable") if isinstance(envelope, dict) else None
+            retryable = _flag(payload.get("retryable") if flag is None else flag)
     metrics = payload.get("metrics") if isinstance(payload.get("metrics"), dict) else {}
     return Prediction(
         id=str(payload.get("id") or prediction_id),
@@ -342,6 +343,15 @@ def parse_prediction(payload: Any, *, prediction_id: str) -> Prediction:
         # A cost is a non-negative number, like seconds; 0 while running means "not known yet".
         cost=parse_seconds((metrics or {}).get("cost")) if status.is_terminal else None,
     )
+
+
+def _flag(value: Any) -> bool | None:
+    """A boolean as JSON or as the strings ``true`` / ``false``; ``None`` for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
 
 
 def _output_text(output: Any) -> str | None:

@@ -385,8 +385,12 @@ def test_error_envelopes_give_retryable_and_cost() -> None:
     assert (outcome.status, outcome.retryable, outcome.cost) == ("error", True, 0.0003)
     running = parse_prediction({"id": "p", "status": "processing", "metrics": {"cost": 0}}, prediction_id="p")
     assert running.cost is None and running.retryable is None
-    flag_as_text = {"id": "p", "status": "error", "output": {"error": "x", "retryable": "yes"}}
-    assert parse_prediction(flag_as_text, prediction_id="p").retryable is None
+    unreadable = {"id": "p", "status": "error", "output": {"error": "x", "retryable": "yes"}}
+    assert parse_prediction(unreadable, prediction_id="p").retryable is None
+    as_text = {"id": "p", "status": "failed", "output": {"error": "x", "retryable": "TRUE"}}
+    assert parse_prediction(as_text, prediction_id="p").retryable is True
+    top_level = {"id": "p", "status": "error", "error": "x", "retryable": False}
+    assert parse_prediction(top_level, prediction_id="p").retryable is False
 
 
 @pytest.mark.parametrize(
