@@ -2,10 +2,13 @@
 The bookkeeping of a batch of BLIP-2 predictions, independent of Airflow.
 
 A batch is a fixed list of :class:`BatchItem` (one image and one question each). Its progress is a
-:class:`BatchState`: which items have a prediction (and its deadline), and which are finished with
-an outcome (:class:`~airflow_provider_blip2.client.models.PredictionOutcome`). :class:`BatchJournal`
-keeps that state in a key-value store that survives deferrals and task retries (Airflow's task
-state store), append-only, so no created prediction is forgotten and no finished result is lost.
+:class:`BatchState`: which items have a prediction (and its deadline), which are finished with
+an outcome (:class:`~airflow_provider_blip2.client.models.PredictionOutcome`), and how many times
+each was predicted. :class:`BatchJournal` keeps that state in a key-value store that survives
+deferrals and task retries (Airflow's task state store), append-only, so no created prediction is
+forgotten and no finished result is lost. An item is predicted again only after it was released
+(:meth:`BatchJournal.release`), as the retry rule of
+:func:`~airflow_provider_blip2.client.models.failure_kind` decides.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from airflow_provider_blip2.client.errors import Blip2InputError
-from airflow_provider_blip2.client.models import PredictionOutcome
+from airflow_provider_blip2.client.models import PredictionOutcome, predict_again_on_new_try
 
 #: Label of the items of a batch that captions its images.
 CAPTION_LABEL = "caption"
@@ -105,12 +108,19 @@ class BatchState:
     :param started_at: Unix time the batch started (its first try).
     :param created: Item index -> ``(prediction_id, deadline)`` for every prediction created.
     :param finished: Item index -> result, for every item that ended.
+    :param attempts: Item index -> the try number of each of its predictions (a create sent, or a
+        submission that failed before it). Journals of earlier versions have none: an item with a
+        prediction or a result then counts one attempt.
+    :param spent: Item index -> the cost of its earlier predictions (those released to predict
+        the item again), when the API reported one.
     """
 
     items: list[BatchItem]
     started_at: float
     created: dict[int, tuple[str, float]] = field(default_factory=dict)
     finished: dict[int, PredictionOutcome] = field(default_factory=dict)
+    attempts: dict[int, list[int | None]] = field(default_factory=dict)
+    spent: dict[int, float] = field(default_factory=dict)
 
     @property
     def in_flight(self) -> dict[int, tuple[str, float]]:
@@ -137,10 +147,55 @@ class BatchState:
         """Items that ended without an output."""
         return sum(result.failed for result in self.finished.values())
 
+    def attempts_of(self, index: int) -> int:
+        """How many times an item was predicted, over all tries."""
+        recorded = self.attempts.get(index)
+        if recorded:
+            return len(recorded)
+        return int(index in self.created or index in self.finished)
+
+    def attempts_in_try(self, index: int, try_number: int | None) -> int:
+        """How many times an item was predicted in one try (attempts of unknown tries count in it)."""
+        recorded = self.attempts.get(index)
+        if not recorded:
+            return self.attempts_of(index)
+        return sum(number is None or number == try_number for number in recorded)
+
+    def cost_of(self, index: int) -> float | None:
+        """What an item's predictions cost, over all attempts; ``None`` when the API reported nothing."""
+        result = self.finished.get(index)
+        candidates = (self.spent.get(index), result.cost if result else None)
+        costs = [cost for cost in candidates if cost is not None]
+        return round(sum(costs), 9) if costs else None
+
+    def to_predict_again(self, retry_failures: str) -> list[int]:
+        """
+        The finished items a new try predicts again, in order.
+
+        :param retry_failures: ``transient``, ``all`` or ``none`` (the operator's parameter).
+        """
+        return [
+            index
+            for index, result in sorted(self.finished.items())
+            if predict_again_on_new_try(result, retry_failures)
+        ]
+
     def merge(self, part: Mapping[str, Any]) -> None:
-        """Apply one journal part (``{"released": [...], "created": {...}, "finished": {...}}``)."""
+        """
+        Apply one journal part.
+
+        A part is ``{"released": [...], "attempts": {...}, "spent": {...}, "created": {...},
+        "finished": {...}}``, applied in that order: a release precedes whatever the same part
+        records for the item afterwards. Every value is the item's whole value, not a change, so
+        merging a part again over a later state (after a compaction) is harmless.
+        """
         for index in part.get("released", []):
             self.created.pop(int(index), None)
+            self.finished.pop(int(index), None)
+        for index, numbers in part.get("attempts", {}).items():
+            self.attempts[int(index)] = [None if number is None else int(number) for number in numbers]
+        for index, cost in part.get("spent", {}).items():
+            self.spent[int(index)] = float(cost)
         for index, (prediction_id, deadline) in part.get("created", {}).items():
             self.created[int(index)] = (str(prediction_id), float(deadline))
         for index, result in part.get("finished", {}).items():
@@ -149,6 +204,8 @@ class BatchState:
     def to_part(self) -> dict[str, Any]:
         """The whole progress as one journal part."""
         return {
+            "attempts": {str(i): list(numbers) for i, numbers in self.attempts.items()},
+            "spent": {str(i): cost for i, cost in self.spent.items()},
             "created": {str(i): [pid, deadline] for i, (pid, deadline) in self.created.items()},
             "finished": {str(i): result.to_json() for i, result in self.finished.items()},
         }
@@ -167,17 +224,34 @@ class BatchState:
                 "error": result.error,
                 "prediction_id": result.prediction_id,
                 "predict_time": result.predict_time,
+                "cost": self.cost_of(index),
+                "attempts": self.attempts_of(index),
             }
             lines.append(json.dumps(line, ensure_ascii=False))
         return "".join(line + "\n" for line in lines)
 
     def summary(self, output_uri: str, *, now: float | None = None) -> dict[str, Any]:
-        """The batch's summary: ``total``, ``succeeded``, ``failed``, ``output_uri``, ``elapsed``."""
+        """
+        The batch's summary.
+
+        ``total``, ``succeeded``, ``failed``, ``statuses`` (items by status), ``retried`` (items
+        predicted more than once), ``attempts`` (predictions in all), ``cost`` (the sum of what the
+        API reported), ``images``, ``output_uri`` and ``elapsed``.
+        """
         failed = self.failed_count()
+        statuses: dict[str, int] = {}
+        for result in self.finished.values():
+            statuses[result.status] = statuses.get(result.status, 0) + 1
+        attempts = [self.attempts_of(index) for index in range(len(self.items))]
+        costs = [cost for cost in map(self.cost_of, range(len(self.items))) if cost is not None]
         return {
             "total": len(self.items),
             "succeeded": len(self.finished) - failed,
             "failed": failed,
+            "statuses": dict(sorted(statuses.items())),
+            "retried": sum(count > 1 for count in attempts),
+            "attempts": sum(attempts),
+            "cost": round(sum(costs), 6),
             "images": len({item.image for item in self.items}),
             "output_uri": output_uri,
             "elapsed": round((now or time.time()) - self.started_at, 3),
@@ -203,6 +277,19 @@ def format_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h {minutes:02d}m {secs:02d}s"
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def describe_failures(results: Sequence[PredictionOutcome]) -> str:
+    """
+    How results failed, most frequent first: ``"12 ambiguous, 3 error [PROVIDER_FAILED], 1 timeout"``.
+
+    :param results: Failed results.
+    """
+    counts: dict[str, int] = {}
+    for result in results:
+        key = f"{result.status} [{result.error_code}]" if result.error_code else result.status
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {key}" for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def failed_ratio_exceeded(state: BatchState, max_failed_ratio: float) -> bool:
@@ -308,6 +395,21 @@ class BatchJournal:
             self.store.set(self._key("parts"), self._part_number + 1)
             self._part_counted = True
 
+    def record_attempt(self, state: BatchState, index: int, try_number: int | None) -> None:
+        """
+        Count a prediction of an item about to be submitted; written with its result or its id.
+
+        :param state: The progress, updated in place.
+        :param index: The item.
+        :param try_number: The task's try.
+        """
+        numbers = state.attempts.get(index)
+        if not numbers:
+            numbers = [None] * state.attempts_of(index)  # from a journal that did not count them
+        state.attempts[index] = [*numbers, try_number]
+        self._part.setdefault("attempts", {})[str(index)] = list(state.attempts[index])
+        self._dirty = True
+
     def record_created(self, state: BatchState, index: int, prediction_id: str, deadline: float) -> None:
         """
         Record a new prediction (before anything else happens to it).
@@ -335,16 +437,31 @@ class BatchJournal:
         if any(result.prediction_id is None for result in results.values()):
             self._write_part()
 
-    def release(self, state: BatchState, index: int) -> None:
+    def release(self, state: BatchState, indexes: Sequence[int]) -> None:
         """
-        Forget an item's prediction (cancelled before it ended), so the item is predicted again.
+        Forget items' predictions and results, so that they are predicted again.
+
+        Their attempts are kept, and the cost of the released results is added to what the items
+        spent. Written at once.
 
         :param state: The progress, updated in place.
-        :param index: The item.
+        :param indexes: The items.
         """
-        state.created.pop(index, None)
-        self._part.setdefault("released", []).append(index)
-        self._part["created"].pop(str(index), None)
+        if not indexes:
+            return
+        for index in indexes:
+            if not state.attempts.get(index) and state.attempts_of(index):
+                # A journal that did not count attempts: keep the one this item had.
+                state.attempts[index] = [None]
+                self._part.setdefault("attempts", {})[str(index)] = [None]
+            state.created.pop(index, None)
+            result = state.finished.pop(index, None)
+            if result is not None and result.cost:
+                state.spent[index] = round(state.spent.get(index, 0.0) + result.cost, 9)
+                self._part.setdefault("spent", {})[str(index)] = state.spent[index]
+            self._part.setdefault("released", []).append(index)
+            self._part["created"].pop(str(index), None)
+            self._part["finished"].pop(str(index), None)
         self._write_part()
 
     def flush(self) -> None:

@@ -7,7 +7,9 @@ worker). The emulator enforces the API's limits (60 requests per minute counting
 predictions in flight, about 2 s per prediction) with its time scaled so the run takes seconds; the
 connection's budget equals those limits. Prints the batch's own elapsed time against the minimum the
 limits allow, with creates, 429s, requests and failures from the emulator's ledger, once on a clean
-API and once with faults injected (5xx, 429, slow answers and dropped connections).
+API and twice with faults injected (5xx, 429, slow answers and dropped connections): without task
+retries, and with ``retries=2`` and the default ``max_failed_ratio=0``, where the retries predict
+again what the faults made fail (ambiguous creates) and keep every other result.
 """
 
 from __future__ import annotations
@@ -30,13 +32,19 @@ BUCKET = "bench"
 FAULTS = {"fault_5xx": 0.05, "fault_429": 0.05, "fault_slow": 0.05, "fault_drop": 0.01}
 
 DAG_FILE = """
+import datetime
+
 import pendulum
 from airflow.providers.common.compat.sdk import DAG
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
 
-for deferrable in (True, False):
+for name, deferrable, retries, max_failed_ratio in (
+    ("deferrable", True, 0, 0.2),
+    ("worker", False, 0, 0.2),
+    ("retries", True, 2, 0.0),
+):
     with DAG(
-        dag_id="bench_batch_" + ("deferrable" if deferrable else "worker"),
+        dag_id="bench_batch_" + name,
         schedule=None,
         start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
         catchup=False,
@@ -48,9 +56,13 @@ for deferrable in (True, False):
             output_uri="s3://{bucket}/out/{{{{ run_id }}}}.jsonl",
             deferrable=deferrable,
             poll_interval={poll_interval},
-            max_failed_ratio=0.2,
+            max_failed_ratio=max_failed_ratio,
+            retries=retries,
+            retry_delay=datetime.timedelta(0),
         )
 """
+#: What the batch logs for each create that failed after it was sent.
+AMBIGUOUS_CREATE = "create prediction failed after the request was sent"
 
 
 def run_scenario(
@@ -75,9 +87,19 @@ def run_scenario(
             home, dags_folder=dags, connections={"blip2_default": blip2, "aws_default": s3_connection}
         )
         sandbox.migrate()
-        sandbox.dags_test(dag_id)
+        result = sandbox.dags_test(dag_id)
         (summary,) = sandbox.xcom(dag_id, "batch")
-        return {"summary": summary, "ledger": api.ledger()}
+        [(tries,)] = sandbox._query(
+            "SELECT try_number FROM task_instance WHERE dag_id = ? AND run_id = ("
+            "SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1)",
+            (dag_id, dag_id),
+        )
+        return {
+            "summary": summary,
+            "ledger": api.ledger(),
+            "tries": tries,
+            "ambiguous": (result.stdout + result.stderr).count(AMBIGUOUS_CREATE),
+        }
 
 
 def main() -> None:
@@ -110,6 +132,7 @@ def main() -> None:
             ("bench_batch_deferrable", {}),
             ("bench_batch_worker", {}),
             ("bench_batch_deferrable", FAULTS),
+            ("bench_batch_retries", FAULTS),
         ]:
             result = run_scenario(home, dags, s3.connection(), dag_id, faults, scale)
             summary, ledger = result["summary"], result["ledger"]
@@ -126,6 +149,15 @@ def main() -> None:
                     else ""
                 )
             )
+            if dag_id == "bench_batch_retries":
+                items = summary["total"]
+                print(
+                    f"{'':<20} retries=2: {summary['succeeded']} of {items} predictions succeeded in "
+                    f"{result['tries']} tries | creates {ledger['creates']} against {items} items + "
+                    f"{result['ambiguous']} ambiguous = {items + result['ambiguous']} | attempts "
+                    f"{summary['attempts']}, {summary['retried']} items retried | elapsed {elapsed:.2f} s "
+                    f"against the minimum {floor:.2f} s ({elapsed / floor:.2f}x) | cost {summary['cost']:g}"
+                )
             measured.append(
                 {
                     "label": label,
@@ -141,6 +173,10 @@ def main() -> None:
                     "peak_in_flight": ledger["peak_in_flight"],
                     "responses_5xx_injected": ledger["responses_5xx_injected"],
                     "drops_injected": ledger["drops_injected"],
+                    "tries": result["tries"],
+                    "ambiguous_creates": result["ambiguous"],
+                    "attempts": summary.get("attempts"),
+                    "cost": summary.get("cost"),
                 }
             )
     print(f"faults: {json.dumps(FAULTS)}")

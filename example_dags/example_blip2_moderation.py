@@ -4,9 +4,13 @@ Nightly content moderation of the images users uploaded to S3 that day.
 1. ``moderate``: every image under ``s3://<bucket>/uploads/<ds>/`` is asked a set of yes/no
    moderation questions by one deferrable batch task (within the API's limits; waiting costs no
    worker slot). The answers land as JSON lines in ``s3://<bucket>/moderation/<ds>/answers.jsonl``.
+   With ``retries=2``, a try that ends with transient failures (a create the API answered 5xx, a
+   timeout, a provider failure) is followed by one that predicts only those again.
 2. ``flag``: the answers become flags per image. An answer that is neither yes nor no, or a
    prediction that failed, flags the image for review: nothing unchecked gets published.
-3. ``write_report``: the flags are written to ``s3://<bucket>/moderation/<ds>/report.json``.
+3. ``write_report``: the flags are written to ``s3://<bucket>/moderation/<ds>/report.json``, with
+   the night's numbers for the dashboards: predictions, failures by status, retried predictions
+   and the cost the API reported.
 4. ``quarantine``: flagged images are copied to ``s3://<bucket>/quarantine/<ds>/``.
 5. ``publish``: only then are the clean images published (here: a manifest of them is written to
    ``s3://<bucket>/published/<ds>/manifest.json``, the hand-off point to the publishing system).
@@ -16,6 +20,7 @@ The bucket and prefixes are run parameters; the AWS connection is ``aws_default`
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from typing import Any
@@ -54,6 +59,10 @@ with DAG(
         output_uri=BASE + "/moderation/{{ ds }}/answers.jsonl",
         # A few images the service cannot read are flagged for review, not a reason to stop.
         max_failed_ratio=0.1,
+        # Transient failures (ambiguous creates, timeouts, provider failures) are predicted again
+        # by the next try, which keeps every other answer.
+        retries=2,
+        retry_delay=datetime.timedelta(minutes=5),
         deferrable=True,
         poll_interval=2.0,
         timeout=600,
@@ -77,8 +86,17 @@ with DAG(
                 reasons.append(line["label"])
         flagged = {image: reasons for image, reasons in images.items() if reasons}
         clean = sorted(image for image, reasons in images.items() if not reasons)
-        print(f"Checked {len(images)} images: {len(flagged)} flagged, {len(clean)} clean")
-        return {"flagged": flagged, "clean": clean, "checked": len(images)}
+        night = {
+            "predictions": summary["total"],
+            "statuses": summary.get("statuses", {}),
+            "retried": summary.get("retried", 0),
+            "cost": summary.get("cost", 0.0),
+        }
+        print(
+            f"Checked {len(images)} images: {len(flagged)} flagged, {len(clean)} clean; "
+            f"{night['predictions']} predictions ({night['retried']} retried) cost {night['cost']:g}"
+        )
+        return {"flagged": flagged, "clean": clean, "checked": len(images), **night}
 
     # --8<-- [end:flag]
 

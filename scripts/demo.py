@@ -133,6 +133,7 @@ def main() -> int:
     rows += [{"image": image, "flags": "clean, published"} for image in flags["clean"]]
     print_table(rows, ["image", "flags"])
     print("quarantined: " + ", ".join(quarantined))
+    print(f"the night's cost as the API reported it: {flags['cost']:g} ({flags['predictions']} predictions)")
     print("\nexample_blip2_alt_text: products/<image>.alt.txt written next to each image")
     print_table([{"image": name, "alt text": text} for name, text in alt_text.items()], ["image", "alt text"])
     print(

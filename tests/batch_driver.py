@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from airflow.providers.common.compat.sdk import TaskDeferred
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException, TaskDeferred
 
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
 from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
@@ -41,11 +41,12 @@ class DictStore:
 class FakeTaskInstance:
     task_id = "batch"
     map_index = -1
-    try_number = 1
     stats_tags: dict[str, str] = {}  # noqa: RUF012
 
-    def __init__(self) -> None:
+    def __init__(self, *, try_number: int = 1, max_tries: int = 0) -> None:
         self.xcom: dict[str, Any] = {}
+        self.try_number = try_number
+        self.max_tries = max_tries
 
     def xcom_push(self, key: str, value: Any) -> None:
         self.xcom[key] = value
@@ -87,6 +88,30 @@ def run_batch(
             return fresh.execute_complete(context, event), deferrals  # type: ignore[arg-type]
         except TaskDeferred as deferred:
             pending = deferred
+
+
+def run_tries(
+    make_operator: Callable[[], Blip2BatchPredictionOperator], store: DictStore, *, retries: int
+) -> tuple[dict[str, Any], list[AirflowException]]:
+    """
+    Run a batch task's tries the way Airflow retries it: a new operator and a fresh XCom every
+    try, the same task state store, ``try_number`` counting up to ``retries + 1`` (``max_tries``
+    is ``retries``). Return the summary and the errors of the tries that failed.
+    """
+    failures: list[AirflowException] = []
+    for try_number in range(1, retries + 2):
+        ti = FakeTaskInstance(try_number=try_number, max_tries=retries)
+        try:
+            summary, _ = run_batch(make_operator(), store, ti=ti)
+        except AirflowFailException:
+            raise
+        except AirflowException as error:
+            failures.append(error)
+            if try_number > retries:
+                raise
+            continue
+        return summary, failures
+    raise AssertionError("unreachable")
 
 
 async def _run_trigger(kwargs: dict[str, Any], tear_down_after: float | None) -> dict[str, Any]:

@@ -6,8 +6,9 @@ One module per concern, each imported by the hook (the transports) and by nothin
 - :mod:`.errors`: the exceptions and the status-code table;
 - :mod:`.inputs`: validation of a prediction's inputs, URL redaction and scrubbing;
 - :mod:`.wire`: requests, responses, endpoints, auth headers, error mapping, Retry-After;
-- :mod:`.models`: prediction statuses, :class:`Prediction` and the one :class:`PredictionOutcome`;
-- :mod:`.retry`: the one retry policy;
+- :mod:`.models`: prediction statuses, :class:`Prediction`, the one :class:`PredictionOutcome` and
+  the one rule of what predicting again could change (:func:`~.models.failure_kind`);
+- :mod:`.retry`: the one retry policy of requests;
 - :mod:`.budget`: the client-side request budget;
 - :mod:`.polling`: the one polling rule;
 - :mod:`.settings`: the connection's settings, defaults and form fields.
@@ -32,7 +33,13 @@ from airflow_provider_blip2.client.errors import (
     Blip2UnprocessableError,
 )
 from airflow_provider_blip2.client.inputs import PredictionInput, build_prediction_input, redact_url
-from airflow_provider_blip2.client.models import Prediction, PredictionOutcome, PredictionStatus
+from airflow_provider_blip2.client.models import (
+    FailureKind,
+    Prediction,
+    PredictionOutcome,
+    PredictionStatus,
+    failure_kind,
+)
 from airflow_provider_blip2.client.polling import PredictionWatch
 from airflow_provider_blip2.client.retry import RetryPolicy
 from airflow_provider_blip2.client.settings import ClientSettings
@@ -52,6 +59,7 @@ __all__ = [
     "Blip2TransportError",
     "Blip2UnprocessableError",
     "ClientSettings",
+    "FailureKind",
     "Prediction",
     "PredictionInput",
     "PredictionOutcome",
@@ -61,5 +69,6 @@ __all__ = [
     "RetryPolicy",
     "budget_for",
     "build_prediction_input",
+    "failure_kind",
     "redact_url",
 ]

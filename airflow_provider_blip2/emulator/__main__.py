@@ -45,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fault-429", type=float, default=0.0, help="probability of a 429 answer")
     parser.add_argument("--fault-slow", type=float, default=0.0, help="probability of a slow answer")
     parser.add_argument("--fault-drop", type=float, default=0.0, help="probability of a dropped connection")
+    parser.add_argument(
+        "--fault-provider-failed",
+        type=float,
+        default=0.0,
+        help="probability that a prediction ends with a retryable PROVIDER_FAILED error",
+    )
+    parser.add_argument(
+        "--fault-created-5xx",
+        type=float,
+        default=0.0,
+        help="probability that a create is answered 500 after the prediction was created",
+    )
     parser.add_argument("--slow-seconds", type=float, default=defaults.slow_seconds)
     parser.add_argument(
         "--fault-endpoint",
@@ -86,6 +98,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         fault_429=args.fault_429,
         fault_slow=args.fault_slow,
         fault_drop=args.fault_drop,
+        fault_provider_failed=args.fault_provider_failed,
+        fault_created_5xx=args.fault_created_5xx,
         slow_seconds=args.slow_seconds,
         spelling=args.spelling,
         retry_after_in=args.retry_after_in,

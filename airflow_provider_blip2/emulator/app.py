@@ -297,7 +297,11 @@ async def create_prediction(request: Request) -> Response:
             emulator.config,
             f"too many predictions in flight (limit {emulator.config.max_in_flight})",
         )
-    prediction = emulator.create(admission.api_key, raw_input, model_input)
+    provider_fails, answer_5xx = emulator.draw_prediction_faults(model_input)
+    prediction = emulator.create(admission.api_key, raw_input, model_input, provider_fails=provider_fails)
+    if answer_5xx and not admission.drop and emulator.config.faults_hit("create"):
+        emulator.ledger.created_5xx_injected += 1
+        raise ApiError(500, {"error": "internal server error"})
     return JSONResponse(
         {"status": "success", "message": "Prediction created successfully", "predictionID": prediction.id},
         status_code=201 if emulator.config.legacy else 200,

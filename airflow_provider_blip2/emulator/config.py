@@ -8,7 +8,14 @@ from dataclasses import dataclass
 DEFAULT_API_KEY = "emulator-key"
 RATE_WINDOW_SECONDS = 60.0
 INJECTED_RETRY_AFTER_SECONDS = 1.0
-_FAULT_FIELDS = ("fault_5xx", "fault_429", "fault_slow", "fault_drop")
+_FAULT_FIELDS = (
+    "fault_5xx",
+    "fault_429",
+    "fault_slow",
+    "fault_drop",
+    "fault_provider_failed",
+    "fault_created_5xx",
+)
 
 
 SPELLINGS = ("current", "legacy")
@@ -37,6 +44,11 @@ class EmulatorConfig:
     :param fault_slow: probability that a request is delayed by ``slow_seconds * time_scale``.
     :param fault_drop: probability that the connection is dropped without a response (a create is
         dropped after the prediction was created).
+    :param fault_provider_failed: probability that a prediction of a readable image ends with status
+        ``error`` and a retryable envelope (``PROVIDER_FAILED``, ``retryable: true``), as when the
+        model provider fails; drawn per created prediction.
+    :param fault_created_5xx: probability that a create is answered 500 after the prediction was
+        created (an ambiguous create: the prediction runs, unknown to the client).
     :param slow_seconds: delay of a slow fault, before ``time_scale``.
     :param max_image_bytes: largest image the emulator downloads.
     :param download_timeout: timeout in seconds of the image download (real time, not scaled).
@@ -50,6 +62,14 @@ class EmulatorConfig:
     :param fault_endpoints: the endpoints that injected faults hit (``create``, ``get``, ``cancel``,
         ``model``); empty means all. ``("get",)`` fails reads only. Requests of other endpoints draw
         the same random numbers, so a seed gives the same sequence whatever this is.
+        ``fault_created_5xx`` hits creates unless the list leaves ``create`` out;
+        ``fault_provider_failed`` is no request fault and applies whatever the list.
+
+    The faults of requests (``fault_5xx`` to ``fault_drop``) are drawn per request in sequence.
+    Those of created predictions (``fault_provider_failed``, ``fault_created_5xx``) are drawn from
+    the seed, the input (image file name and question) and how many predictions of that input were
+    created before: the same items get the same faults whatever the order of the creates, and
+    adding either leaves the sequence of the request faults as it was.
     """
 
     api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
@@ -63,6 +83,8 @@ class EmulatorConfig:
     fault_429: float = 0.0
     fault_slow: float = 0.0
     fault_drop: float = 0.0
+    fault_provider_failed: float = 0.0
+    fault_created_5xx: float = 0.0
     slow_seconds: float = 5.0
     max_image_bytes: int = 50 * 1024 * 1024
     download_timeout: float = 30.0

@@ -93,6 +93,21 @@ class Emulator:
             kind = "drop"
         return FaultDecision(slow < config.fault_slow, kind, status_code, empty_body)
 
+    def draw_prediction_faults(self, model_input: ModelInput) -> tuple[bool, bool]:
+        """Draw the faults of a prediction about to be created: ``(provider_fails, answer_5xx)``.
+
+        The draws depend on the seed, the input (image file name and question, as the ledger's
+        ``creates_by_input`` names it) and how many predictions of that input were created before,
+        not on the order of the requests: the same items get the same faults however a client
+        interleaves its creates, and the request faults keep their sequence.
+
+        :param model_input: the validated input.
+        """
+        key = f"{model_input.image_name}|{model_input.label}"
+        draws = random.Random(f"{self.config.seed}/{key}/{self.ledger.creates_by_input[key]}")
+        provider, created_5xx = draws.random(), draws.random()
+        return provider < self.config.fault_provider_failed, created_5xx < self.config.fault_created_5xx
+
     # ---- predictions --------------------------------------------------------------------------------
 
     def in_flight(self, api_key: str | None = None) -> int:
@@ -130,12 +145,20 @@ class Emulator:
             return None
         return prediction
 
-    def create(self, api_key: str, raw_input: dict[str, Any], model_input: ModelInput) -> Prediction:
+    def create(
+        self,
+        api_key: str,
+        raw_input: dict[str, Any],
+        model_input: ModelInput,
+        *,
+        provider_fails: bool = False,
+    ) -> Prediction:
         """Create a prediction and start processing it in the background.
 
         :param api_key: the key creating it.
         :param raw_input: the input as the client sent it.
         :param model_input: the validated input.
+        :param provider_fails: end it with a retryable ``PROVIDER_FAILED`` error once its image was read.
         """
         prediction = Prediction(
             id=str(uuid.uuid4()),
@@ -143,6 +166,7 @@ class Emulator:
             input=raw_input,
             model_input=model_input,
             created_at=time.monotonic(),
+            provider_fails=provider_fails,
         )
         prediction.log(f"prediction created for image '{model_input.image_name}'")
         self.predictions[prediction.id] = prediction
@@ -196,6 +220,15 @@ class Emulator:
         prediction.log(f"downloaded {len(data)} bytes")
         facts = await asyncio.to_thread(inspect_image, data, name)
         prediction.log(f"decoded {facts.format} image {facts.size}, sha256 {facts.sha256[:12]}")
+        if prediction.provider_fails:
+            self.ledger.provider_failed_injected += 1
+            raise PredictionFailure(
+                "PROVIDER_FAILED",
+                "provider failed",
+                "the model provider failed while running the prediction (injected fault)",
+                category="provider",
+                retryable=True,
+            )
         prompt = model_input.prompt
         prediction.log("mode: caption" if prompt is None else f"prompt: {prompt}")
         answer = find_answer(self.answers, facts.sha256, name, model_input)

@@ -26,6 +26,8 @@ class Prediction:
     :param input: the ``input`` object as the client sent it.
     :param model_input: the validated input.
     :param created_at: ``time.monotonic()`` at creation.
+    :param provider_fails: the ``fault_provider_failed`` fault was drawn for it: it ends with a
+        retryable ``PROVIDER_FAILED`` error once its image was read.
     """
 
     id: str
@@ -40,6 +42,7 @@ class Prediction:
     finished_at: float | None = None
     predict_time: float = 0.0
     cost: float = 0.0
+    provider_fails: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -110,6 +113,8 @@ class Ledger:
     responses_5xx_injected: int = 0
     drops_injected: int = 0
     slow_injected: int = 0
+    provider_failed_injected: int = 0
+    created_5xx_injected: int = 0
     peak_in_flight: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
 
@@ -140,6 +145,8 @@ class Ledger:
             "responses_5xx_injected": self.responses_5xx_injected,
             "drops_injected": self.drops_injected,
             "slow_injected": self.slow_injected,
+            "provider_failed_injected": self.provider_failed_injected,
+            "created_5xx_injected": self.created_5xx_injected,
             "peak_in_flight": self.peak_in_flight,
             "in_flight": in_flight,
             "statuses": {status: self.statuses[status] for status in sorted(TERMINAL_STATUSES)},

@@ -1,4 +1,7 @@
-"""What both BLIP-2 operators share: object storage for their images, a quiet cancel, URL lifetimes."""
+"""
+What both BLIP-2 operators share: object storage for their images, a quiet cancel, URL lifetimes,
+and the check of their retry parameters.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_blip2.client.errors import Blip2Error
+from airflow_provider_blip2.client.models import RETRY_FAILURES, RETRY_TRANSIENT
 from airflow_provider_blip2.storage import ObjectStorage
 
 if TYPE_CHECKING:
@@ -48,3 +52,16 @@ def url_expiry(url_expiry: float | None, timeout: float) -> float:
     :param timeout: The operator's prediction ``timeout``.
     """
     return timeout + URL_QUEUEING_ALLOWANCE if url_expiry is None else url_expiry
+
+
+def check_retry_parameters(max_attempts: int, retry_failures: str = RETRY_TRANSIENT) -> None:
+    """
+    Refuse ``max_attempts`` and ``retry_failures`` values the operators do not know, at parse time.
+
+    :param max_attempts: Predictions per item (or task) and try at most, 1 or more.
+    :param retry_failures: ``transient``, ``all`` or ``none``.
+    """
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ValueError(f"max_attempts must be an integer of at least 1, got {max_attempts!r}")
+    if retry_failures not in RETRY_FAILURES:
+        raise ValueError(f"retry_failures must be one of {', '.join(RETRY_FAILURES)}, got {retry_failures!r}")

@@ -20,6 +20,7 @@ from airflow_provider_blip2.batch import (
     BatchJournal,
     BatchState,
     build_items,
+    describe_failures,
     failed_ratio_exceeded,
     image_key,
 )
@@ -31,8 +32,14 @@ from airflow_provider_blip2.client.errors import (
     Blip2UnprocessableError,
 )
 from airflow_provider_blip2.client.inputs import PredictionInput
-from airflow_provider_blip2.client.models import PredictionOutcome, PredictionStatus
-from airflow_provider_blip2.operators.base import Blip2TaskMixin, url_expiry
+from airflow_provider_blip2.client.models import (
+    RETRY_TRANSIENT,
+    PredictionOutcome,
+    PredictionStatus,
+    create_again_within_try,
+    predict_again_on_new_try,
+)
+from airflow_provider_blip2.operators.base import Blip2TaskMixin, check_retry_parameters, url_expiry
 from airflow_provider_blip2.storage import SigningError, StorageError, is_remote_object
 
 if TYPE_CHECKING:
@@ -56,13 +63,19 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     Progress is kept in Airflow's task state store (Airflow 3.3+; in XCom before, which lasts one
     try): a triggerer restart or a task retry never creates a prediction again for an image and
     question that already has one, and never loses a finished result. Per-image failures (an image
-    the service cannot download, a model error, a timeout) are recorded and do not stop the batch;
-    the task fails only if the failed fraction exceeds ``max_failed_ratio``, after writing the results.
+    the service cannot download, a model error, a timeout) are recorded and do not stop the batch.
+    A prediction the service ended with a retryable error is created again at once, up to
+    ``max_attempts`` predictions per item and try. When the batch ends with failures a new try can
+    fix (ambiguous creates, timeouts, predictions cancelled in flight, retryable service errors, as
+    ``retry_failures`` selects) and the task has retries left (Airflow 3.3+), the try fails and the
+    next one predicts those items again, keeping every other result. Otherwise the task fails only
+    if the failed fraction exceeds ``max_failed_ratio``, after writing the results.
 
     Results: one JSON line per image and question (``image``, ``label``, ``question``, ``output``,
-    ``status``, ``error``, ``prediction_id``, ``predict_time``) written to ``output_uri``. The return
-    value (XCom) is a summary: ``total``, ``succeeded``, ``failed``, ``images``, ``output_uri``,
-    ``elapsed`` (seconds since the batch started, over all tries).
+    ``status``, ``error``, ``prediction_id``, ``predict_time``, ``cost``, ``attempts``) written to
+    ``output_uri``. The return value (XCom) is a summary: ``total``, ``succeeded``, ``failed``,
+    ``statuses``, ``retried``, ``attempts``, ``cost``, ``images``, ``output_uri``, ``elapsed``
+    (seconds since the batch started, over all tries).
 
     ``s3://`` and ``gs://`` images are sent as presigned/signed URLs made on the worker just before
     each create; they are masked in logs and never stored in XCom, rendered fields or trigger kwargs.
@@ -80,6 +93,11 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     :param use_nucleus_sampling: Sample instead of beam search.
     :param image_patterns: File-name globs a listed object must match (case-insensitive).
     :param max_failed_ratio: Fraction of predictions allowed to fail (0 to 1) before the task fails.
+    :param retry_failures: Which failed items a new try of the task (a retry, or a clear) predicts
+        again: ``transient`` (ambiguous creates, timeouts, predictions cancelled in flight, service
+        errors marked retryable or with a 5xx-like code), ``all`` (every failure), or ``none``.
+    :param max_attempts: Predictions per item and try at most: a prediction the service ended
+        with a retryable error is created again while its item has had fewer (1: never).
     :param max_concurrency: Predictions in flight at most; ``None`` takes the connection's.
     :param requests_per_minute: Requests per minute at most; ``None`` takes the connection's (and
         shares its budget with the other tasks of the process).
@@ -108,6 +126,8 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         use_nucleus_sampling: bool = False,
         image_patterns: Sequence[str] = ("*.jpg", "*.jpeg", "*.png", "*.webp"),
         max_failed_ratio: float = 0.0,
+        retry_failures: str = RETRY_TRANSIENT,
+        max_attempts: int = 2,
         max_concurrency: int | None = None,
         requests_per_minute: int | None = None,
         blip2_conn_id: str = "blip2_default",
@@ -130,6 +150,8 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         self.use_nucleus_sampling = use_nucleus_sampling
         self.image_patterns = tuple(image_patterns)
         self.max_failed_ratio = max_failed_ratio
+        self.retry_failures = retry_failures
+        self.max_attempts = max_attempts
         self.max_concurrency = max_concurrency
         self.requests_per_minute = requests_per_minute
         self.blip2_conn_id = blip2_conn_id
@@ -143,6 +165,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             raise ValueError(f"max_failed_ratio must be between 0 and 1, got {max_failed_ratio!r}")
         if poll_interval <= 0 or timeout <= 0:
             raise ValueError(f"poll_interval and timeout must be > 0, got {poll_interval} and {timeout}")
+        check_retry_parameters(max_attempts, retry_failures)
         self._urls_by_key: dict[str, str] | None = None
         self._waiting_for: list[str] = []
 
@@ -178,28 +201,43 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             self.log.info("Starting a batch of %d predictions", len(state.items))
         else:
             self.log.info("Resuming the stored batch: %s", state.progress_line())
-            self._release_cancelled(journal, state)
+            self._predict_again(journal, state)
         return self._run(context, journal, state, None)
 
-    def _release_cancelled(self, journal: BatchJournal, state: BatchState) -> None:
+    def _predict_again(self, journal: BatchJournal, state: BatchState) -> None:
         """
-        On a new try, predict again the items whose prediction was cancelled in flight.
+        On a new try, release the items it predicts again (``retry_failures``); keep the others.
 
-        That happens when a user cleared or failed the deferred task: its trigger cancels the
-        predictions it was waiting for. Their items are predicted again instead of counting as failed.
+        Predictions still in flight are kept and waited for, except those cancelled in flight (a
+        user cleared or failed the deferred task, and its trigger cancelled them). Finished items
+        are predicted again when the retry rule says a new try can change how they ended.
         """
         journal.begin_cycle(state)
+        cancelled = []
         for index, (prediction_id, _deadline) in state.in_flight.items():
             try:
                 status = self.hook.get_prediction(prediction_id).status
             except Blip2Error as error:
                 self.log.warning("Could not read prediction %s: %s", prediction_id, error)
                 continue
-            if status is PredictionStatus.CANCELLED:
+            outcome = PredictionOutcome(PredictionOutcome.CANCELLED, prediction_id=prediction_id)
+            if status is PredictionStatus.CANCELLED and predict_again_on_new_try(
+                outcome, self.retry_failures
+            ):
                 self.log.info(
                     "Prediction %s was cancelled in flight; its image is predicted again", prediction_id
                 )
-                journal.release(state, index)
+                cancelled.append(index)
+        again = state.to_predict_again(self.retry_failures)
+        if again:
+            self.log.info(
+                "This try predicts again %d items that failed in an earlier try (%s); "
+                "it keeps the other %d results",
+                len(again),
+                describe_failures([state.finished[index] for index in again]),
+                len(state.finished) - len(again),
+            )
+        journal.release(state, cancelled + again)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """
@@ -217,11 +255,12 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     def _run(
         self, context: Context, journal: BatchJournal, state: BatchState, event: dict[str, Any] | None
     ) -> dict[str, Any]:
+        try_number = _try_number(context)
         while True:
             journal.begin_cycle(state)
             if event is not None:
-                self._record_event(journal, state, event)
-            self._create_predictions(journal, state)
+                self._record_event(journal, state, event, try_number)
+            self._create_predictions(journal, state, try_number)
             journal.flush()
             self.log.info("Batch progress: %s", state.progress_line())
             if state.done:
@@ -286,12 +325,13 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             use_nucleus_sampling=self.use_nucleus_sampling,
         )
 
-    def _create_predictions(self, journal: BatchJournal, state: BatchState) -> None:
+    def _create_predictions(self, journal: BatchJournal, state: BatchState, try_number: int | None) -> None:
         """Create predictions for pending items while slots are free; record each at once."""
         free = self.hook.settings.max_concurrency - len(state.in_flight)
         expires_in = url_expiry(self.url_expiry, self.timeout)
         for index in state.pending()[: max(0, free)]:
             item = state.items[index]
+            journal.record_attempt(state, index, try_number)
             try:
                 url = self.storage.signed_url(self._image_url(item.image), expires_in=expires_in)
                 prediction_id = self.hook.submit_prediction(
@@ -299,23 +339,25 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
                 )
             except SigningError as error:
                 raise AirflowFailException(str(error)) from error
-            except (
-                StorageError,
-                Blip2InputError,
-                Blip2BadRequestError,
-                Blip2UnprocessableError,
-                # An ambiguous create may exist and cost money: never created again, reported as failed.
-                Blip2AmbiguousCreateError,
-            ) as error:
+            except Blip2AmbiguousCreateError as error:
+                # It may exist and cost money: not created again in this try; a new try may.
+                self.log.warning("%s (%s): %s", _file_name(item.image), item.label, error)
+                outcome = PredictionOutcome(PredictionOutcome.AMBIGUOUS, error=str(error))
+                journal.record_finished(state, {index: outcome})
+                continue
+            except (StorageError, Blip2InputError, Blip2BadRequestError, Blip2UnprocessableError) as error:
                 journal.record_finished(state, {index: PredictionOutcome("error", error=str(error))})
                 continue
             journal.record_created(state, index, prediction_id, time.time() + self.timeout)
 
-    def _record_event(self, journal: BatchJournal, state: BatchState, event: dict[str, Any]) -> None:
+    def _record_event(
+        self, journal: BatchJournal, state: BatchState, event: dict[str, Any], try_number: int | None
+    ) -> None:
 
         budget = self.hook.budget()
         budget.note_requests(event.get("recent_requests") or [])
         results = {}
+        again = []
         for prediction_id, payload in (event.get("finished") or {}).items():
             index = state.index_of(prediction_id)
             if index is None:
@@ -329,10 +371,23 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
                     error=f"did not finish within {self.timeout:g} s; it was cancelled",
                     prediction_id=prediction_id,
                 )
+            item = state.items[index]
+            attempts = state.attempts_in_try(index, try_number)
+            if create_again_within_try(result, attempts_this_try=attempts, max_attempts=self.max_attempts):
+                self.log.warning(
+                    "%s (%s): %s; predicting it again (attempt %d of %d)",
+                    _file_name(item.image),
+                    item.label,
+                    result.failure_message(),
+                    attempts + 1,
+                    self.max_attempts,
+                )
+                again.append(index)
             elif result.failed:
-                self.log.warning("%s: %s", state.items[index].label, result.error)
+                self.log.warning("%s (%s): %s", _file_name(item.image), item.label, result.error)
             results[index] = result
         journal.record_finished(state, results)
+        journal.release(state, again)
 
     def _trigger(self, state: BatchState, polled: dict[str, float]) -> Blip2BatchPredictionTrigger:
         """The trigger for the in-flight predictions; ``polled``: when the last trigger read them."""
@@ -370,12 +425,21 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         )
         summary = state.summary(self.output_uri)
         self.log.info("Batch finished: %s", summary)
+        again = state.to_predict_again(self.retry_failures)
+        if again and _retries_left(context):
+            raise AirflowException(
+                f"{len(again)} of {summary['total']} predictions failed in a way a new try can fix "
+                f"({describe_failures([state.finished[index] for index in again])}): the next try "
+                f"predicts them again and keeps the other {summary['total'] - len(again)} results; "
+                f"results so far in {self.output_uri}"
+            )
         if failed_ratio_exceeded(state, self.max_failed_ratio):
             raise AirflowFailException(
                 f"{summary['failed']} of {summary['total']} predictions failed, more than "
                 f"max_failed_ratio={self.max_failed_ratio:g} allows; results in {self.output_uri}"
             )
-        _forget_progress(context)
+        if not summary["failed"]:
+            _forget_progress(context)
         return summary
 
     def _journal(self, context: Context) -> BatchJournal:
@@ -390,6 +454,31 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         """Cancel the predictions this try waits for on the worker (``deferrable=False``)."""
         for prediction_id in self._waiting_for:
             self._cancel_quietly(prediction_id)
+
+
+def _try_number(context: Context) -> int | None:
+    """This try's number, when the task instance tells it."""
+    number = getattr(context.get("ti"), "try_number", None)
+    return number if isinstance(number, int) else None
+
+
+def _retries_left(context: Context) -> bool:
+    """
+    Whether a failure of this try leads to another try that keeps the batch's progress.
+
+    Only with a task state store (Airflow 3.3+): before, a new try starts the batch over. Airflow
+    retries while ``try_number <= max_tries``.
+    """
+    if context.get("task_state_store") is None:  # type: ignore[call-overload]
+        return False
+    max_tries = getattr(context.get("ti"), "max_tries", None)
+    number = _try_number(context)
+    return isinstance(max_tries, int) and number is not None and max_tries > 0 and number <= max_tries
+
+
+def _file_name(image: str) -> str:
+    """How log lines name an image: its file name (a URL's query is redacted in journal keys)."""
+    return image.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _image_list(images: Any) -> list[str]:

@@ -18,8 +18,8 @@ from airflow.providers.common.compat.sdk import (
 
 from airflow_provider_blip2.client.errors import Blip2InputError, Blip2NotFoundError
 from airflow_provider_blip2.client.inputs import PredictionInput
-from airflow_provider_blip2.client.models import PredictionOutcome, PredictionStatus
-from airflow_provider_blip2.operators.base import Blip2TaskMixin, url_expiry
+from airflow_provider_blip2.client.models import PredictionOutcome, PredictionStatus, create_again_within_try
+from airflow_provider_blip2.operators.base import Blip2TaskMixin, check_retry_parameters, url_expiry
 from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
 from airflow_provider_blip2.storage import StorageError, is_remote_object
 
@@ -28,9 +28,18 @@ if TYPE_CHECKING:
 
     from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 
-__all__ = ["PREDICTION_ID_XCOM_KEY", "Blip2BatchPredictionOperator", "Blip2PredictionOperator"]
+__all__ = [
+    "COST_XCOM_KEY",
+    "PREDICTION_ID_XCOM_KEY",
+    "PREDICT_TIME_XCOM_KEY",
+    "Blip2BatchPredictionOperator",
+    "Blip2PredictionOperator",
+]
 
 PREDICTION_ID_XCOM_KEY = "prediction_id"
+#: XCom keys of what the API reported for the finished prediction (all attempts of the try).
+COST_XCOM_KEY = "cost"
+PREDICT_TIME_XCOM_KEY = "predict_time"
 # Status reported for a stored prediction id the API does not know: a retry then creates a new one.
 PREDICTION_NOT_FOUND = "not found"
 
@@ -42,8 +51,11 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
     The prediction is created on the worker and its id pushed to XCom (key ``prediction_id``).
     Then the operator either defers to :class:`~airflow_provider_blip2.triggers.blip2.Blip2PredictionTrigger`
     (``deferrable=True``: waiting costs no worker slot) or polls on the worker. The model's text is
-    the return value (XCom ``return_value``). When the prediction does not finish within ``timeout``
-    it is cancelled and the task fails.
+    the return value (XCom ``return_value``); the cost and the model's run time the API reported
+    are logged and pushed under the XCom keys ``cost`` and ``predict_time``. When the prediction
+    does not finish within ``timeout`` it is cancelled and the task fails. A prediction the service
+    ended with a retryable error is created again in the same try, up to ``max_attempts``
+    predictions in all.
 
     On Airflow 3.3+ the prediction id is kept in the task state store before waiting, so a retried
     try reattaches to a running or succeeded prediction instead of paying for a new one.
@@ -69,6 +81,9 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
     :param gcp_conn_id: The Google Cloud connection for ``gs://`` images (needs the ``[google]`` extra).
     :param url_expiry: Lifetime in seconds of a signed image URL; default ``timeout`` plus an hour
         of queueing.
+    :param max_attempts: Predictions per try at most: one the service ended with a retryable error
+        (its envelope says ``retryable``, or a code such as ``PROVIDER_FAILED``) is created again
+        while fewer were made (1: never). ``timeout`` applies to each.
     """
 
     template_fields: Sequence[str] = ("image", "question", "context")
@@ -91,6 +106,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         aws_conn_id: str = "aws_default",
         gcp_conn_id: str = "google_cloud_default",
         url_expiry: float | None = None,
+        max_attempts: int = 2,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -107,10 +123,12 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.timeout = timeout
+        self.max_attempts = max_attempts
         self.prediction_id: str | None = None
-        self._finished: PredictionOutcome | None = None
+        self._completed: tuple[str | None] | None = None
         if poll_interval <= 0 or timeout <= 0:
             raise ValueError(f"poll_interval and timeout must be > 0, got {poll_interval} and {timeout}")
+        check_retry_parameters(max_attempts)
 
     @cached_property
     def hook(self) -> Blip2Hook:
@@ -187,23 +205,28 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         if self.prediction_id != str(external_id):  # reattached on retry: this try's XCom is empty
             context["ti"].xcom_push(key=PREDICTION_ID_XCOM_KEY, value=str(external_id))
         self.prediction_id = str(external_id)
+        return self._wait(context, attempt=1, spent=None)
+
+    def _wait(self, context: Context, *, attempt: int, spent: float | None) -> str | None:
+        """Wait for ``self.prediction_id``, in the triggerer or here, then complete the task."""
+        assert self.prediction_id is not None
         if self.deferrable:
-            self._defer(self.prediction_id)
-        self._finished = self.hook.wait_for_prediction(
+            self._defer(self.prediction_id, attempt=attempt, spent=spent)
+        outcome = self.hook.wait_for_prediction(
             self.prediction_id, poll_interval=self.poll_interval, timeout=self.timeout
         )
-        return self._complete(self._finished)
+        return self._complete(context, outcome, attempt=attempt, spent=spent)
 
     def get_job_result(self, external_id: Any, context: Context) -> str | None:
         """Return the output of a finished prediction (also when a retry finds one that succeeded)."""
+        if self._completed is not None:  # waited for on the worker in this call of execute()
+            return self._completed[0]
         self.prediction_id = str(external_id)
-        finished = self._finished
-        if finished is None or finished.prediction_id != self.prediction_id:
-            context["ti"].xcom_push(key=PREDICTION_ID_XCOM_KEY, value=self.prediction_id)
-            finished = self.hook.get_prediction(self.prediction_id).outcome()
-        return self._complete(finished)
+        context["ti"].xcom_push(key=PREDICTION_ID_XCOM_KEY, value=self.prediction_id)
+        outcome = self.hook.get_prediction(self.prediction_id).outcome()
+        return self._complete(context, outcome, attempt=1, spent=None)
 
-    def _defer(self, prediction_id: str) -> None:
+    def _defer(self, prediction_id: str, *, attempt: int, spent: float | None) -> None:
         from airflow_provider_blip2.triggers.blip2 import DEFERRAL_SETTLE_SECONDS, Blip2PredictionTrigger
 
         self.log.info("Deferring; waiting for prediction %s in the triggerer", prediction_id)
@@ -216,29 +239,43 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
                 not_before=time.time() + DEFERRAL_SETTLE_SECONDS,
             ),
             method_name="execute_complete",
+            kwargs={"attempt": attempt, "spent": spent},
         )
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> str | None:
+    def execute_complete(
+        self, context: Context, event: dict[str, Any], attempt: int = 1, spent: float | None = None
+    ) -> str | None:
         """
         Resume after the trigger's event: return the output, or cancel on timeout and fail.
 
         :param context: The task context.
         :param event: The trigger's payload: a
             :class:`~airflow_provider_blip2.client.models.PredictionOutcome` as ``to_json`` gives it.
+        :param attempt: Which prediction of this try it was (1 for the first).
+        :param spent: The cost of the try's earlier predictions, when the API reported one.
         """
         outcome = PredictionOutcome.from_json(event)
         self.prediction_id = outcome.prediction_id
-        return self._complete(outcome)
+        return self._complete(context, outcome, attempt=attempt, spent=spent)
 
-    def _complete(self, outcome: PredictionOutcome) -> str | None:
+    def _complete(
+        self, context: Context, outcome: PredictionOutcome, *, attempt: int, spent: float | None
+    ) -> str | None:
         """The task's end, the same on the worker and after the trigger: the output, or a failure."""
+        costs = [cost for cost in (spent, outcome.cost) if cost is not None]
+        cost = round(sum(costs), 9) if costs else None
+        for key, value in ((COST_XCOM_KEY, cost), (PREDICT_TIME_XCOM_KEY, outcome.predict_time)):
+            if value is not None:
+                context["ti"].xcom_push(key=key, value=value)
         if outcome.succeeded:
             self.log.info(
-                "Prediction %s succeeded in %s s: %r",
+                "Prediction %s succeeded in %s s, cost %s: %r",
                 outcome.prediction_id,
                 outcome.predict_time,
+                cost,
                 outcome.output,
             )
+            self._completed = (outcome.output,)
             return outcome.output
         if outcome.status == PredictionOutcome.TIMEOUT and outcome.prediction_id:
             self._cancel_quietly(outcome.prediction_id)
@@ -246,7 +283,23 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
                 f"Prediction {outcome.prediction_id} did not finish within {self.timeout:g} s; "
                 "it was cancelled"
             )
+        if create_again_within_try(outcome, attempts_this_try=attempt, max_attempts=self.max_attempts):
+            self.log.warning(
+                "%s; predicting again (attempt %d of %d)",
+                outcome.failure_message(),
+                attempt + 1,
+                self.max_attempts,
+            )
+            self._create_again(context)
+            return self._wait(context, attempt=attempt + 1, spent=cost)
         raise AirflowException(outcome.failure_message())
+
+    def _create_again(self, context: Context) -> None:
+        """Create a new prediction in this try and store its id, as the mixin stores the first one."""
+        prediction_id = self.submit_job(context)
+        store = context.get("task_state_store")  # type: ignore[call-overload]
+        if store is not None and getattr(self, "durable", False):
+            store.set(self.external_id_key, prediction_id)
 
     def on_kill(self) -> None:
         """Cancel the prediction this try is waiting for on the worker (sync mode)."""

@@ -652,6 +652,60 @@ def test_fault_drop_surfaces_as_connection_error(server: EmulatorServer, files: 
     assert requests.get(model_url, headers=HEADERS, timeout=5).status_code == 200
 
 
+def test_fault_provider_failed_ends_readable_images_with_a_retryable_envelope(
+    make_server: ServerFactory, files: str
+) -> None:
+    server = make_server(fault_provider_failed=1.0)
+    with httpx.Client(base_url=server.url, headers=HEADERS) as http:
+        failed = predict(http, f"{files}/green.png")
+        unreadable = predict(http, f"{files}/missing.png")
+    assert failed["status"] == "error"
+    assert failed["output"]["error_code"] == "PROVIDER_FAILED"
+    assert failed["output"]["retryable"] is True
+    assert failed["output"]["classification"] == {"category": "provider"}
+    assert failed["metrics"]["cost"] == 0
+    # An image the service cannot read still fails as such: the fault hits the model run only.
+    assert unreadable["output"]["error_code"] == "INPUT_DOWNLOAD_ERROR"
+    assert unreadable["output"]["retryable"] is False
+    ledger = server.ledger()
+    assert ledger["provider_failed_injected"] == 1
+    assert ledger["statuses"]["error"] == 2
+
+
+def test_fault_created_5xx_answers_500_after_creating(make_server: ServerFactory, files: str) -> None:
+    server = make_server(fault_created_5xx=1.0)
+    with httpx.Client(base_url=server.url, headers=HEADERS) as http:
+        response = http.post(
+            "/v1/prediction/", json={"model": "blip-2", "input": {"image": f"{files}/green.png"}}
+        )
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal server error"}
+        [prediction] = server.app.emulator.predictions.values()
+        body = wait_terminal(http, prediction.id)
+    assert body["status"] == "success"  # it ran and was billed, unknown to the client
+    ledger = server.ledger()
+    assert ledger["creates"] == 1
+    assert ledger["created_5xx_injected"] == 1
+    assert ledger["responses_5xx_injected"] == 0
+
+
+def test_prediction_faults_are_seeded_apart_from_request_faults(
+    make_server: ServerFactory, files: str
+) -> None:
+    def run(**config: Any) -> tuple[list[int], list[int], int]:
+        server = make_server(seed=3, fault_5xx=0.3, fault_endpoints=("create", "model"), **config)
+        with httpx.Client(base_url=server.url, headers=HEADERS) as http:
+            body = {"model": "blip-2", "input": {"image": f"{files}/green.png"}}
+            creates = [http.post("/v1/prediction/", json=body).status_code for _ in range(8)]
+        return creates, _fault_codes(server, 12), server.ledger()["created_5xx_injected"]
+
+    creates, reads, injected = run(fault_created_5xx=0.5)
+    assert 0 < injected < 8 and 500 in creates
+    assert run(fault_created_5xx=0.5) == (creates, reads, injected)  # the same seed, the same faults
+    # The request faults of a seed are the same with or without the prediction faults.
+    assert run()[1] == reads
+
+
 def _fault_codes(server: EmulatorServer, count: int) -> list[int]:
     with httpx.Client(base_url=server.url, headers=HEADERS) as http:
         return [http.get("/v1/model", params={"slug": "blip-2"}).status_code for _ in range(count)]
@@ -759,6 +813,8 @@ def test_server_lifecycle(files: str) -> None:
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="fault_5xx"):
         EmulatorConfig(fault_5xx=1.5)
+    with pytest.raises(ValueError, match="fault_created_5xx"):
+        EmulatorConfig(fault_created_5xx=-0.1)
     with pytest.raises(ValueError, match="time_scale"):
         EmulatorConfig(time_scale=0)
     with pytest.raises(ValueError, match="api_keys"):
@@ -779,9 +835,24 @@ def test_cli_arguments() -> None:
     assert (defaults.host, defaults.port) == ("127.0.0.1", 8765)
     assert config_from_args(defaults).api_keys == ("emulator-key",)
     args = build_parser().parse_args(
-        ["--api-key", "a", "--api-key", "b", "--time-scale", "0.5", "--fault-drop", "0.25", "--seed", "3"]
+        [
+            *(
+                "--api-key",
+                "a",
+                "--api-key",
+                "b",
+                "--time-scale",
+                "0.5",
+                "--fault-drop",
+                "0.25",
+                "--seed",
+                "3",
+            ),
+            *("--fault-provider-failed", "0.1", "--fault-created-5xx", "0.2"),
+        ]
     )
     config = config_from_args(args)
+    assert (config.fault_provider_failed, config.fault_created_5xx) == (0.1, 0.2)
     assert config.api_keys == ("a", "b")
     assert config.time_scale == 0.5
     assert config.fault_drop == 0.25

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,12 @@ from airflow_provider_blip2.batch import (
     BatchJournal,
     image_key,
 )
-from airflow_provider_blip2.emulator import EmulatorServer
+from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
 from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
-from tests.batch_driver import DictStore, FakeTaskInstance, _first_payload, run_batch
-from tests.conftest import TIME_SCALE, connection_json
+from scripts.sandbox import AirflowSandbox
+from tests.batch_driver import DictStore, FakeTaskInstance, _first_payload, run_batch, run_tries
+from tests.conftest import API_KEY, TIME_SCALE, connection_json, requires_airflow_3_3
 
 
 @pytest.fixture
@@ -520,3 +523,220 @@ print(json.dumps({{"succeeded": summary["succeeded"], "heavy": heavy}}))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"succeeded": 2, "heavy": []}
+
+
+# ------------------------------------------------------------------------------------------------
+# Retries: transient failures are predicted again, permanent ones kept
+# ------------------------------------------------------------------------------------------------
+
+RETRY_QUESTIONS = {"cat": "Is there a cat?", "cup": "Is there a cup?"}
+MISSING = "gone-404.png"
+
+
+@pytest.fixture(scope="module")
+def uploads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A file server of 60 small images with distinct names, ``upload-00.png`` to ``upload-59.png``."""
+    from PIL import Image
+
+    directory = tmp_path_factory.mktemp("uploads")
+    for n in range(60):
+        Image.new("RGB", (48, 32), (n * 4, 120, 200 - n * 3)).save(directory / f"upload-{n:02d}.png")
+    with serve_directory(directory) as base_url:
+        yield base_url
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _check_retried_batch(
+    lines: list[dict[str, Any]], ledger: dict[str, Any], summary: dict[str, Any]
+) -> None:
+    """Every readable image succeeded, the missing one was predicted once per question."""
+    missing = [line for line in lines if line["image"].endswith(MISSING)]
+    assert [line["status"] for line in missing] == ["error"] * len(RETRY_QUESTIONS)
+    assert all("could not download" in line["error"] and line["attempts"] == 1 for line in missing)
+    others = [line for line in lines if not line["image"].endswith(MISSING)]
+    assert {line["status"] for line in others} == {"success"}
+    assert all(line["output"] and line["cost"] == pytest.approx(0.0011) for line in others)
+    # Every attempt an output line counts is a create the service saw, item by item.
+    by_input = ledger["creates_by_input"]
+    for line in lines:
+        assert by_input[f"{line['image'].rsplit('/', 1)[1]}|{line['question']}"] == line["attempts"], line
+    assert summary["attempts"] == sum(line["attempts"] for line in lines) == ledger["creates"]
+    # One create per item, plus one for each ambiguous create and each prediction the service ended
+    # with a retryable error (a prediction that was both counts once).
+    items = len(lines)
+    assert ledger["creates"] <= items + ledger["created_5xx_injected"] + ledger["provider_failed_injected"]
+    assert ledger["created_5xx_injected"] > 0 and ledger["provider_failed_injected"] > 0
+    assert summary["retried"] == sum(line["attempts"] > 1 for line in lines) > 0
+    assert summary["statuses"] == {"error": len(missing), "success": len(others)}
+    assert summary["cost"] == pytest.approx(0.0011 * len(others))
+
+
+def test_task_retries_predict_again_what_failed_transiently_and_keep_the_rest(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    uploads: str,
+    tmp_path: Path,
+) -> None:
+    # Seed 15 at these rates (faults drawn per image, question and create): 5 ambiguous creates and
+    # 6 retryable errors among 12 images; some items fail in two tries, none in three.
+    emulator = start_emulator(fault_provider_failed=0.2, fault_created_5xx=0.2, seed=15)
+    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
+    images = [f"{uploads}/upload-{n:02d}.png" for n in range(12)] + [f"{uploads}/{MISSING}"]
+    output = tmp_path / "r.jsonl"
+    store = DictStore()
+
+    def batch(**kwargs: Any) -> Blip2BatchPredictionOperator:
+        return Blip2BatchPredictionOperator(
+            task_id="batch",
+            images=images,
+            questions=RETRY_QUESTIONS,
+            output_uri=str(output),
+            max_failed_ratio=0.1,
+            deferrable=True,
+            poll_interval=0.1,
+            **kwargs,
+        )
+
+    summary, failures = run_tries(batch, store, retries=2)
+    assert len(failures) == 2  # the first two tries ended with failures a new try can fix
+    assert "ambiguous" in str(failures[0]) and "the next try predicts them again" in str(failures[0])
+    ledger = emulator.ledger()
+    _check_retried_batch(_lines(output), ledger, summary)
+    assert ledger["creates"] == 37  # 26 items, 5 ambiguous creates, 6 retryable errors
+
+    # Clearing the finished task: nothing a new try can fix is left, so nothing is created.
+    assert store.values  # kept: the batch has failures
+    cleared, _ = run_batch(batch(), store, ti=FakeTaskInstance(try_number=4, max_tries=4))
+    assert emulator.ledger()["creates"] == 37 and cleared["succeeded"] == 24
+    # With retry_failures="all" a clear predicts again the permanent failures, and only them.
+    again, _ = run_batch(batch(retry_failures="all"), store, ti=FakeTaskInstance(try_number=5, max_tries=4))
+    assert emulator.ledger()["creates_by_input"][f"{MISSING}|Is there a cat?"] == 2
+    assert emulator.ledger()["creates"] == 39 and again["succeeded"] == 24 and again["attempts"] == 39
+
+
+def test_retry_failures_none_keeps_every_failure_and_max_attempts_1_creates_nothing_again(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    uploads: str,
+    tmp_path: Path,
+) -> None:
+    emulator = start_emulator(fault_provider_failed=1.0, fault_created_5xx=0.0)
+    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
+    output = tmp_path / "r.jsonl"
+
+    def batch() -> Blip2BatchPredictionOperator:
+        return Blip2BatchPredictionOperator(
+            task_id="batch",
+            images=[f"{uploads}/upload-{n:02d}.png" for n in range(3)],
+            caption=True,
+            output_uri=str(output),
+            retry_failures="none",
+            max_attempts=1,
+            max_failed_ratio=1.0,
+            poll_interval=0.1,
+        )
+
+    summary, failures = run_tries(batch, DictStore(), retries=2)
+    assert failures == []  # nothing for a retry to do: the first try succeeds with its failures
+    assert summary["statuses"] == {"error": 3} and summary["attempts"] == 3
+    assert {line["attempts"] for line in _lines(output)} == {1}
+    assert emulator.ledger()["creates"] == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"retry_failures": "some"}, "retry_failures must be one of"), ({"max_attempts": 0}, "max_attempts")],
+)
+def test_retry_parameters_are_checked_when_the_dag_is_parsed(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Blip2BatchPredictionOperator(task_id="b", images=["https://h/a.jpg"], output_uri="r", **kwargs)
+
+
+RETRY_DAG = """
+import datetime
+
+import pendulum
+from airflow.providers.common.compat.sdk import DAG
+from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
+
+with DAG(
+    dag_id="blip2_batch_retries",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+):
+    Blip2BatchPredictionOperator(
+        task_id="moderate",
+        images={images!r},
+        questions={questions!r},
+        output_uri={output!r},
+        max_failed_ratio=0.02,
+        retries=2,
+        retry_delay=datetime.timedelta(0),
+        deferrable=True,
+        poll_interval=0.1,
+    )
+"""
+
+
+@requires_airflow_3_3
+def test_a_60_image_batch_with_retries_2_ends_with_every_readable_image_succeeded(
+    uploads: str, tmp_path: Path
+) -> None:
+    """
+    Real Airflow task retries (``airflow dags test``, the task state store) against faults.
+
+    60 images and a missing one, 2 questions; the emulator answers 8 % of the creates 500 after
+    creating them and ends 8 % of the predictions with a retryable PROVIDER_FAILED. With seed 1 the
+    faults hit 14 creates and 12 predictions, and some items fail in two tries: the third try ends
+    the batch with every readable image answered.
+    """
+    images = [f"{uploads}/upload-{n:02d}.png" for n in range(60)] + [f"{uploads}/{MISSING}"]
+    output = tmp_path / "answers.jsonl"
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "retries.py").write_text(
+        RETRY_DAG.format(images=images, questions=RETRY_QUESTIONS, output=str(output))
+    )
+    config = EmulatorConfig(
+        api_keys=(API_KEY,),
+        time_scale=TIME_SCALE,
+        seed=1,
+        fault_provider_failed=0.08,
+        fault_created_5xx=0.08,
+        requests_per_minute=600,
+        max_in_flight=20,
+    )
+    with EmulatorServer(config) as emulator:
+        connection = connection_json(
+            emulator.url, requests_per_minute=600, rate_window=60 * TIME_SCALE, max_concurrency=20
+        )
+        sandbox = AirflowSandbox(
+            tmp_path / "home", dags_folder=dags, connections={"blip2_default": json.loads(connection)}
+        )
+        sandbox.migrate()
+        result = subprocess.run(
+            [sys.executable, "-m", "airflow", "dags", "test", "blip2_batch_retries"],
+            env=sandbox.env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        log = result.stdout + result.stderr
+        ledger = emulator.ledger()
+    assert sandbox.task_states("blip2_batch_retries") == {"moderate": "success"}, log[-5000:]
+    [(try_number,)] = sandbox._query(
+        "SELECT try_number FROM task_instance WHERE dag_id = ? AND task_id = ?",
+        ("blip2_batch_retries", "moderate"),
+    )
+    assert try_number == 3
+    assert "predictions failed in a way a new try can fix" in log
+    assert "This try predicts again" in log
+    [summary] = sandbox.xcom("blip2_batch_retries", "moderate")
+    assert (summary["total"], summary["succeeded"], summary["failed"]) == (122, 120, 2)
+    _check_retried_batch(_lines(output), ledger, summary)
+    assert ledger["creates"] == 148  # 122 items, 14 ambiguous creates, 12 retryable errors

@@ -173,6 +173,11 @@ def test_example_dag_runs_end_to_end(
             s3.client().get_object(Bucket="uploads-test", Key=f"moderation/{DAY}/report.json")["Body"].read()
         )
         assert report["flagged"] == flags["flagged"]
+        # The night's numbers for the dashboards: predictions, statuses and what they cost.
+        (summary,) = sandbox.xcom(dag_id, "moderate")
+        assert report["cost"] == summary["cost"] == pytest.approx(0.0011 * 3 * len(SAMPLES))
+        assert (report["predictions"], report["retried"]) == (3 * len(SAMPLES), 0)
+        assert report["statuses"] == {"success": 3 * len(SAMPLES)}
         manifest_key = f"published/{DAY}/manifest.json"
         manifest = json.loads(s3.client().get_object(Bucket="uploads-test", Key=manifest_key)["Body"].read())
         assert manifest["images"] == flags["clean"] and manifest["held_back"] == 2

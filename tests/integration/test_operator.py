@@ -282,6 +282,10 @@ def test_the_output_is_the_return_value_and_the_id_is_pushed(dag_run: DagRunResu
     assert prediction.status == "success"
     assert dag_run.xcom(task_id) == [prediction.output]
     assert isinstance(prediction.output, str) and prediction.output
+    # What the API reported is pushed beside the id, and logged.
+    assert dag_run.xcom(task_id, "cost") == [prediction.cost] and prediction.cost > 0
+    assert dag_run.xcom(task_id, "predict_time") == [prediction.predict_time]
+    assert f"cost {prediction.cost}" in dag_run.task_log(task_id)
     ledger = dag_run.ledger(task_id)
     assert ledger["creates"] == 1
     assert ledger["requests"]["create"] == 1
@@ -491,7 +495,12 @@ def test_execute_stores_the_id_and_a_second_try_reattaches(
     again, ti_retry = _execute(_operator(image_url("chelsea.jpg")), store)
 
     assert again == output
-    assert ti_retry.xcom == {"prediction_id": prediction_id}
+    prediction = emulator.app.emulator.predictions[prediction_id]
+    assert ti_retry.xcom == {
+        "prediction_id": prediction_id,
+        "cost": prediction.cost,
+        "predict_time": prediction.predict_time,
+    }
     assert emulator.ledger()["creates"] == 1
     assert emulator.ledger()["requests"]["create"] == 1
 
@@ -574,3 +583,68 @@ def test_invalid_input_makes_no_request_and_names_the_field(
     with pytest.raises(AirflowFailException, match=r"question='What is this\?'.*caption=True"):
         _execute(operator, DictStateStore())
     assert emulator.ledger()["requests"] == {}
+
+
+# ---- a retryable service error is created again within the try -----------------------------------------
+
+
+def test_a_deferred_prediction_ended_retryable_is_created_again_in_the_same_try(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: Callable[[str], str],
+) -> None:
+    import asyncio
+
+    server = start_emulator(fault_provider_failed=1.0)
+    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+    operator = _operator(image_url("chelsea.jpg"), deferrable=True, timeout=30)
+    store, ti = DictStateStore(), FakeTI()
+    context = cast(Any, {"ti": ti, "task_state_store": store})
+
+    async def first_event(trigger: Any) -> dict[str, Any]:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise AssertionError("no event")
+
+    with pytest.raises(TaskDeferred) as first:
+        operator.execute(context)
+    failed = asyncio.run(first_event(first.value.trigger))
+    assert failed["status"] == "error" and failed["error_code"] == "PROVIDER_FAILED" and failed["retryable"]
+    server.config.fault_provider_failed = 0.0  # the provider recovered
+    with pytest.raises(TaskDeferred) as second:
+        operator.execute_complete(context, failed, **(first.value.kwargs or {}))
+    assert second.value.kwargs == {"attempt": 2, "spent": 0.0}
+    new_id = second.value.trigger.prediction_id
+    assert new_id != failed["prediction_id"] and ti.xcom["prediction_id"] == new_id
+    if operator.durable:  # Airflow 3.3+: a retry of the task reattaches to the new prediction
+        assert store.data["blip2_prediction_id"] == new_id
+    succeeded = asyncio.run(first_event(second.value.trigger))
+    output = operator.execute_complete(context, succeeded, **second.value.kwargs)
+    assert output == server.app.emulator.predictions[new_id].output
+    assert ti.xcom["cost"] == pytest.approx(0.0011) and ti.xcom["predict_time"] > 0
+    assert server.ledger()["creates"] == 2
+
+
+@pytest.mark.parametrize(("max_attempts", "creates"), [(3, 3), (1, 1)])
+def test_retryable_errors_are_created_again_up_to_max_attempts(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: Callable[[str], str],
+    max_attempts: int,
+    creates: int,
+) -> None:
+    server = start_emulator(fault_provider_failed=1.0)
+    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+    with pytest.raises(AirflowException, match=r"ended error \[PROVIDER_FAILED\]"):
+        _execute(_operator(image_url("coffee.png"), max_attempts=max_attempts), DictStateStore())
+    assert server.ledger()["creates"] == creates
+
+
+def test_a_permanent_failure_is_not_created_again(
+    blip2_connection: str, emulator: EmulatorServer, image_url: Callable[[str], str]
+) -> None:
+    with pytest.raises(AirflowException, match="INPUT_DOWNLOAD_ERROR"):
+        _execute(_operator(image_url("missing.jpg"), max_attempts=3), DictStateStore())
+    assert emulator.ledger()["creates"] == 1
+    with pytest.raises(ValueError, match="max_attempts"):
+        _operator(image_url("missing.jpg"), max_attempts=0)

@@ -15,10 +15,16 @@ from airflow_provider_blip2.client.inputs import (
     scrub_urls,
 )
 from airflow_provider_blip2.client.models import (
+    FAILURE_KIND_BY_STATUS,
+    RETRY_FAILURES,
+    FailureKind,
     PredictionOutcome,
     PredictionStatus,
+    create_again_within_try,
+    failure_kind,
     normalise_status,
     parse_prediction,
+    predict_again_on_new_try,
 )
 from tests.unit.client.helpers import (
     SECRET,
@@ -282,7 +288,7 @@ def test_outcome_leaves_out_inputs_and_round_trips() -> None:
         "status": "success",
         "output": "a dog",
         "input": {"image": SIGNED_IMAGE},
-        "metrics": {"predict_time": 1.5},
+        "metrics": {"predict_time": 1.5, "cost": 0.0011},
     }
     outcome = parse_prediction(payload, prediction_id="p").outcome()
     assert outcome.to_json() == {
@@ -292,6 +298,8 @@ def test_outcome_leaves_out_inputs_and_round_trips() -> None:
         "error_code": None,
         "prediction_id": "p",
         "predict_time": 1.5,
+        "retryable": None,
+        "cost": 0.0011,
     }
     assert "deadbeefcafe" not in json.dumps(outcome.to_json())
     assert PredictionOutcome.from_json(json.loads(json.dumps(outcome.to_json()))) == outcome
@@ -353,3 +361,115 @@ def test_raise_for_status_raises_for_anything_but_success(
         assert fragment in str(caught.value)
     assert caught.value.prediction_id == "p-9"
     assert caught.value.error_code == error_code
+
+
+# --------------------------------------------------------------------------------------------------
+# The retry rule
+
+
+def test_outcomes_of_older_journals_and_events_still_load() -> None:
+    old = {"status": "error", "output": None, "error": "boom", "error_code": "X", "prediction_id": "p"}
+    outcome = PredictionOutcome.from_json(old)
+    assert (outcome.retryable, outcome.cost, outcome.predict_time) == (None, None, None)
+    assert PredictionOutcome.from_json(outcome.to_json()) == outcome
+
+
+def test_error_envelopes_give_retryable_and_cost() -> None:
+    payload = {
+        "id": "p",
+        "status": "error",
+        "output": {"error": "provider failed", "error_code": "PROVIDER_FAILED", "retryable": True},
+        "metrics": {"predict_time": 0.4, "cost": "0.0003"},
+    }
+    outcome = parse_prediction(payload, prediction_id="p").outcome()
+    assert (outcome.status, outcome.retryable, outcome.cost) == ("error", True, 0.0003)
+    running = parse_prediction({"id": "p", "status": "processing", "metrics": {"cost": 0}}, prediction_id="p")
+    assert running.cost is None and running.retryable is None
+    unreadable = {"id": "p", "status": "error", "output": {"error": "x", "retryable": "yes"}}
+    assert parse_prediction(unreadable, prediction_id="p").retryable is None
+    as_text = {"id": "p", "status": "failed", "output": {"error": "x", "retryable": "TRUE"}}
+    assert parse_prediction(as_text, prediction_id="p").retryable is True
+    top_level = {"id": "p", "status": "error", "error": "x", "retryable": False}
+    assert parse_prediction(top_level, prediction_id="p").retryable is False
+
+
+@pytest.mark.parametrize(
+    ("outcome", "kind"),
+    [
+        (PredictionOutcome("success", output="a cat"), FailureKind.NONE),
+        (PredictionOutcome("ambiguous", error="create failed after it was sent"), FailureKind.TRANSIENT),
+        (PredictionOutcome("timeout", prediction_id="p"), FailureKind.TRANSIENT),
+        (PredictionOutcome("cancelled", prediction_id="p"), FailureKind.TRANSIENT),
+        (PredictionOutcome("error", error_code="PROVIDER_FAILED"), FailureKind.RETRYABLE),
+        (PredictionOutcome("error", error_code="execution_timeout"), FailureKind.RETRYABLE),
+        (PredictionOutcome("error", error_code="HTTP_503"), FailureKind.RETRYABLE),
+        (PredictionOutcome("error", error_code="500"), FailureKind.RETRYABLE),
+        (PredictionOutcome("error", error_code="SOMETHING_NEW", retryable=True), FailureKind.RETRYABLE),
+        (
+            PredictionOutcome("error", error_code="INPUT_DOWNLOAD_ERROR", retryable=False),
+            FailureKind.PERMANENT,
+        ),
+        (PredictionOutcome("error", error_code="INPUT_VALIDATION_ERROR"), FailureKind.PERMANENT),
+        (PredictionOutcome("error", error_code="HTTP_404"), FailureKind.PERMANENT),
+        # A refused create (400, 422) or a storage error: no prediction, no code.
+        (
+            PredictionOutcome("error", error="The API refused the request as invalid (HTTP 400)"),
+            FailureKind.PERMANENT,
+        ),
+    ],
+)
+def test_failure_kind_tells_transient_from_permanent(outcome: PredictionOutcome, kind: FailureKind) -> None:
+    assert failure_kind(outcome) is kind
+    assert outcome.failure_kind is kind
+
+
+def test_the_rule_is_one_table_over_every_status() -> None:
+    statuses = {
+        PredictionOutcome.SUCCESS,
+        PredictionOutcome.ERROR,
+        PredictionOutcome.CANCELLED,
+        PredictionOutcome.TIMEOUT,
+        PredictionOutcome.AMBIGUOUS,
+    }
+    # Every status but error is judged by the table alone; error by its envelope.
+    assert set(FAILURE_KIND_BY_STATUS) == statuses - {PredictionOutcome.ERROR}
+    assert PredictionOutcome.AMBIGUOUS == "ambiguous"
+    assert PredictionOutcome("ambiguous").failed
+
+
+def test_within_a_try_only_retryable_service_errors_are_created_again_within_the_bound() -> None:
+    provider = PredictionOutcome("error", error_code="PROVIDER_FAILED", retryable=True)
+    assert create_again_within_try(provider, attempts_this_try=1, max_attempts=2)
+    assert not create_again_within_try(provider, attempts_this_try=2, max_attempts=2)
+    assert not create_again_within_try(provider, attempts_this_try=1, max_attempts=1)
+    for never in (
+        PredictionOutcome("ambiguous"),  # it may exist and be billed: the user's choice, by retries
+        PredictionOutcome("timeout"),
+        PredictionOutcome("cancelled"),
+        PredictionOutcome("error", error_code="INPUT_DOWNLOAD_ERROR"),
+        PredictionOutcome("success", output="x"),
+    ):
+        assert not create_again_within_try(never, attempts_this_try=1, max_attempts=5)
+
+
+@pytest.mark.parametrize(
+    ("retry_failures", "again"),
+    [
+        ("transient", {"ambiguous", "timeout", "cancelled", "provider"}),
+        ("all", {"ambiguous", "timeout", "cancelled", "provider", "download", "refused"}),
+        ("none", set()),
+    ],
+)
+def test_a_new_try_predicts_again_what_retry_failures_selects(retry_failures: str, again: set[str]) -> None:
+    outcomes = {
+        "success": PredictionOutcome("success", output="x"),
+        "ambiguous": PredictionOutcome("ambiguous"),
+        "timeout": PredictionOutcome("timeout", prediction_id="p"),
+        "cancelled": PredictionOutcome("cancelled", prediction_id="p"),
+        "provider": PredictionOutcome("error", error_code="PROVIDER_FAILED", retryable=True),
+        "download": PredictionOutcome("error", error_code="INPUT_DOWNLOAD_ERROR", retryable=False),
+        "refused": PredictionOutcome("error", error="HTTP 400"),
+    }
+    assert retry_failures in RETRY_FAILURES
+    chosen = {name for name, outcome in outcomes.items() if predict_again_on_new_try(outcome, retry_failures)}
+    assert chosen == again
