@@ -18,7 +18,7 @@ AIRFLOW2_TESTS := tests/unit tests/integration/test_hook.py tests/integration/te
 	tests/integration/test_example_dags.py tests/integration/test_legacy_spellings.py \
 	tests/integration/test_batch_operator.py tests/integration/test_object_storage.py
 
-.PHONY: demo test lint typecheck pytest pytest-airflow2 system-packages bench lock emulator clean
+.PHONY: demo test lint typecheck pytest pytest-airflow2 system-packages bench lock emulator screenshots clean
 
 $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ lint: $(INSTALLED)
 typecheck: $(INSTALLED)
 	$(BIN)/mypy
 
-## system-packages: PostgreSQL and Redis for the production-shaped system tests (apt-get, as root)
+## system-packages: PostgreSQL, Redis and Chromium for the system tests (apt-get, as root)
 system-packages:
 	bash scripts/system_packages.sh
 
@@ -69,6 +69,11 @@ bench: $(INSTALLED) system-packages
 ## emulator: run the API emulator in the foreground on 127.0.0.1:8765
 emulator: $(INSTALLED)
 	$(BIN)/blip2-emulator
+
+## screenshots: redraw docs/img/connection-form*.png with the browser test of the connection form
+screenshots: $(INSTALLED) system-packages
+	BLIP2_SCREENSHOT_DIR=$(CURDIR)/docs/img $(BIN)/pytest tests/system/test_connection_form.py \
+		-k test_add_a_blip2_connection
 
 ## lock: re-resolve the pinned development environment
 lock: $(INSTALLED)
