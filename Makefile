@@ -16,7 +16,8 @@ INSTALLED_AIRFLOW2 := $(VENV_AIRFLOW2)/.installed
 AIRFLOW2_TESTS := tests/unit tests/integration/test_hook.py tests/integration/test_trigger.py \
 	tests/integration/test_operator.py tests/integration/test_provider_info.py \
 	tests/integration/test_example_dags.py tests/integration/test_legacy_spellings.py \
-	tests/integration/test_batch_operator.py tests/integration/test_object_storage.py
+	tests/integration/test_batch_operator.py tests/integration/test_object_storage.py \
+	tests/system/test_connection_form_airflow2.py
 
 .PHONY: demo test lint typecheck pytest pytest-airflow2 system-packages bench lock emulator screenshots clean
 
@@ -54,7 +55,7 @@ system-packages:
 pytest: $(INSTALLED) system-packages
 	$(BIN)/pytest
 
-pytest-airflow2: $(INSTALLED_AIRFLOW2)
+pytest-airflow2: $(INSTALLED_AIRFLOW2) system-packages
 	$(VENV_AIRFLOW2)/bin/pytest $(AIRFLOW2_TESTS)
 
 ## bench: print the benchmark numbers (import cost, batch throughput against the limits, a production-shaped

@@ -22,17 +22,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from playwright.sync_api import (
-    BrowserContext,
-    Locator,
-    Page,
-    Playwright,
-    Response,
-    Route,
-    ViewportSize,
-    expect,
-    sync_playwright,
-)
+from playwright.sync_api import BrowserContext, Locator, Page, Response, Route, expect
 
 from airflow_provider_blip2.client.settings import CONNECTION_FIELDS, DEFAULT_BASE_URL, UI_FIELD_BEHAVIOUR
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer
@@ -40,21 +30,8 @@ from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from scripts.deployment import AirflowDeployment
 from scripts.sandbox import AirflowSandbox
 from tests.conftest import API_KEY, requires_airflow_3
+from tests.system.browser import VIEWPORT, chromium, requires_chromium
 
-CHROMIUM = Path("/usr/bin/chromium")
-# The network is closed: without these flags Chromium's own background connections are refused
-# and slow every page down.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-VIEWPORT: ViewportSize = {"width": 1280, "height": 900}
 USER, PASSWORD = "admin", "form-test-password"
 CONN_ID = "blip2_ui"
 TEST_ENDPOINT = "**/api/v2/connections/test"
@@ -66,7 +43,7 @@ PORTLESS_TEST_DEFECT = "The host or port to test differs from the stored connect
 pytestmark = [
     pytest.mark.timeout(300),
     requires_airflow_3,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (scripts/system_packages.sh)"),
+    requires_chromium,
 ]
 
 
@@ -91,28 +68,9 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowDepl
 
 
 @pytest.fixture(scope="module")
-def driver() -> Iterator[Playwright]:
-    with sync_playwright() as playwright:
-        yield playwright
-
-
-@pytest.fixture(scope="module")
-def browser(driver: Playwright, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
-    """Debian's Chromium, headless, with a fresh profile."""
-    context = driver.chromium.launch_persistent_context(
-        tmp_path_factory.mktemp("chromium-profile"),
-        executable_path=str(CHROMIUM),
-        args=CHROMIUM_ARGS,
-        headless=True,
-        viewport=VIEWPORT,
-    )
-    # Generous waits: the machine may be busy with other tests.
-    context.set_default_timeout(60_000)
-    expect.set_options(timeout=60_000)
-    try:
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as context:
         yield context
-    finally:
-        context.close()
 
 
 @pytest.fixture(scope="module")
