@@ -23,9 +23,10 @@ GROUPS_AIRFLOW2 := dev
 AIRFLOW2_TESTS := tests/unit tests/integration/test_hook.py tests/integration/test_trigger.py \
 	tests/integration/test_operator.py tests/integration/test_provider_info.py \
 	tests/integration/test_example_dags.py tests/integration/test_legacy_spellings.py \
-	tests/integration/test_batch_operator.py tests/integration/test_object_storage.py
+	tests/integration/test_batch_operator.py tests/integration/test_object_storage.py \
+	tests/system/test_connection_form_airflow2.py
 
-.PHONY: demo test lint typecheck docs dist pytest pytest-airflow2 system-packages bench lock emulator clean
+.PHONY: demo test lint typecheck docs dist pytest pytest-airflow2 system-packages bench lock emulator screenshots clean
 
 # `uv pip` arguments: ".[a,b]" for the package with its extras, --extra X for each extra, --group X for each group.
 with_extras = ".[$(subst $(space),$(comma),$(strip $(1)))]"
@@ -72,14 +73,14 @@ dist: $(INSTALLED)
 docs: $(INSTALLED)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-## system-packages: PostgreSQL and Redis for the production-shaped system tests (apt-get, as root)
+## system-packages: PostgreSQL, Redis and Chromium for the system tests (apt-get, as root)
 system-packages:
 	bash scripts/system_packages.sh
 
 pytest: $(INSTALLED) system-packages
 	$(BIN)/pytest
 
-pytest-airflow2: $(INSTALLED_AIRFLOW2)
+pytest-airflow2: $(INSTALLED_AIRFLOW2) system-packages
 	$(VENV_AIRFLOW2)/bin/pytest $(AIRFLOW2_TESTS)
 
 ## bench: print the benchmark numbers (import cost, batch throughput against the limits, a production-shaped
@@ -97,6 +98,11 @@ bench: $(INSTALLED) system-packages
 ## emulator: run the API emulator in the foreground on 127.0.0.1:8765
 emulator: $(INSTALLED)
 	$(BIN)/blip2-emulator
+
+## screenshots: redraw docs/img/connection-form*.png with the browser test of the connection form
+screenshots: $(INSTALLED) system-packages
+	BLIP2_SCREENSHOT_DIR=$(CURDIR)/docs/img $(BIN)/pytest tests/system/test_connection_form.py \
+		-k test_add_a_blip2_connection
 
 ## lock: re-resolve the pinned development environment
 lock: $(INSTALLED)

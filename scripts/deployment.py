@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -67,8 +68,10 @@ class AirflowDeployment:
     """
     Every Airflow component as its own process, sharing the sandbox's metadata database.
 
-    LocalExecutor runs the tasks; the triggerer(s) run deferred tasks' triggers; the REST API (all
-    users admin) triggers runs and marks task instances. Logs go to ``<home>/component-logs``, one
+    LocalExecutor runs the tasks; the triggerer(s) run deferred tasks' triggers; the REST API triggers
+    runs and marks task instances. Without ``users`` everyone is admin without logging in; with them,
+    the simple auth manager knows only those admins, who log in on its login page, and
+    :meth:`api` calls the REST API with a token of the first one. Logs go to ``<home>/component-logs``, one
     file per component; no component serves logs over HTTP (the API server reads the shared log folder).
 
     With ``triggerers=1`` the triggerer is the component ``triggerer``. With more, they are
@@ -82,6 +85,7 @@ class AirflowDeployment:
     :param triggerers: How many triggerers to run.
     :param triggerer_health_check_threshold: Seconds without a heartbeat (sent every second) after
         which a triggerer counts as dead, with several triggerers.
+    :param users: Admin user name -> password for the simple auth manager; None: no login at all.
     :raises ValueError: when several triggerers are asked for on SQLite.
     """
 
@@ -92,6 +96,7 @@ class AirflowDeployment:
         parallelism: int = 4,
         triggerers: int = 1,
         triggerer_health_check_threshold: int = 15,
+        users: dict[str, str] | None = None,
     ) -> None:
         if triggerers < 1:
             raise ValueError("a deployment needs at least one triggerer")
@@ -128,6 +133,19 @@ class AirflowDeployment:
         if triggerers > 1:
             sandbox.extra_env["AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD"] = str(
                 triggerer_health_check_threshold
+            )
+        self.users = dict(users or {})
+        self._token: str | None = None
+        if self.users:
+            passwords = sandbox.home / "simple_auth_manager_passwords.json"
+            passwords.write_text(json.dumps(self.users))
+            admins = ",".join(f"{name}:ADMIN" for name in self.users)
+            sandbox.extra_env.update(
+                {
+                    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+                    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": admins,
+                    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+                }
             )
 
     def _command(self, name: str) -> tuple[list[str], dict[str, str]]:
@@ -261,9 +279,23 @@ class AirflowDeployment:
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         """Call the REST API (``/api/v2`` + path) and return the JSON answer."""
-        response = httpx.request(method, f"{self.url}/api/v2{path}", timeout=30, **kwargs)
+        headers = dict(kwargs.pop("headers", None) or {})
+        if self.users:
+            headers.setdefault("Authorization", f"Bearer {self._access_token()}")
+        response = httpx.request(method, f"{self.url}/api/v2{path}", timeout=30, headers=headers, **kwargs)
         response.raise_for_status()
         return response.json() if response.content else None
+
+    def _access_token(self) -> str:
+        """A REST API token of the first user (fetched once)."""
+        if self._token is None:
+            username, password = next(iter(self.users.items()))
+            response = httpx.post(
+                f"{self.url}/auth/token", json={"username": username, "password": password}, timeout=30
+            )
+            response.raise_for_status()
+            self._token = str(response.json()["access_token"])
+        return self._token
 
     @staticmethod
     def wait_for(condition: Any, *, timeout: float, what: str, interval: float = 0.5) -> Any:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the production-shaped system tests need: PostgreSQL (a throwaway
-# metadata database) and Redis. Does nothing when both are present; needs root to install.
+# Installs the Debian packages the system tests need: PostgreSQL (a throwaway metadata database),
+# Redis, and Chromium (the browser test of the connection form drives it headless through Playwright).
+# Does nothing when all are present; needs root to install.
 set -euo pipefail
 
 missing=()
@@ -10,15 +11,18 @@ fi
 if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
     missing+=(redis-server)
 fi
+if [ ! -x /usr/bin/chromium ]; then
+    missing+=(chromium)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "system packages: postgresql and redis-server are installed"
+    echo "system packages: postgresql, redis-server and chromium are installed"
     exit 0
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "system packages: missing ${missing[*]}; not root, so not installing them:" \
-        "the tests that need them will be skipped (install: apt-get install postgresql redis-server)"
+        "the tests that need them will be skipped (install: apt-get install postgresql redis-server chromium)"
     exit 0
 fi
 

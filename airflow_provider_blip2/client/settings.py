@@ -98,9 +98,11 @@ CONNECTION_FIELDS: tuple[ConnectionField, ...] = (
     ),
 )
 
-#: Hidden, relabelled and pre-filled standard fields of the connection form.
+#: Hidden, relabelled and pre-filled standard fields of the connection form. ``extra`` stays
+#: visible: Airflow 2.11's form script sets up its JSON editor only on a visible extra, and without
+#: that editor the form's Test button fails in the browser (for every type while BLIP-2 is the first).
 UI_FIELD_BEHAVIOUR: dict[str, Any] = {
-    "hidden-fields": ["login", "schema", "port", "extra"],
+    "hidden-fields": ["login", "schema", "port"],
     "relabeling": {"host": "API base URL", "password": "API Key"},
     "placeholders": {"host": DEFAULT_BASE_URL, "password": "Eachlabs API key"},
 }
