@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 comma := ,
 UV_VERSION := 0.13.9
 CONSTRAINTS := requirements/constraints.txt
-# The main environment has the storage extras and the local S3/GCS servers; the Airflow 2.11 one has
-# neither, so its run also proves that https-only use works without them.
-EXTRAS := dev,emulator,amazon,google,storage-servers,redis
+# The main environment has the storage extras, the local S3/GCS servers and the openlineage provider;
+# the Airflow 2.11 one has none of them, so its run also proves that https-only use works without the
+# storage extras and that the operators report no lineage, and fail nothing, without openlineage.
+EXTRAS := dev,emulator,amazon,google,storage-servers,redis,openlineage
 INSTALLED := $(VENV)/.installed
 # The oldest Airflow the provider supports gets a virtualenv and a test run of its own.
 VENV_AIRFLOW2 ?= .venv-airflow2
