@@ -17,7 +17,18 @@ import sys
 RUNS = 9
 BASELINE = "from airflow.sdk import DAG, BaseOperator"
 OPERATOR = "airflow_provider_blip2.operators.blip2"
-HEAVY_MODULES = ("boto3", "botocore", "google.cloud", "aiohttp", "fastapi", "PIL", "tenacity", "requests")
+HEAVY_MODULES = (
+    "boto3",
+    "botocore",
+    "google.cloud",
+    "aiohttp",
+    "fastapi",
+    "PIL",
+    "tenacity",
+    "requests",
+    "openlineage",
+    "airflow.providers.openlineage.extractors",
+)
 
 PROBE = f"""
 import json, sys, time
