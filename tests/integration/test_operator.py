@@ -69,6 +69,12 @@ dag_id, name = sys.argv[1:]
 links = {}
 with create_session() as session:
     dag = SerializedDagModel.get_dag(dag_id, session=session)
+    if dag is None:  # Airflow 2's `dags test` stores none: serialize the DAG as its DAG processor does
+        from airflow.models.dagbag import DagBag
+        from airflow.serialization.serialized_objects import SerializedDAG
+
+        found = DagBag(include_examples=False).get_dag(dag_id)
+        dag = SerializedDAG.from_dict(SerializedDAG.to_dict(found))
     for ti in session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dag_id)):
         task = dag.get_task(ti.task_id)
         if name in task.extra_links:
