@@ -589,6 +589,11 @@ def test_openlineage_events_name_the_images_and_the_predictions(dag_run: DagRunR
     ]
     ids = [event["run"]["facets"]["externalQuery"]["externalQueryId"] for event in mapped]
     assert ids == dag_run.xcom("mapped", "prediction_id")
+    # A failed task reports the same: the listener falls back to the facets on complete.
+    [failed] = read_events(dag_run.lineage_file, f"{DAG_ID}.failed_sync", "FAIL")
+    assert dataset_names(failed["inputs"]) == [(dag_run.image_server, "/missing.jpg")]
+    [prediction_id] = dag_run.predictions("failed_sync")
+    assert failed["run"]["facets"]["externalQuery"]["externalQueryId"] == prediction_id
 
 
 @pytest.mark.skipif(not OPENLINEAGE, reason="needs the openlineage provider")
