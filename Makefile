@@ -8,9 +8,11 @@ space := $(empty) $(empty)
 UV_VERSION := 0.13.9
 CONSTRAINTS := requirements/constraints.txt
 # What each virtualenv gets: the package's extras (what users install) and the dependency groups of
-# pyproject.toml (development only). The main environment has the storage extras and the local S3/GCS
-# servers; the Airflow 2.11 one has neither, so its run also proves that https-only use works without them.
-EXTRAS := emulator amazon google redis
+# pyproject.toml (development only). The main environment has the storage extras, the local S3/GCS
+# servers and the openlineage provider; the Airflow 2.11 one has none of them, so its run also proves
+# that https-only use works without the storage extras and that the operators report no lineage, and
+# fail nothing, without openlineage.
+EXTRAS := emulator amazon google redis openlineage
 GROUPS := dev storage-servers release docs
 INSTALLED := $(VENV)/.installed
 RESULTS := benchmarks/results

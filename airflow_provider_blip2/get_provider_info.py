@@ -46,6 +46,7 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_blip2.triggers.blip2"],
             }
         ],
+        "extra-links": ["airflow_provider_blip2.links.blip2.Blip2PredictionLink"],
         "connection-types": [
             {
                 "connection-type": "blip2",

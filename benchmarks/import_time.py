@@ -20,7 +20,18 @@ from benchmarks.results import add_json_argument, write_results
 RUNS = 9
 BASELINE = "from airflow.sdk import DAG, BaseOperator"
 OPERATOR = "airflow_provider_blip2.operators.blip2"
-HEAVY_MODULES = ("boto3", "botocore", "google.cloud", "aiohttp", "fastapi", "PIL", "tenacity", "requests")
+HEAVY_MODULES = (
+    "boto3",
+    "botocore",
+    "google.cloud",
+    "aiohttp",
+    "fastapi",
+    "PIL",
+    "tenacity",
+    "requests",
+    "openlineage",
+    "airflow.providers.openlineage.extractors",
+)
 
 PROBE = f"""
 import json, sys, time

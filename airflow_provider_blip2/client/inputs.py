@@ -23,6 +23,32 @@ _URL_PATTERN = re.compile(r"https?://[^\s'\"<>]+")
 # --------------------------------------------------------------------------------------------------
 # URLs in messages and logs
 # --------------------------------------------------------------------------------------------------
+def split_public_url(url: str) -> tuple[str, str] | None:
+    """
+    Split an absolute URL into what may be shown of it: its origin and its path.
+
+    No credentials, query string (a presigned URL's signature) or fragment survive.
+
+    :param url: An absolute URL, perhaps presigned or carrying credentials.
+    :return: ``("scheme://host[:port]", "/path")``, or ``None`` when ``url`` is not an absolute URL
+        or cannot be parsed.
+    """
+    try:
+        return _split_public_url(url)
+    except ValueError:
+        return None
+
+
+def _split_public_url(url: str) -> tuple[str, str] | None:
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""  # .port raises ValueError on a bad port
+    if not parts.scheme or not parts.netloc:
+        return None
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{port}", parts.path
+
+
 def redact_url(url: str) -> str:
     """
     Return ``url`` without its query string and credentials, safe for logs and error messages.
@@ -30,16 +56,14 @@ def redact_url(url: str) -> str:
     :param url: A URL that may carry a signature (presigned URL) or credentials.
     """
     try:
-        parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""  # .port raises ValueError on a bad port
+        public = _split_public_url(url)
     except ValueError:
         return "<unparseable URL>"
-    if not parts.scheme or not parts.netloc:
+    if public is None:
         return url if len(url) <= 80 and "?" not in url else "<redacted>"
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    suffix = "?<redacted>" if parts.query else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}{suffix}"
+    origin, path = public
+    suffix = "?<redacted>" if urlsplit(url).query else ""
+    return f"{origin}{path}{suffix}"
 
 
 def scrub_urls(text: str) -> str:

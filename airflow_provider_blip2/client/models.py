@@ -276,6 +276,14 @@ class Prediction:
     retryable: bool | None = None
     cost: float | None = None
 
+    @property
+    def urls(self) -> dict[str, str]:
+        """The prediction's ``urls`` as the API gave them (``get``, ``cancel``, perhaps a page)."""
+        urls = self.raw.get("urls")
+        if not isinstance(urls, dict):
+            return {}
+        return {str(key): value for key, value in urls.items() if isinstance(value, str)}
+
     def outcome(self) -> PredictionOutcome:
         """How this finished prediction ended."""
         if not self.status.is_terminal:

@@ -28,6 +28,7 @@ from airflow_provider_blip2.client.inputs import (
     check_prediction_id,
     parse_seconds,
     scrub_urls,
+    split_public_url,
 )
 from airflow_provider_blip2.client.settings import ClientSettings
 
@@ -77,6 +78,34 @@ def create_prediction_request(body: dict[str, Any]) -> ApiRequest:
 def get_prediction_request(prediction_id: str) -> ApiRequest:
     """Request reading a prediction. :param prediction_id: the prediction's id."""
     return ApiRequest("GET", f"/v1/prediction/{check_prediction_id(prediction_id)}", label="get prediction")
+
+
+#: Keys of a prediction's ``urls`` that may name its page in the Eachlabs console, in order of
+#: preference over ``get`` (the API's own address of the prediction).
+PAGE_URL_KEYS = ("web", "console")
+
+
+def prediction_link(base_url: str, prediction_id: str, urls: Mapping[str, Any] | None = None) -> str:
+    """
+    Where to look at a prediction: its console page, or the API's own address of it.
+
+    The page is the first http(s) URL of ``urls`` under :data:`PAGE_URL_KEYS`, then ``urls["get"]``;
+    without ``urls`` (a create answers with the id only) it is the address ``urls.get`` holds, the
+    read endpoint below ``base_url``. Credentials and query strings are dropped: the link is shown in
+    the UI and stored in XCom.
+
+    :param base_url: The connection's API base URL.
+    :param prediction_id: The prediction's id.
+    :param urls: The prediction's ``urls`` as the API answered them, if it was read.
+    """
+    for key in (*PAGE_URL_KEYS, "get"):
+        value = (urls or {}).get(key)
+        if isinstance(value, str) and value.lower().startswith(("https://", "http://")):
+            public = split_public_url(value)
+            if public is not None:
+                return "".join(public)
+    origin, path = split_public_url(base_url + get_prediction_request(prediction_id).path) or ("", "")
+    return origin + path
 
 
 def cancel_prediction_request(prediction_id: str) -> ApiRequest:

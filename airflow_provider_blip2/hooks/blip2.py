@@ -47,6 +47,7 @@ from airflow_provider_blip2.client.wire import (
     get_prediction_request,
     parse_create_response,
     parse_model_response,
+    prediction_link,
     request_arguments,
     transport_error,
 )
@@ -285,6 +286,20 @@ class Blip2Hook(BaseHook):
         if prediction.status.is_terminal:
             self.budget().prediction_finished(prediction_id)
         return prediction
+
+    def prediction_link(self, prediction_id: str, prediction: Prediction | None = None) -> str:
+        """
+        Where to look at a prediction: its console page when the API names one, else its ``urls.get``.
+
+        Sends no request: without a ``prediction`` read already, the link is the address the API
+        gives as ``urls.get`` (the read endpoint below the connection's host). Never holds a key,
+        credentials or a query string.
+
+        :param prediction_id: The prediction id.
+        :param prediction: The prediction, when it was read (its ``urls`` may name a console page).
+        """
+        urls = prediction.urls if prediction is not None else None
+        return prediction_link(self.settings.base_url, prediction_id, urls)
 
     def cancel_prediction(self, prediction_id: str) -> None:
         """

@@ -44,6 +44,7 @@ from airflow_provider_blip2.storage import SigningError, StorageError, is_remote
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
+    from airflow.providers.openlineage.extractors import OperatorLineage
     from airflow.triggers.base import BaseTrigger
 
     from airflow_provider_blip2.hooks.blip2 import Blip2Hook
@@ -168,6 +169,8 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         check_retry_parameters(max_attempts, retry_failures)
         self._urls_by_key: dict[str, str] | None = None
         self._waiting_for: list[str] = []
+        # Lines this instance wrote to output_uri, for the lineage (None until it wrote them).
+        self._output_rows: int | None = None
 
     @cached_property
     def hook(self) -> Blip2Hook:
@@ -423,6 +426,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         self.storage.write_bytes(
             self.output_uri, state.result_lines().encode(), content_type="application/x-ndjson"
         )
+        self._output_rows = len(state.items)
         summary = state.summary(self.output_uri)
         self.log.info("Batch finished: %s", summary)
         again = state.to_predict_again(self.retry_failures)
@@ -454,6 +458,27 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         """Cancel the predictions this try waits for on the worker (``deferrable=False``)."""
         for prediction_id in self._waiting_for:
             self._cancel_quietly(prediction_id)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage | None:
+        """
+        The task's lineage for OpenLineage: the images' folders in, ``output_uri`` and its lines out.
+
+        Inputs are the prefix listed, or the folders of the images given (``s3://bucket`` or
+        ``gs://bucket`` and the key prefix, or a URL's origin and path, never its query string); the
+        output is ``output_uri`` with the number of lines written (``outputStatistics.rowCount``),
+        once this instance wrote them (also when the task then fails on ``max_failed_ratio``). Reads
+        only this instance, which ran the task (or resumed it), and sends no request. Returns
+        ``None`` when the OpenLineage provider is not installed.
+
+        :param task_instance: The finished task instance (unused).
+        """
+        from airflow_provider_blip2.lineage import batch_images, dataset_name, operator_lineage
+
+        output = dataset_name(self.output_uri) if isinstance(self.output_uri, str) else None
+        outputs = []
+        if output is not None and self._output_rows is not None:
+            outputs.append((output[0], output[1], self._output_rows))
+        return operator_lineage(inputs=batch_images(self.images), outputs=outputs)
 
 
 def _try_number(context: Context) -> int | None:

@@ -18,19 +18,27 @@ from airflow.providers.common.compat.sdk import (
 
 from airflow_provider_blip2.client.errors import Blip2InputError, Blip2NotFoundError
 from airflow_provider_blip2.client.inputs import PredictionInput
-from airflow_provider_blip2.client.models import PredictionOutcome, PredictionStatus, create_again_within_try
+from airflow_provider_blip2.client.models import (
+    Prediction,
+    PredictionOutcome,
+    PredictionStatus,
+    create_again_within_try,
+)
+from airflow_provider_blip2.links.blip2 import PREDICTION_URL_XCOM_KEY, Blip2PredictionLink
 from airflow_provider_blip2.operators.base import Blip2TaskMixin, check_retry_parameters, url_expiry
 from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
 from airflow_provider_blip2.storage import StorageError, is_remote_object
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
+    from airflow.providers.openlineage.extractors import OperatorLineage
 
     from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 
 __all__ = [
     "COST_XCOM_KEY",
     "PREDICTION_ID_XCOM_KEY",
+    "PREDICTION_URL_XCOM_KEY",
     "PREDICT_TIME_XCOM_KEY",
     "Blip2BatchPredictionOperator",
     "Blip2PredictionOperator",
@@ -48,7 +56,9 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
     """
     Caption an image, or ask a question about it, with BLIP-2 on the Eachlabs API.
 
-    The prediction is created on the worker and its id pushed to XCom (key ``prediction_id``).
+    The prediction is created on the worker and its id pushed to XCom (key ``prediction_id``), with
+    its address (key ``prediction_url``) behind the task's extra link "BLIP-2 prediction"
+    (:class:`~airflow_provider_blip2.links.blip2.Blip2PredictionLink`).
     Then the operator either defers to :class:`~airflow_provider_blip2.triggers.blip2.Blip2PredictionTrigger`
     (``deferrable=True``: waiting costs no worker slot) or polls on the worker. The model's text is
     the return value (XCom ``return_value``); the cost and the model's run time the API reported
@@ -88,6 +98,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
 
     template_fields: Sequence[str] = ("image", "question", "context")
     ui_color = "#e8e1f7"
+    operator_extra_links = (Blip2PredictionLink(),)
     external_id_key = "blip2_prediction_id"
 
     def __init__(
@@ -173,12 +184,18 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
             raise AirflowFailException(f"Invalid BLIP-2 input for task {self.task_id}: {error}") from error
 
     def submit_job(self, context: Context) -> str:
-        """Create the prediction and push its id to XCom."""
+        """Create the prediction and push its id and link to XCom."""
         self.prediction_id = self.hook.submit_prediction(
             self.prediction_input(), patient_until=time.time() + self.timeout
         )
-        context["ti"].xcom_push(key=PREDICTION_ID_XCOM_KEY, value=self.prediction_id)
+        self._push_prediction(context, self.prediction_id)
         return self.prediction_id
+
+    def _push_prediction(self, context: Context, prediction_id: str, read: Prediction | None = None) -> None:
+        """Push the prediction's id and link (before waiting or deferring: the link shows meanwhile)."""
+        ti = context["ti"]
+        ti.xcom_push(key=PREDICTION_ID_XCOM_KEY, value=prediction_id)
+        ti.xcom_push(key=PREDICTION_URL_XCOM_KEY, value=self.hook.prediction_link(prediction_id, read))
 
     def get_job_status(self, external_id: Any, context: Context) -> str:
         """Return the status of a stored prediction id (``not found`` when the API has none)."""
@@ -203,7 +220,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         Returns the output because the mixin returns this method's value when it reattaches.
         """
         if self.prediction_id != str(external_id):  # reattached on retry: this try's XCom is empty
-            context["ti"].xcom_push(key=PREDICTION_ID_XCOM_KEY, value=str(external_id))
+            self._push_prediction(context, str(external_id))
         self.prediction_id = str(external_id)
         return self._wait(context, attempt=1, spent=None)
 
@@ -222,9 +239,9 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         if self._completed is not None:  # waited for on the worker in this call of execute()
             return self._completed[0]
         self.prediction_id = str(external_id)
-        context["ti"].xcom_push(key=PREDICTION_ID_XCOM_KEY, value=self.prediction_id)
-        outcome = self.hook.get_prediction(self.prediction_id).outcome()
-        return self._complete(context, outcome, attempt=1, spent=None)
+        read = self.hook.get_prediction(self.prediction_id)
+        self._push_prediction(context, self.prediction_id, read)
+        return self._complete(context, read.outcome(), attempt=1, spent=None)
 
     def _defer(self, prediction_id: str, *, attempt: int, spent: float | None) -> None:
         from airflow_provider_blip2.triggers.blip2 import DEFERRAL_SETTLE_SECONDS, Blip2PredictionTrigger
@@ -305,3 +322,18 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         """Cancel the prediction this try is waiting for on the worker (sync mode)."""
         if self.prediction_id:
             self._cancel_quietly(self.prediction_id)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage | None:
+        """
+        The task's lineage for OpenLineage: the image as input, the prediction as the run's external id.
+
+        The image is named by its bucket and key (``s3://bucket`` or ``gs://bucket``), or by its
+        URL's origin and path, never its query string. Reads only this instance, which ran the task
+        (or resumed it), and sends no request. Returns ``None`` when the OpenLineage provider is not
+        installed.
+
+        :param task_instance: The finished task instance (unused).
+        """
+        from airflow_provider_blip2.lineage import operator_lineage, single_image
+
+        return operator_lineage(inputs=single_image(self.image), prediction_id=self.prediction_id)

@@ -30,6 +30,7 @@ from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
 from scripts.sandbox import AirflowSandbox
 from tests.batch_driver import DictStore, FakeTaskInstance, _first_payload, run_batch, run_tries
 from tests.conftest import API_KEY, TIME_SCALE, connection_json, requires_airflow_3_3
+from tests.lineage import OPENLINEAGE, lineage_names
 
 
 @pytest.fixture
@@ -72,6 +73,12 @@ def test_batch_captions_a_list_deferring_between_rounds(
     assert ledger["responses_429"] == 0
     assert deferrals >= 2  # 12 images and 10 slots: at least two rounds
     assert store.values == {}  # a finished batch forgets its progress
+    lineage = lineage_names(operator.get_openlineage_facets_on_complete(FakeTaskInstance()))
+    if OPENLINEAGE:
+        origin = image_url("").rstrip("/")
+        assert lineage == {"inputs": [(origin, "/")], "outputs": [("file", str(output), 12)]}
+    else:
+        assert lineage is None
 
 
 def test_batch_resumes_after_trigger_teardowns_without_duplicate_creates(
@@ -173,6 +180,9 @@ def test_batch_records_broken_images_and_fails_over_the_ratio(
     with pytest.raises(AirflowFailException, match=r"2 of 4 predictions failed.*max_failed_ratio=0"):
         run_batch(strict, DictStore())
     assert len(output.read_text().splitlines()) == 4  # the results are written before failing
+    if OPENLINEAGE:  # a failed batch still reports what it wrote
+        lineage = lineage_names(strict.get_openlineage_facets_on_complete(FakeTaskInstance()))
+        assert lineage is not None and lineage["outputs"] == [("file", str(output), 4)]
 
 
 def test_batch_prediction_timeout_is_cancelled_and_recorded(
@@ -215,6 +225,9 @@ def test_batch_bad_input_fails_before_any_create(
     with pytest.raises(AirflowFailException, match=message):
         run_batch(operator, DictStore())
     assert batch_connection.ledger()["creates"] == 0
+    if OPENLINEAGE:  # nothing was written: no output in the lineage
+        lineage = lineage_names(operator.get_openlineage_facets_on_complete(FakeTaskInstance()))
+        assert lineage is not None and lineage["outputs"] == []
 
 
 def test_batch_trigger_serializes_no_secrets_and_waits_for_resume_after(
@@ -282,6 +295,11 @@ def test_batch_over_an_s3_prefix_writes_results_to_s3(
     )
     assert "X-Amz-Signature" not in body.decode()
     assert batch_connection.ledger()["creates"] == 8
+    if OPENLINEAGE:
+        assert lineage_names(operator.get_openlineage_facets_on_complete(FakeTaskInstance())) == {
+            "inputs": [("s3://uploads", "2026-11-27")],
+            "outputs": [("s3://uploads", "moderation/2026-11-27.jsonl", 8)],
+        }
 
 
 def test_batch_over_a_gcs_prefix_writes_results_to_gcs(
@@ -307,6 +325,11 @@ def test_batch_over_a_gcs_prefix_writes_results_to_gcs(
         f"gs://catalogue/products/{name}" for name in SAMPLES
     ]
     assert all(json.loads(line)["output"].startswith("[emulated]") for line in lines)
+    if OPENLINEAGE:
+        assert lineage_names(operator.get_openlineage_facets_on_complete(FakeTaskInstance())) == {
+            "inputs": [("gs://catalogue", "products")],
+            "outputs": [("gs://catalogue", "alt-text/captions.jsonl", 4)],
+        }
 
 
 @pytest.mark.parametrize(
@@ -493,7 +516,7 @@ def test_batch_before_airflow_3_3_keeps_its_journal_in_xcom(
 def test_an_https_batch_imports_no_cloud_library(
     batch_connection: EmulatorServer, image_url: Callable[[str], str], tmp_path: Path
 ) -> None:
-    """A DAG that only uses https URLs never loads boto3 or the Google libraries, installed or not."""
+    """An https-only DAG never loads boto3, the Google libraries or OpenLineage, installed or not."""
     import os
     import subprocess
     import sys
@@ -507,9 +530,11 @@ operator = Blip2BatchPredictionOperator(
     output_uri={str(tmp_path / "r.jsonl")!r}, caption=True, poll_interval=0.1, deferrable=True,
 )
 summary, _ = run_batch(operator, DictStore())
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "aiobotocore")
+heavy = sorted(m for m in sys.modules
+               if m.split(".")[0] in ("boto3", "botocore", "aiobotocore", "openlineage")
                or m.startswith(("google.cloud.storage", "google.auth", "airflow.providers.amazon.aws.hooks",
-                                "airflow.providers.google.cloud.hooks")))
+                                "airflow.providers.google.cloud.hooks",
+                                "airflow.providers.openlineage.extractors")))
 print(json.dumps({{"succeeded": summary["succeeded"], "heavy": heavy}}))
 """
     result = subprocess.run(

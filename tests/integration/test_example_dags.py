@@ -14,6 +14,7 @@ import pytest
 from airflow_provider_blip2.emulator import EmulatorServer
 from scripts.sandbox import EXAMPLE_DAGS, AirflowSandbox
 from tests.conftest import API_KEY
+from tests.lineage import OPENLINEAGE, dataset_names, file_transport_env, read_events
 
 SAMPLES = ["astronaut.jpg", "chelsea.jpg", "coffee.png", "rocket.webp"]
 
@@ -117,7 +118,11 @@ def sandbox(
         "password": API_KEY,
         "extra": {"requests_per_minute": 1200},
     }
-    yield AirflowSandbox(home, connections={"blip2_default": connection, **storage_connections})
+    yield AirflowSandbox(
+        home,
+        connections={"blip2_default": connection, **storage_connections},
+        extra_env=file_transport_env(home / "lineage.jsonl"),
+    )
 
 
 def test_examples_are_found() -> None:
@@ -181,6 +186,15 @@ def test_example_dag_runs_end_to_end(
         manifest_key = f"published/{DAY}/manifest.json"
         manifest = json.loads(s3.client().get_object(Bucket="uploads-test", Key=manifest_key)["Body"].read())
         assert manifest["images"] == flags["clean"] and manifest["held_back"] == 2
+        if OPENLINEAGE:  # what the openlineage listener sent for the batch task
+            [event] = read_events(sandbox.home / "lineage.jsonl", f"{dag_id}.moderate")
+            assert dataset_names(event["inputs"]) == [("s3://uploads-test", f"uploads/{DAY}")]
+            [output] = event["outputs"]
+            assert (output["namespace"], output["name"]) == (
+                "s3://uploads-test",
+                f"moderation/{DAY}/answers.jsonl",
+            )
+            assert output["outputFacets"]["outputStatistics"]["rowCount"] == 3 * len(SAMPLES)
     if dag_id == "example_blip2_alt_text":
         assert s3 is not None
         assert ledger["creates"] == len(SAMPLES)

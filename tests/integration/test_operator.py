@@ -18,16 +18,21 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import requests
 from airflow.providers.common.compat.sdk import AirflowException, TaskDeferred
 
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer
+from airflow_provider_blip2.links.blip2 import Blip2PredictionLink
 from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
 from airflow_provider_blip2.triggers.blip2 import Blip2PredictionTrigger
 from scripts.sandbox import AirflowSandbox
 from tests.conftest import API_KEY, TIME_SCALE, connection_json, requires_airflow_3_3
+from tests.lineage import OPENLINEAGE, dataset_names, file_transport_env, read_events
 
 DAG_ID = "blip2_operator_scenarios"
 SIGNATURE = "X-Amz-Signature=0c9e7a51d2b4f6a8"
@@ -44,12 +49,39 @@ LATENCY = {
     "failed_deferred": 2.0,
     "timeout_sync": 2000.0,
     "timeout_deferred": 2000.0,
-    # The first tries of the other tasks run between retry_sync's two tries: 8 s keeps its prediction
-    # running until the retry. retry_deferred runs after it, alone, so its retry comes at once.
-    "retry_sync": 160.0,
+    # The first tries of the other tasks run between retry_sync's two tries (about 15 s on a loaded
+    # machine): 24 s keeps its prediction running until the retry. retry_deferred runs after it, alone,
+    # so its retry comes at once.
+    "retry_sync": 480.0,
     "retry_deferred": 40.0,
+    "batch": 2.0,
 }
 MAPPED_IMAGES = ["chelsea.jpg", "coffee.png", "rocket.webp"]
+# How the UI (Airflow 3's API server, Airflow 2's webserver) reads a task instance's extra links.
+UI_LINKS = """
+import json, sys
+from airflow.models.serialized_dag import SerializedDagModel
+from airflow.models.taskinstance import TaskInstance
+from airflow.utils.session import create_session
+from sqlalchemy import select
+
+dag_id, name = sys.argv[1:]
+links = {}
+with create_session() as session:
+    dag = SerializedDagModel.get_dag(dag_id, session=session)
+    if dag is None:  # Airflow 2's `dags test` stores none: serialize the DAG as its DAG processor does
+        from airflow.models.dagbag import DagBag
+        from airflow.serialization.serialized_objects import SerializedDAG
+
+        found = DagBag(include_examples=False).get_dag(dag_id)
+        dag = SerializedDAG.from_dict(SerializedDAG.to_dict(found))
+    for ti in session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dag_id)):
+        task = dag.get_task(ti.task_id)
+        if name in task.extra_links:
+            key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
+            links[key] = task.get_extra_links(ti, name)
+print(json.dumps(links))
+"""
 
 DAG_TEMPLATE = '''
 from __future__ import annotations
@@ -59,7 +91,8 @@ import datetime
 import pendulum
 
 from airflow.providers.common.compat.sdk import DAG, AirflowException
-from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
+from airflow_provider_blip2.links.blip2 import Blip2PredictionLink
+from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator, Blip2PredictionOperator
 
 IMAGES = {images!r}
 SIGNED = "?{signature}"
@@ -67,6 +100,15 @@ SIGNED = "?{signature}"
 
 def signed(name):
     return IMAGES + "/" + name + SIGNED
+
+
+class LinkAtResume(Blip2PredictionOperator):
+    """Reads its extra link first thing when it resumes: the link was pushed before it deferred."""
+
+    def execute_complete(self, context, event):
+        ti = context["ti"]
+        ti.xcom_push(key="link_at_resume", value=Blip2PredictionLink().get_link(self, ti_key=ti))
+        return super().execute_complete(context, event)
 
 
 class CrashAfterSubmit(Blip2PredictionOperator):
@@ -89,14 +131,14 @@ with DAG(
     Blip2PredictionOperator(
         task_id="sync", blip2_conn_id="bl_sync", image=signed("chelsea.jpg"), caption=True, deferrable=False
     )
-    Blip2PredictionOperator(
+    LinkAtResume(
         task_id="deferred",
         blip2_conn_id="bl_deferred",
         image=signed("coffee.png"),
         question="Is there a cup?",
         deferrable=True,
     )
-    Blip2PredictionOperator.partial(
+    LinkAtResume.partial(
         task_id="mapped", blip2_conn_id="bl_mapped", caption=True, deferrable=True
     ).expand(image=[IMAGES + "/" + name + "?{mapped_signature}" for name in {mapped!r}])
     Blip2PredictionOperator(
@@ -160,6 +202,14 @@ with DAG(
         deferrable=True,
     )
     retry_sync >> retry_deferred
+    Blip2BatchPredictionOperator(
+        task_id="batch",
+        blip2_conn_id="bl_batch",
+        images=[signed("chelsea.jpg"), signed("coffee.png")],
+        output_uri={batch_output!r},
+        caption=True,
+        deferrable=True,
+    )
 '''
 
 
@@ -173,6 +223,8 @@ class DagRunResult:
     returncode: int
     output: str
     conf: dict[str, Any]
+    lineage_file: Path
+    batch_output: Path
 
     def state(self, task_id: str) -> str:
         return self.sandbox.task_states(DAG_ID)[task_id]
@@ -190,6 +242,24 @@ class DagRunResult:
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with sqlite3.connect(self.sandbox.database) as db:
             return db.execute(sql, params).fetchall()
+
+    @cached_property
+    def links(self) -> dict[str, str | None]:
+        """The "BLIP-2 prediction" link of every task instance, as the UI reads it (serialized DAG)."""
+        result = subprocess.run(
+            [sys.executable, "-c", UI_LINKS, DAG_ID, Blip2PredictionLink.name],
+            env=self.sandbox.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    def lineage_events(self, task_id: str) -> list[dict[str, Any]]:
+        """The OpenLineage COMPLETE events the listener wrote for a task, by map index."""
+        return read_events(self.lineage_file, f"{DAG_ID}.{task_id}")
 
     def task_log(self, task_id: str) -> str:
         """The lines ``dags test`` printed while running the task (every try and map index)."""
@@ -218,6 +288,7 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Iter
             mapped_signature=MAPPED_SIGNATURE,
             dag_id=DAG_ID,
             mapped=MAPPED_IMAGES,
+            batch_output=str(base / "batch" / "captions.jsonl"),
         ).lstrip()
     )
     emulators = {
@@ -226,6 +297,8 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Iter
         ).start()
         for task_id, latency in LATENCY.items()
     }
+    # With the openlineage provider installed, its listener writes every event to a file in the home.
+    lineage_file = base / "home" / "lineage.jsonl"
     try:
         sandbox = AirflowSandbox(
             base / "home",
@@ -234,6 +307,7 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Iter
                 f"bl_{task_id}": json.loads(connection_json(server.url))
                 for task_id, server in emulators.items()
             },
+            extra_env=file_transport_env(lineage_file),
         )
         sandbox.migrate()
         conf = {"image": f"{image_server}/rocket.webp?{SIGNATURE}", "question": "Is this a rocket?"}
@@ -253,6 +327,8 @@ def dag_run(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Iter
             returncode=result.returncode,
             output=result.stdout + "\n" + result.stderr,
             conf=conf,
+            lineage_file=lineage_file,
+            batch_output=base / "batch" / "captions.jsonl",
         )
     finally:
         for server in emulators.values():
@@ -431,13 +507,122 @@ def test_image_urls_are_masked_in_rendered_fields(dag_run: DagRunResult) -> None
     rendered = {(task_id, map_index): json.loads(fields) for task_id, map_index, fields in rows}
     assert {task_id for task_id, _ in rendered} >= {"sync", "deferred", "mapped", "templated", "invalid"}
     assert {index for task_id, index in rendered if task_id == "mapped"} == {0, 1, 2}
-    for fields in rendered.values():
-        assert fields["image"] == "***"
+    for (task_id, _), fields in rendered.items():
+        assert fields["images" if task_id == "batch" else "image"] in ("***", ["***", "***"])
     text = json.dumps([row[2] for row in rows])
     assert dag_run.image_server not in text
     assert SIGNATURE not in text and MAPPED_SIGNATURE not in text
     # Presigned query strings never reach the task logs either.
     assert SIGNATURE not in dag_run.output and MAPPED_SIGNATURE not in dag_run.output
+
+
+# ---- the extra link ------------------------------------------------------------------------------------
+
+
+def _api_urls(dag_run: DagRunResult, task_id: str, prediction_id: str) -> dict[str, str]:
+    """The prediction's ``urls`` as the API answers them to a read."""
+    server = dag_run.emulators[task_id]
+    answer = requests.get(
+        f"{server.url}/v1/prediction/{prediction_id}", headers={"X-API-Key": API_KEY}, timeout=10
+    )
+    answer.raise_for_status()
+    return dict(answer.json()["urls"])
+
+
+@pytest.mark.parametrize(
+    "task_id", ["sync", "deferred", "failed_sync", "failed_deferred", "timeout_deferred"]
+)
+def test_the_extra_link_opens_the_tasks_prediction(dag_run: DagRunResult, task_id: str) -> None:
+    [prediction_id] = dag_run.xcom(task_id, "prediction_id")
+    url = _api_urls(dag_run, task_id, prediction_id)["get"]
+    assert url == f"{dag_run.emulators[task_id].url}/v1/prediction/{prediction_id}"
+    assert dag_run.xcom(task_id, "prediction_url") == [url]
+    assert dag_run.links[task_id] == url
+
+
+def test_the_link_is_pushed_before_deferring_and_read_back_on_resume(dag_run: DagRunResult) -> None:
+    [prediction_id] = dag_run.xcom("deferred", "prediction_id")
+    # The resumed task read its link through Blip2PredictionLink.get_link before doing anything else.
+    assert dag_run.xcom("deferred", "link_at_resume") == [
+        _api_urls(dag_run, "deferred", prediction_id)["get"]
+    ]
+
+
+def test_each_mapped_task_instance_links_to_its_own_prediction(dag_run: DagRunResult) -> None:
+    ids = dag_run.xcom("mapped", "prediction_id")
+    expected = [_api_urls(dag_run, "mapped", prediction_id)["get"] for prediction_id in ids]
+    assert len(set(expected)) == len(MAPPED_IMAGES)
+    assert [dag_run.links[f"mapped[{index}]"] for index in range(len(MAPPED_IMAGES))] == expected
+    assert dag_run.xcom("mapped", "link_at_resume") == expected
+
+
+@requires_airflow_3_3
+def test_a_retry_that_reattaches_links_to_the_first_tries_prediction(dag_run: DagRunResult) -> None:
+    [prediction] = dag_run.predictions("retry_deferred").values()
+    assert dag_run.links["retry_deferred"] == _api_urls(dag_run, "retry_deferred", prediction.id)["get"]
+
+
+def test_no_link_without_a_prediction_and_no_secret_in_any(dag_run: DagRunResult) -> None:
+    links = dag_run.links
+    assert not links["invalid"]  # refused before any create
+    assert "batch" not in links  # a batch has no link: its predictions are in its output lines
+    text = json.dumps(links)
+    assert API_KEY not in text and SIGNATURE not in text and MAPPED_SIGNATURE not in text
+    assert all(
+        link.startswith(tuple(server.url for server in dag_run.emulators.values()))
+        for link in links.values()
+        if link
+    )
+
+
+# ---- lineage -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not OPENLINEAGE, reason="needs the openlineage provider")
+def test_openlineage_events_name_the_images_and_the_predictions(dag_run: DagRunResult) -> None:
+    for task_id, image in (("sync", "chelsea.jpg"), ("deferred", "coffee.png"), ("templated", "rocket.webp")):
+        [event] = dag_run.lineage_events(task_id)
+        assert dataset_names(event["inputs"]) == [(dag_run.image_server, f"/{image}")], task_id
+        assert event["outputs"] == []
+        [prediction_id] = dag_run.xcom(task_id, "prediction_id")
+        assert event["run"]["facets"]["externalQuery"]["externalQueryId"] == prediction_id
+        assert event["run"]["facets"]["externalQuery"]["source"] == "eachlabs"
+    mapped = dag_run.lineage_events("mapped")
+    assert [dataset_names(event["inputs"]) for event in mapped] == [
+        [(dag_run.image_server, f"/{name}")] for name in MAPPED_IMAGES
+    ]
+    ids = [event["run"]["facets"]["externalQuery"]["externalQueryId"] for event in mapped]
+    assert ids == dag_run.xcom("mapped", "prediction_id")
+    # A failed task reports the same: the listener falls back to the facets on complete.
+    [failed] = read_events(dag_run.lineage_file, f"{DAG_ID}.failed_sync", "FAIL")
+    assert dataset_names(failed["inputs"]) == [(dag_run.image_server, "/missing.jpg")]
+    [prediction_id] = dag_run.predictions("failed_sync")
+    assert failed["run"]["facets"]["externalQuery"]["externalQueryId"] == prediction_id
+
+
+@pytest.mark.skipif(not OPENLINEAGE, reason="needs the openlineage provider")
+def test_openlineage_events_name_the_batch_output_and_its_rows(dag_run: DagRunResult) -> None:
+    [event] = dag_run.lineage_events("batch")
+    assert dataset_names(event["inputs"]) == [(dag_run.image_server, "/")]
+    [output] = event["outputs"]
+    assert (output["namespace"], output["name"]) == ("file", str(dag_run.batch_output))
+    assert output["outputFacets"]["outputStatistics"]["rowCount"] == 2
+    assert len(dag_run.batch_output.read_text().splitlines()) == 2
+    text = dag_run.lineage_file.read_text()
+    assert API_KEY not in text
+    # No signed URL in what the operators report. (The openlineage provider's own "airflow" run facet
+    # does copy the DAG run's conf, which here holds a signed URL: pass s3:// or gs:// URIs in a conf.)
+    events = [json.loads(line) for line in text.splitlines() if line.strip()]
+    ours = json.dumps([(e["inputs"], e["outputs"], e["run"]["facets"].get("externalQuery")) for e in events])
+    assert dag_run.image_server in ours
+    assert SIGNATURE not in ours and MAPPED_SIGNATURE not in ours and "?" not in ours
+
+
+@pytest.mark.skipif(OPENLINEAGE, reason="checks a deployment without the openlineage provider")
+def test_without_openlineage_the_run_reports_no_lineage(dag_run: DagRunResult) -> None:
+    assert not dag_run.lineage_file.exists()
+    assert dag_run.state("batch") == "success" and dag_run.state("sync") == "success"
+    assert "openlineage" not in dag_run.output.lower()
 
 
 # ---- execute() with a task state store, against the emulator -------------------------------------------
@@ -498,6 +683,7 @@ def test_execute_stores_the_id_and_a_second_try_reattaches(
     prediction = emulator.app.emulator.predictions[prediction_id]
     assert ti_retry.xcom == {
         "prediction_id": prediction_id,
+        "prediction_url": ti.xcom["prediction_url"],
         "cost": prediction.cost,
         "predict_time": prediction.predict_time,
     }
@@ -648,3 +834,41 @@ def test_a_permanent_failure_is_not_created_again(
     assert emulator.ledger()["creates"] == 1
     with pytest.raises(ValueError, match="max_attempts"):
         _operator(image_url("missing.jpg"), max_attempts=0)
+
+
+def test_the_link_is_in_xcom_before_the_task_defers(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    image_url: Callable[[str], str],
+) -> None:
+    server = start_emulator(latency=400.0)
+    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+    ti = FakeTI()
+    operator = _operator(image_url("coffee.png"), deferrable=True, timeout=30)
+    with pytest.raises(TaskDeferred):
+        operator.execute(cast(Any, {"ti": ti, "task_state_store": DictStateStore()}))
+    prediction_id = ti.xcom["prediction_id"]
+    answer = requests.get(
+        f"{server.url}/v1/prediction/{prediction_id}", headers={"X-API-Key": API_KEY}, timeout=10
+    ).json()
+    assert answer["status"] != "success"  # still running: the task deferred with the link already pushed
+    assert ti.xcom["prediction_url"] == answer["urls"]["get"]
+    assert server.ledger()["requests"] == {"create": 1, "get": 1}  # the link cost no request
+
+
+def test_lineage_of_a_finished_prediction_with_or_without_openlineage(
+    blip2_connection: str, emulator: EmulatorServer, image_url: Callable[[str], str]
+) -> None:
+    operator = _operator(image_url("chelsea.jpg") + f"?{SIGNATURE}")
+    _, ti = _execute(operator, DictStateStore())
+    lineage = operator.get_openlineage_facets_on_complete(ti)
+    if not OPENLINEAGE:
+        assert lineage is None
+        assert "airflow.providers.openlineage" not in sys.modules
+        return
+    assert lineage is not None
+    origin, _ = image_url("chelsea.jpg").rsplit("/", 1)
+    assert [(dataset.namespace, dataset.name) for dataset in lineage.inputs] == [(origin, "/chelsea.jpg")]
+    assert lineage.outputs == []
+    assert lineage.run_facets["externalQuery"].externalQueryId == ti.xcom["prediction_id"]
+    assert SIGNATURE not in repr(lineage)

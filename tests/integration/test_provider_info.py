@@ -95,3 +95,16 @@ def test_airflow_cli_lists_the_provider(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "airflow-provider-blip2" in result.stdout
+
+
+def test_the_prediction_link_is_registered_for_the_ui() -> None:
+    """Airflow 2's webserver rebuilds the link of a serialized DAG only from a registered class."""
+    from airflow.providers_manager import ProvidersManager
+
+    from airflow_provider_blip2.links.blip2 import Blip2PredictionLink
+    from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
+
+    path = f"{Blip2PredictionLink.__module__}.{Blip2PredictionLink.__qualname__}"
+    assert get_provider_info()["extra-links"] == [path]
+    assert path in ProvidersManager().extra_links_class_names
+    assert [type(link) for link in Blip2PredictionOperator.operator_extra_links] == [Blip2PredictionLink]

@@ -116,6 +116,26 @@ def test_parse_prediction_success_output(output: Any, expected: str | None) -> N
     assert prediction.raw is payload
 
 
+@pytest.mark.parametrize(
+    ("urls", "expected"),
+    [
+        (
+            {"get": "https://a/v1/prediction/p", "cancel": "https://a/v1/prediction/p/cancel"},
+            {"get": "https://a/v1/prediction/p", "cancel": "https://a/v1/prediction/p/cancel"},
+        ),
+        (
+            {"get": "https://a/v1/prediction/p", "web": "https://console/p", "stream": None},
+            {"get": "https://a/v1/prediction/p", "web": "https://console/p"},
+        ),
+        (None, {}),
+        ("https://a/v1/prediction/p", {}),
+    ],
+)
+def test_prediction_urls_keep_the_strings_the_api_gave(urls: Any, expected: dict[str, str]) -> None:
+    prediction = parse_prediction({"id": "p", "status": "processing", "urls": urls}, prediction_id="p")
+    assert prediction.urls == expected
+
+
 def test_parse_prediction_uses_requested_id_when_body_has_none() -> None:
     prediction = parse_prediction({"status": "completed", "output": "a cat"}, prediction_id="asked-for")
     assert prediction.id == "asked-for"

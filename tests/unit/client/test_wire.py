@@ -32,6 +32,7 @@ from airflow_provider_blip2.client.wire import (
     get_prediction_request,
     parse_create_response,
     parse_retry_after,
+    prediction_link,
 )
 from tests.unit.client.helpers import (
     IMAGE,
@@ -275,3 +276,50 @@ def test_auth_headers() -> None:
     }
     with pytest.raises(Blip2AuthenticationError, match="No API key"):
         auth_headers("")
+
+
+# --------------------------------------------------------------------------------------------------
+# The link to a prediction
+# --------------------------------------------------------------------------------------------------
+PREDICTION_ID = "4f1c2e8a-5b6d-4e7f-8a9b-0c1d2e3f4a5b"
+
+
+@pytest.mark.parametrize(
+    ("urls", "expected"),
+    [
+        (None, f"https://api.eachlabs.ai/v1/prediction/{PREDICTION_ID}"),
+        ({}, f"https://api.eachlabs.ai/v1/prediction/{PREDICTION_ID}"),
+        (
+            {"get": f"https://api.eachlabs.ai/v1/prediction/{PREDICTION_ID}", "cancel": "https://x/cancel"},
+            f"https://api.eachlabs.ai/v1/prediction/{PREDICTION_ID}",
+        ),
+        # A console page, when the API names one, comes first.
+        (
+            {"get": "https://api.eachlabs.ai/v1/prediction/p", "web": "https://console.eachlabs.ai/p/1"},
+            "https://console.eachlabs.ai/p/1",
+        ),
+        (
+            {"console": "https://console.eachlabs.ai/p/2", "get": "https://a/b"},
+            "https://console.eachlabs.ai/p/2",
+        ),
+        # Never a query string or credentials; nothing but http(s).
+        ({"web": "https://console.eachlabs.ai/p/3?token=s3cr3t"}, "https://console.eachlabs.ai/p/3"),
+        (
+            {"get": "https://user:s3cr3t@api.eachlabs.ai/v1/prediction/p"},
+            "https://api.eachlabs.ai/v1/prediction/p",
+        ),
+        ({"web": "javascript:alert(1)", "get": 7}, f"https://api.eachlabs.ai/v1/prediction/{PREDICTION_ID}"),
+    ],
+)
+def test_prediction_link(urls: dict[str, Any] | None, expected: str) -> None:
+    assert prediction_link("https://api.eachlabs.ai", PREDICTION_ID, urls) == expected
+
+
+def test_prediction_link_is_the_read_endpoint_below_the_base_url() -> None:
+    link = prediction_link("http://127.0.0.1:8765/proxy", PREDICTION_ID)
+    assert link == "http://127.0.0.1:8765/proxy" + get_prediction_request(PREDICTION_ID).path
+
+
+def test_prediction_link_refuses_an_id_that_is_not_one() -> None:
+    with pytest.raises(Blip2InputError):
+        prediction_link("https://api.eachlabs.ai", "../../v1/model?slug=x")
