@@ -21,6 +21,8 @@ triggerer warns past 0.2 s). Printed as one JSON object:
   steady window, and the CPU share of the emulator's process and of this one over that window (a
   single-threaded emulator near 100 % is the bottleneck, not the triggers), with the CPU the other
   processes of the machine used and the hypervisor stole meanwhile: a run they disturbed is no measure.
+  The CPU this process spent per read (``benchmark_cpu_ms_per_read``) depends least on them: a core of
+  its own sends at most 1,000 / that many reads a second.
 """
 
 from __future__ import annotations
@@ -285,6 +287,7 @@ async def measure(
         "triggers_created_in_s": round(created_after, 3),
         "first_reads_done_after_s": round(first_reads_after, 2),
         "benchmark_cpu_percent": round(100 * own_cpu / steady_elapsed, 1),
+        "benchmark_cpu_ms_per_read": round(1000 * own_cpu / max(1, gets_to - gets_from), 2),
         "emulator_cpu_percent": round(100 * emulator_cpu / steady_elapsed, 1),
         "other_processes_cpu_percent": round(100 * max(0.0, other_cpu) / steady_elapsed, 1),
         "cpu_steal_percent": round(100 * steal / steady_elapsed, 1),
@@ -363,6 +366,7 @@ def main() -> None:
         "triggers_created_in_s": result["triggers_created_in_s"],
         "first_reads_done_after_s": result["first_reads_done_after_s"],
         "benchmark_cpu_percent": result["benchmark_cpu_percent"],
+        "benchmark_cpu_ms_per_read": result["benchmark_cpu_ms_per_read"],
         "emulator_cpu_percent": result["emulator_cpu_percent"],
         "other_processes_cpu_percent": result["other_processes_cpu_percent"],
         "cpu_steal_percent": result["cpu_steal_percent"],

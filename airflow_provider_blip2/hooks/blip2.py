@@ -6,7 +6,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import requests
-import tenacity
 from airflow.providers.common.compat.sdk import BaseHook
 from requests.adapters import HTTPAdapter
 
@@ -50,7 +49,7 @@ from airflow_provider_blip2.client.wire import (
     request_arguments,
     transport_error,
 )
-from airflow_provider_blip2.hooks.event_loop import aconnection, ahttp_client
+from airflow_provider_blip2.hooks.event_loop import aconnection, arequest
 
 if TYPE_CHECKING:
     pass
@@ -424,9 +423,8 @@ class Blip2Hook(BaseHook):
                 budget.request_done(rate_limited=status == 429)
             return check_response(request, response)
 
-        arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
         try:
-            return tenacity.Retrying(**arguments)(attempt)
+            return self.retry_policy.call(attempt, request, self.log, patient_until=patient_until)
         except Blip2Error as error:
             raise final_error(request, error) from error
 
@@ -445,8 +443,7 @@ class Blip2Hook(BaseHook):
             return check_response(request, response)
 
         try:
-            retrying = tenacity.AsyncRetrying(**self.retry_policy.tenacity_arguments(request, self.log))
-            return await retrying(attempt)
+            return await self.retry_policy.acall(attempt, request, self.log)
         except Blip2Error as error:
             raise final_error(request, error) from error
 
@@ -468,9 +465,9 @@ class Blip2Hook(BaseHook):
     async def _asend_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
         import httpx
 
-        client = await ahttp_client(settings.base_url.startswith("https://"))
         try:
-            answer = await client.request(**request_arguments(settings, request))
+            uses_tls = settings.base_url.startswith("https://")
+            answer = await arequest(uses_tls, request_arguments(settings, request))
         except httpx.UnsupportedProtocol as error:
             raise Blip2InputError(f"connection host is not an http(s) URL: {error}") from None
         except httpx.HTTPError as error:
