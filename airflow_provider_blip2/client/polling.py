@@ -2,19 +2,15 @@
 The one polling rule, shared by the worker-side wait and both triggers.
 
 A :class:`PredictionWatch` follows one prediction: when to read it next, when its deadline has
-passed, and which read results end the wait. Reads keep a fixed rate: each is due a whole number
-of poll intervals after the first, however long the ones before took, so many watches in one event
-loop keep the spread their starts gave them instead of drifting into bunches. Transient errors
-(network, 5xx, 429 after the client's retries) never end the wait; an authentication error or a
-missing prediction seen :data:`PERSISTENT_ERROR_LIMIT` times in a row does, and so does invalid
-input at once. The loops that drive a watch (``time.sleep`` on a worker, ``asyncio.sleep`` in a
-trigger) only sleep and read.
+passed, and which read results end the wait. Transient errors (network, 5xx, 429 after the
+client's retries) never end it; an authentication error or a missing prediction seen
+:data:`PERSISTENT_ERROR_LIMIT` times in a row does, and so does invalid input at once. The loops
+that drive a watch (``time.sleep`` on a worker, ``asyncio.sleep`` in a trigger) only sleep and read.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,9 +38,7 @@ class PredictionWatch:
     :param end_time: Unix time after which the outcome is ``timeout``.
     :param log: Where failed reads are logged.
     :param first_read_at: Unix time of the first read; default a poll interval from now (a
-        prediction takes about 2 s, and every read spends budget). The next reads are due a whole
-        number of poll intervals after it, the first such time at least half an interval after the
-        read before ended (a late read skips the times it missed rather than reading twice at once).
+        prediction takes about 2 s, and every read spends budget).
     :param clock: Unix clock.
     """
 
@@ -67,13 +61,6 @@ class PredictionWatch:
         self.last_read_at: float | None = None
         self.outcome: PredictionOutcome | None = None
         self._errors_in_a_row = 0
-
-    def _next_due(self, now: float) -> float:
-        """The first time on the schedule (``next_read_at`` + whole intervals) half an interval on."""
-        due, interval = self.next_read_at, self.poll_interval
-        if interval <= 0:
-            return now
-        return due + math.ceil((now + interval / 2 - due) / interval) * interval
 
     def seconds_until_due(self) -> float:
         """Seconds until the next read or the deadline, whichever comes first."""
@@ -121,9 +108,11 @@ class PredictionWatch:
         :param result: What the read gave.
         :return: The outcome if the wait has ended, else ``None``.
         """
-        now = self._clock()
-        self.last_read_at = round(now, 3)
-        self.next_read_at = self._next_due(now)
+        self.last_read_at = round(self._clock(), 3)
+        # A poll interval after the read ended, not on a fixed-rate schedule: triggers started
+        # together (a triggerer's restart) whose reads the loop answered one after another then
+        # spread out, where a fixed rate would keep them due at the same moment every interval.
+        self.next_read_at = self.last_read_at + self.poll_interval
         if isinstance(result, Prediction):
             self._errors_in_a_row = 0
             if result.status.is_terminal:

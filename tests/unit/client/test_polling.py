@@ -49,34 +49,15 @@ def test_reads_are_a_poll_interval_apart_and_never_past_the_deadline() -> None:
     assert w.seconds_until_due() == 1.0  # the deadline comes before the next read
 
 
-def test_reads_keep_a_fixed_rate_however_long_each_took() -> None:
+def test_watches_due_together_spread_out_as_their_reads_end() -> None:
     clock = FakeClock()
-    start = clock.now
-    w = watch(clock)
-    for read, took in enumerate([0.3, 0.9, 0.0, 0.7], start=1):
-        clock.now = start + 2.0 * read + took  # the read was due at start + 2 * read and took this long
-        assert w.observe(prediction("processing")) is None
-        assert w.next_read_at == start + 2.0 * (read + 1)  # not "now + 2": no drift
-
-
-def test_a_late_read_skips_the_times_it_missed_and_never_reads_twice_at_once() -> None:
-    clock = FakeClock()
-    start = clock.now
-    w = watch(clock)
-    clock.now = start + 2.0 + 1.5  # due at start + 2, ended 1.5 s late: start + 4 is only 0.5 s away
-    w.observe(Blip2ServerError("boom", status_code=503))
-    assert w.next_read_at == start + 6.0
-    clock.now = start + 6.0 + 4.3  # more than two intervals late
-    w.observe(prediction("processing"))
-    assert w.next_read_at == start + 12.0  # the schedule's phase is kept
-    assert w.next_read_at - clock.now >= w.poll_interval / 2
-
-
-def test_an_early_read_keeps_the_schedule() -> None:
-    clock = FakeClock()
-    w = watch(clock, first_read_at=clock.now + 10.0)
-    w.observe(prediction("processing"))  # read long before it was due
-    assert w.next_read_at == clock.now + 2.0  # the schedule's first time at least 1 s on
+    watches = [watch(clock) for _ in range(3)]
+    clock.advance(2)  # all three due at once; the loop answers them one after another
+    for w in watches:
+        clock.advance(0.1)
+        w.observe(prediction("processing"))
+    due = [w.next_read_at - clock.now for w in watches]
+    assert due == pytest.approx([1.8, 1.9, 2.0])  # a poll interval after each read ended
 
 
 def test_terminal_prediction_ends_the_wait_with_its_outcome() -> None:
