@@ -4,20 +4,17 @@ The one retry policy of the client, for the sync and the async transport alike.
 Idempotent requests (reads, cancels) retry on transport errors, 429 and 5xx. A create is retried
 only when nothing can have been created: after a 429, or a connection that could not be opened.
 A create that failed after it was sent becomes :class:`Blip2AmbiguousCreateError`, never resent.
-:meth:`RetryPolicy.call` and :meth:`RetryPolicy.acall` drive a request by this policy in a thread
-and in an event loop: the same decisions (:meth:`RetryPolicy.wait_after`), only the sleep differs.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
+
+import tenacity
 
 from airflow_provider_blip2.client.errors import (
     Blip2Error,
@@ -27,8 +24,6 @@ from airflow_provider_blip2.client.errors import (
     ambiguous_create_error,
 )
 from airflow_provider_blip2.client.wire import ApiRequest
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,99 +72,47 @@ class RetryPolicy:
         ceiling = min(self.max_wait, self.initial_wait * (2 ** (attempt - 1)))
         return (rng or random).uniform(ceiling / 2, ceiling)
 
-    def wait_after(
-        self,
-        error: BaseException,
-        request: ApiRequest,
-        *,
-        attempt: int,
-        elapsed: float,
-        patient_until: float | None = None,
-        now: float | None = None,
-    ) -> float | None:
+    def tenacity_arguments(
+        self, request: ApiRequest, log: logging.Logger | Any, *, patient_until: float | None = None
+    ) -> dict[str, Any]:
         """
-        Seconds to wait before sending ``request`` again after failed attempt ``attempt``, or ``None``
-        when ``error`` is final.
+        Keyword arguments of ``tenacity.Retrying`` / ``AsyncRetrying`` applying this policy.
 
-        :param error: The error of that attempt.
-        :param request: The request.
-        :param attempt: How many attempts were made so far (1-based).
-        :param elapsed: Seconds since the first attempt started.
+        :param request: The request being retried.
+        :param log: Where each retry is logged as a warning.
         :param patient_until: Unix time until which 429 answers are retried however many there
             are (a 429 creates nothing: it is back-pressure, not a failure); ``None`` applies
             ``max_attempts`` and ``max_elapsed`` to them too.
-        :param now: The Unix time (default: now), for ``patient_until``.
         """
-        if not self.should_retry(error, request):
-            return None
-        if patient_until is not None and isinstance(error, Blip2RateLimitError):
-            if (time.time() if now is None else now) >= patient_until:
-                return None
-        elif attempt >= self.max_attempts or elapsed >= self.max_elapsed:
-            return None
-        return self.wait_seconds(error, attempt)
 
-    def call(
-        self, attempt: Callable[[], T], request: ApiRequest, log: logging.Logger | Any, *,
-        patient_until: float | None = None,
-    ) -> T:  # fmt: skip
-        """
-        Run ``attempt`` until it returns, retrying its failures by this policy; raise the final error.
+        def stop(state: tenacity.RetryCallState) -> bool:
+            error = state.outcome.exception() if state.outcome else None
+            if patient_until is not None and isinstance(error, Blip2RateLimitError):
+                return time.time() >= patient_until
+            seconds = state.seconds_since_start or 0.0
+            return state.attempt_number >= self.max_attempts or seconds >= self.max_elapsed
 
-        :param attempt: Sends the request once.
-        :param request: The request, for the decision and the log.
-        :param log: Where each retry is logged as a warning.
-        :param patient_until: See :meth:`wait_after`.
-        """
-        started = time.monotonic()
-        for number in itertools.count(1):
-            try:
-                return attempt()
-            except Exception as error:
-                wait = self._after_failure(error, request, log, number, started, patient_until)
-            time.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+        def wait(state: tenacity.RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            return self.wait_seconds(error, state.attempt_number)
 
-    async def acall(
-        self, attempt: Callable[[], Awaitable[T]], request: ApiRequest, log: logging.Logger | Any, *,
-        patient_until: float | None = None,
-    ) -> T:  # fmt: skip
-        """
-        :meth:`call` for coroutines: the same decisions, waiting with ``asyncio.sleep``.
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "BLIP-2 %s failed (attempt %d), retrying in %.1f s: %s",
+                request.label,
+                state.attempt_number,
+                state.upcoming_sleep,
+                error,
+            )
 
-        :param attempt: Sends the request once.
-        :param request: The request, for the decision and the log.
-        :param log: Where each retry is logged as a warning.
-        :param patient_until: See :meth:`wait_after`.
-        """
-        started = time.monotonic()
-        for number in itertools.count(1):
-            try:
-                return await attempt()
-            except Exception as error:
-                wait = self._after_failure(error, request, log, number, started, patient_until)
-            await asyncio.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _after_failure(
-        self,
-        error: Exception,
-        request: ApiRequest,
-        log: logging.Logger | Any,
-        attempt: int,
-        started: float,
-        patient_until: float | None,
-    ) -> float:
-        """The wait before the next attempt, logged; raises ``error`` when it is final."""
-        wait = self.wait_after(
-            error, request, attempt=attempt, elapsed=time.monotonic() - started, patient_until=patient_until
-        )
-        if wait is None:
-            raise error
-        log.warning(
-            "BLIP-2 %s failed (attempt %d), retrying in %.1f s: %s", request.label, attempt, wait, error
-        )
-        return wait
+        return {
+            "retry": tenacity.retry_if_exception(lambda error: self.should_retry(error, request)),
+            "stop": stop,
+            "wait": wait,
+            "before_sleep": before_sleep,
+            "reraise": True,
+        }
 
 
 #: "Test connection" answers within seconds rather than retrying for minutes.

@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import requests
+import tenacity
 from airflow.providers.common.compat.sdk import BaseHook
 from requests.adapters import HTTPAdapter
 
@@ -423,8 +424,9 @@ class Blip2Hook(BaseHook):
                 budget.request_done(rate_limited=status == 429)
             return check_response(request, response)
 
+        arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
         try:
-            return self.retry_policy.call(attempt, request, self.log, patient_until=patient_until)
+            return tenacity.Retrying(**arguments)(attempt)
         except Blip2Error as error:
             raise final_error(request, error) from error
 
@@ -443,7 +445,8 @@ class Blip2Hook(BaseHook):
             return check_response(request, response)
 
         try:
-            return await self.retry_policy.acall(attempt, request, self.log)
+            retrying = tenacity.AsyncRetrying(**self.retry_policy.tenacity_arguments(request, self.log))
+            return await retrying(attempt)
         except Blip2Error as error:
             raise final_error(request, error) from error
 

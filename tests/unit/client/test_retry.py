@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import random
-import time
 
 import pytest
 
@@ -123,105 +121,3 @@ def test_retry_policy_defaults() -> None:
         1.0,
         30.0,
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# The retry decision and its two drivers (call: threads, acall: event loops)
-# --------------------------------------------------------------------------------------------------
-SERVER_ERROR = Blip2ServerError("503", status_code=503)
-RATE_LIMITED = Blip2RateLimitError("429", retry_after=0.0)
-
-
-def test_wait_after_stops_at_max_attempts_and_max_elapsed() -> None:
-    policy = RetryPolicy(max_attempts=3, max_elapsed=10.0)
-    assert policy.wait_after(SERVER_ERROR, GET, attempt=1, elapsed=0.0) is not None
-    assert policy.wait_after(SERVER_ERROR, GET, attempt=2, elapsed=9.9) is not None
-    assert policy.wait_after(SERVER_ERROR, GET, attempt=3, elapsed=0.0) is None
-    assert policy.wait_after(SERVER_ERROR, GET, attempt=1, elapsed=10.0) is None
-
-
-def test_wait_after_never_retries_what_the_policy_forbids() -> None:
-    policy = RetryPolicy()
-    assert policy.wait_after(SERVER_ERROR, CREATE, attempt=1, elapsed=0.0) is None  # may have been created
-    assert policy.wait_after(Blip2NotFoundError("404", status_code=404), GET, attempt=1, elapsed=0.0) is None
-    assert policy.wait_after(ValueError("bug"), GET, attempt=1, elapsed=0.0) is None
-
-
-def test_wait_after_waits_out_429s_until_patient_until_however_many() -> None:
-    policy = RetryPolicy(max_attempts=2, max_elapsed=1.0)
-    decide = policy.wait_after
-    wait = decide(RATE_LIMITED, CREATE, attempt=50, elapsed=500.0, patient_until=1000.0, now=999.0)
-    assert wait is not None and 0.0 <= wait <= 0.1  # Retry-After 0 plus jitter
-    assert decide(RATE_LIMITED, CREATE, attempt=1, elapsed=0.0, patient_until=1000.0, now=1000.0) is None
-    # Patience is for 429s only; without it 429s count against the attempts too.
-    assert decide(SERVER_ERROR, GET, attempt=2, elapsed=0.0, patient_until=1000.0, now=0.0) is None
-    assert decide(RATE_LIMITED, CREATE, attempt=2, elapsed=0.0) is None
-
-
-class Flaky:
-    """Fails with the given errors, in order, then returns ``"ok"``; counts its calls."""
-
-    def __init__(self, *errors: Exception) -> None:
-        self.errors = list(errors)
-        self.calls = 0
-
-    def __call__(self) -> str:
-        self.calls += 1
-        if self.errors:
-            raise self.errors.pop(0)
-        return "ok"
-
-    async def acall(self) -> str:
-        return self()
-
-
-FAST = RetryPolicy(max_attempts=3, initial_wait=0.001, max_wait=0.002)
-
-
-def test_call_retries_by_the_policy_and_logs_each_retry(caplog: pytest.LogCaptureFixture) -> None:
-    attempt = Flaky(SERVER_ERROR, Blip2TransportError("reset", sent=True))
-    with caplog.at_level(logging.WARNING):
-        assert FAST.call(attempt, GET, logging.getLogger("test")) == "ok"
-    assert attempt.calls == 3
-    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
-        "BLIP-2 get prediction failed (attempt 1)",
-        "BLIP-2 get prediction failed (attempt 2)",
-    ]
-
-
-def test_call_raises_the_last_error_once_the_policy_stops() -> None:
-    attempt = Flaky(SERVER_ERROR, SERVER_ERROR, SERVER_ERROR, SERVER_ERROR)
-    with pytest.raises(Blip2ServerError) as caught:
-        FAST.call(attempt, GET, logging.getLogger("test"))
-    assert caught.value is SERVER_ERROR
-    assert attempt.calls == FAST.max_attempts
-    create = Flaky(SERVER_ERROR)
-    with pytest.raises(Blip2ServerError):
-        FAST.call(create, CREATE, logging.getLogger("test"))
-    assert create.calls == 1  # a create that may have been made is never resent
-
-
-def test_call_waits_out_429s_past_max_attempts_until_patient_until() -> None:
-    attempt = Flaky(*[RATE_LIMITED] * 5)
-    assert FAST.call(attempt, CREATE, logging.getLogger("test"), patient_until=time.time() + 60) == "ok"
-    assert attempt.calls == 6
-    expired = Flaky(*[RATE_LIMITED] * 5)
-    with pytest.raises(Blip2RateLimitError):
-        FAST.call(expired, CREATE, logging.getLogger("test"), patient_until=time.time() - 1)
-    assert expired.calls == 1
-
-
-async def test_acall_makes_the_same_decisions() -> None:
-    attempt = Flaky(SERVER_ERROR, RATE_LIMITED)
-    assert await FAST.acall(attempt.acall, GET, logging.getLogger("test")) == "ok"
-    assert attempt.calls == 3
-    failing = Flaky(SERVER_ERROR, SERVER_ERROR, SERVER_ERROR, SERVER_ERROR)
-    with pytest.raises(Blip2ServerError):
-        await FAST.acall(failing.acall, GET, logging.getLogger("test"))
-    assert failing.calls == FAST.max_attempts
-    patient = Flaky(*[RATE_LIMITED] * 5)
-    assert (
-        await FAST.acall(patient.acall, CREATE, logging.getLogger("test"), patient_until=time.time() + 60)
-        == "ok"
-    )
-    assert patient.calls == 6
