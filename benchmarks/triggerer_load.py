@@ -21,6 +21,10 @@ triggerer warns past 0.2 s). Printed as one JSON object:
   steady window, and the CPU share of the emulator's process and of this one over that window (a
   single-threaded emulator near 100 % is the bottleneck, not the triggers), with the CPU the other
   processes of the machine used and the hypervisor stole meanwhile: a run they disturbed is no measure.
+  The full garbage collections of the steady window are counted with their longest pass: each walks
+  the whole heap of the process (mostly Airflow's own imported objects) and stalls the loop meanwhile.
+  The CPU this process spent per read (``benchmark_cpu_ms_per_read``) depends least on them: a core of
+  its own sends at most 1,000 / that many reads a second.
 """
 
 from __future__ import annotations
@@ -168,6 +172,27 @@ def create_predictions(count: int) -> list[str]:
 # The triggers, in one event loop
 # --------------------------------------------------------------------------------------------------
 @dataclass
+class FullCollections:
+    """The full (generation 2) garbage collections of this process: ``(loop time at end, seconds)``."""
+
+    passes: list[tuple[float, float]] = field(default_factory=list)
+    _started: float = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        """A ``gc.callbacks`` entry."""
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._started = time.monotonic()
+        else:
+            self.passes.append((time.monotonic(), time.monotonic() - self._started))
+
+    def between(self, start: float, end: float) -> list[float]:
+        """The durations of the passes that ended between two monotonic times."""
+        return [seconds for moment, seconds in self.passes if start <= moment < end]
+
+
+@dataclass
 class Heartbeat:
     """Sleeps :data:`HEARTBEAT` in a loop and records how late each wake-up is: ``(loop time, lateness)``."""
 
@@ -247,6 +272,8 @@ async def measure(
     """Run the triggers through start-up and the steady window; return stalls, RSS growth and reads."""
     loop = asyncio.get_running_loop()
     heartbeat = Heartbeat()
+    collections = FullCollections()
+    gc.callbacks.append(collections)
     beating = asyncio.create_task(heartbeat.run())
     await asyncio.sleep(1.0)  # the heartbeat's baseline, and the loop's default executor warmed up
     gets_before = await gets(url)
@@ -275,6 +302,9 @@ async def measure(
     beating.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await beating
+    gc.callbacks.remove(collections)
+    # The event loop's clock is time.monotonic.
+    full_passes = collections.between(steady_from, steady_to)
     steady_elapsed = steady_to - steady_from
     startup, steady = heartbeat.stalls(started, steady_from), heartbeat.stalls(steady_from, steady_to)
     return {
@@ -284,9 +314,12 @@ async def measure(
         "steady_stall_p99_s": round(steady["p99"], 4),
         "memory_per_trigger_rss_kb": round((rss_after - rss_before) / len(ids) / 1024, 1),
         "reads_sent_per_s": round((gets_to - gets_from) / steady_elapsed, 1),
+        "steady_full_gc_passes": len(full_passes),
+        "steady_full_gc_max_s": round(max(full_passes, default=0.0), 4),
         "triggers_created_in_s": round(created_after, 3),
         "first_reads_done_after_s": round(first_reads_after, 2),
         "benchmark_cpu_percent": round(100 * own_cpu / steady_elapsed, 1),
+        "benchmark_cpu_ms_per_read": round(1000 * own_cpu / max(1, gets_to - gets_from), 2),
         "emulator_cpu_percent": round(100 * emulator_cpu / steady_elapsed, 1),
         "other_processes_cpu_percent": round(100 * max(0.0, other_cpu) / steady_elapsed, 1),
         "cpu_steal_percent": round(100 * steal / steady_elapsed, 1),
@@ -363,9 +396,12 @@ def main() -> None:
         "reads_asked_per_s": round(asked, 1),
         "reads_sent_per_s": result["reads_sent_per_s"],
         "reads_sent_ratio": round(result["reads_sent_per_s"] / asked, 3),
+        "steady_full_gc_passes": result["steady_full_gc_passes"],
+        "steady_full_gc_max_s": result["steady_full_gc_max_s"],
         "triggers_created_in_s": result["triggers_created_in_s"],
         "first_reads_done_after_s": result["first_reads_done_after_s"],
         "benchmark_cpu_percent": result["benchmark_cpu_percent"],
+        "benchmark_cpu_ms_per_read": result["benchmark_cpu_ms_per_read"],
         "emulator_cpu_percent": result["emulator_cpu_percent"],
         "other_processes_cpu_percent": result["other_processes_cpu_percent"],
         "cpu_steal_percent": result["cpu_steal_percent"],

@@ -109,6 +109,9 @@ class PredictionWatch:
         :return: The outcome if the wait has ended, else ``None``.
         """
         self.last_read_at = round(self._clock(), 3)
+        # A poll interval after the read ended, not on a fixed-rate schedule: triggers started
+        # together (a triggerer's restart) whose reads the loop answered one after another then
+        # spread out, where a fixed rate would keep them due at the same moment every interval.
         self.next_read_at = self.last_read_at + self.poll_interval
         if isinstance(result, Prediction):
             self._errors_in_a_row = 0

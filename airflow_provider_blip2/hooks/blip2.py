@@ -51,7 +51,7 @@ from airflow_provider_blip2.client.wire import (
     request_arguments,
     transport_error,
 )
-from airflow_provider_blip2.hooks.event_loop import aconnection, ahttp_client
+from airflow_provider_blip2.hooks.event_loop import aconnection, arequest
 
 if TYPE_CHECKING:
     pass
@@ -483,9 +483,9 @@ class Blip2Hook(BaseHook):
     async def _asend_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
         import httpx
 
-        client = await ahttp_client(settings.base_url.startswith("https://"))
         try:
-            answer = await client.request(**request_arguments(settings, request))
+            uses_tls = settings.base_url.startswith("https://")
+            answer = await arequest(uses_tls, request_arguments(settings, request))
         except httpx.UnsupportedProtocol as error:
             raise Blip2InputError(f"connection host is not an http(s) URL: {error}") from None
         except httpx.HTTPError as error:

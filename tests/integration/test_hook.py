@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import re
 import socket
 import threading
@@ -29,6 +30,7 @@ from airflow_provider_blip2.client.models import Prediction, PredictionStatus
 from airflow_provider_blip2.client.retry import RetryPolicy
 from airflow_provider_blip2.client.wire import ApiRequest
 from airflow_provider_blip2.emulator import EmulatorServer
+from airflow_provider_blip2.hooks import event_loop
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from tests.conftest import API_KEY, FAST_RETRIES, connection_json, requires_airflow_3_3
 
@@ -828,3 +830,94 @@ async def test_async_closed_port_raises_unsent_transport_error(monkeypatch: pyte
         await hook.aclose()
     assert caught.value.sent is False
     assert len(policy.failures) == FAST_RETRIES.max_attempts
+
+
+class CountingServer:
+    """
+    A loopback HTTP/1.1 server answering every request "processing" after ``delay`` seconds.
+
+    It counts the requests it is answering at once (``peak``) and the TCP connections opened.
+    """
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.answering = 0
+        self.peak = 0
+        self.requests = 0
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> CountingServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        body = b'{"id": "p", "status": "processing"}'
+        try:
+            while (await reader.readuntil(b"\r\n\r\n")).strip():
+                self.requests += 1
+                self.answering += 1
+                self.peak = max(self.peak, self.answering)
+                await asyncio.sleep(self.delay)
+                self.answering -= 1
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_loop_sends_at_most_max_connections_requests_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(event_loop, "MAX_CONNECTIONS", 3)
+    async with CountingServer(delay=0.05) as server:
+        conn_id = add_connection(monkeypatch, "blip2_counted", server.url)
+        hooks = [Blip2Hook(conn_id, retry_policy=FAST_RETRIES) for _ in range(12)]
+        ids = [f"00000000-0000-4000-8000-0000000000{n:02d}" for n in range(12)]
+        for _ in range(2):
+            predictions = await asyncio.gather(
+                *(h.aget_prediction(i) for h, i in zip(hooks, ids, strict=True))
+            )
+            assert [p.raw_status for p in predictions] == ["processing"] * 12
+    assert server.requests == 24
+    assert server.peak == 3  # the others waited their turn in the loop, not in a pool's queue
+    assert server.connections == 3  # and the connections were kept and reused
+
+
+async def test_reads_leave_no_response_cycles(
+    emulator: EmulatorServer, blip2_connection: str, image_url: ImageUrl, make_hook: Callable[..., Blip2Hook]
+) -> None:
+    # Cyclic garbage waits for the collector, whose full passes stall a loop of many triggers; an
+    # httpx response and its stream refer to each other unless the hook parts them.
+    import httpx
+
+    prediction_id = make_hook(blip2_connection).create_prediction(image_url("chelsea.jpg"))
+    hook = Blip2Hook(blip2_connection, retry_policy=FAST_RETRIES)
+    await hook.aget_prediction(prediction_id)  # the loop's client and connection are made
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            await hook.aget_prediction(prediction_id)
+        gc.collect()
+        responses = [item for item in gc.garbage if isinstance(item, httpx.Response)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert responses == []

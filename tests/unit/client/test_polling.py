@@ -49,6 +49,17 @@ def test_reads_are_a_poll_interval_apart_and_never_past_the_deadline() -> None:
     assert w.seconds_until_due() == 1.0  # the deadline comes before the next read
 
 
+def test_watches_due_together_spread_out_as_their_reads_end() -> None:
+    clock = FakeClock()
+    watches = [watch(clock) for _ in range(3)]
+    clock.advance(2)  # all three due at once; the loop answers them one after another
+    for w in watches:
+        clock.advance(0.1)
+        w.observe(prediction("processing"))
+    due = [w.next_read_at - clock.now for w in watches]
+    assert due == pytest.approx([1.8, 1.9, 2.0])  # a poll interval after each read ended
+
+
 def test_terminal_prediction_ends_the_wait_with_its_outcome() -> None:
     clock = FakeClock()
     w = watch(clock)
