@@ -54,6 +54,7 @@ import httpx
 import psutil
 
 from benchmarks.results import add_json_argument, write_results
+from scripts.processes import stop_process
 
 API_KEY = "bench-key"
 CONN_ID = "blip2_default"
@@ -114,12 +115,7 @@ def emulator_process(max_in_flight: int) -> Iterator[tuple[str, psutil.Process]]
                 time.sleep(0.1)
         yield url, psutil.Process(child.pid)
     finally:
-        child.terminate()
-        try:
-            child.wait(timeout=10.0)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        stop_process(child)
 
 
 @functools.cache

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 from scripts.ports import free_port
+from scripts.processes import stop_process
 
 
 def redis_missing_reason() -> str | None:
@@ -102,13 +103,7 @@ class RedisServer:
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL), wait for it and delete its folder. Safe to call twice."""
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=10)
+            stop_process(self.process)
             self.process = None
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -40,6 +40,8 @@ from urllib.parse import quote
 
 import requests
 
+from scripts.processes import stop_process
+
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
@@ -351,12 +353,7 @@ def local_gcs() -> Iterator[LocalGcs]:
             _wait_until_up(process, endpoint, log)
             yield LocalGcs(endpoint=endpoint, service_account_key=throwaway_service_account_key(token_uri))
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import requests
 import tenacity
@@ -52,9 +52,6 @@ from airflow_provider_blip2.client.wire import (
     transport_error,
 )
 from airflow_provider_blip2.hooks.event_loop import aconnection, arequest
-
-if TYPE_CHECKING:
-    pass
 
 #: Seconds a create waits out 429 answers by default (nothing is created by a 429).
 CREATE_PATIENCE = 600.0

@@ -22,6 +22,7 @@ import pytest
 
 from airflow_provider_blip2 import __version__
 from scripts.ports import free_port
+from scripts.processes import stop_process
 from scripts.sandbox import EXAMPLE_DAGS, REPO_ROOT, AirflowSandbox
 from tests.conftest import API_KEY, TIME_SCALE, requires_airflow_3
 
@@ -122,12 +123,7 @@ def installed_emulator(venv: Path, tmp_path: Path) -> Iterator[str]:
                 time.sleep(0.1)
         yield url
     finally:
-        child.terminate()
-        try:
-            child.wait(timeout=10.0)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        stop_process(child)
 
 
 def test_the_virtualenv_imports_the_installed_package(venv: Path, tmp_path: Path) -> None:
