@@ -13,11 +13,17 @@ all its connections (each with a system call) and all its waiting requests every
 starts or ends (encode/httpcore#1035), which with many connections and a thousand triggers costs
 milliseconds of the loop per read. A request waits for a free client in a semaphore instead, in
 order, and each pool holds one connection and never queues.
+
+A request cut short (an error, or its trigger cancelled mid-read) retires its client rather than
+lending it again: a cancellation that lands while httpcore hands the connection back leaves it
+counted as busy for good (encode/httpcore#1093), and the next request on that client would wait
+for it until its pool timeout, every time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import http.cookiejar
 import ssl
@@ -49,6 +55,8 @@ class _LoopShare:
     #: Clients not lent to a request, by whether they speak https; the last returned on top.
     idle: dict[bool, list[httpx.AsyncClient]] = field(default_factory=lambda: {False: [], True: []})
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONNECTIONS))
+    #: Retired clients still closing (kept here so that their tasks are not garbage collected).
+    closing: set[asyncio.Future[None]] = field(default_factory=set)
 
 
 _SHARES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopShare] = weakref.WeakKeyDictionary()
@@ -97,14 +105,28 @@ async def arequest(uses_tls: bool, arguments: dict[str, Any]) -> httpx.Response:
         client = idle.pop() if idle else await _new_client(uses_tls)
         try:
             response = await client.request(**arguments)
-        finally:
-            idle.append(client)
+        except BaseException:
+            _retire(share, client)
+            raise
+        idle.append(client)
     # The client binds the response's stream to the response (httpx keeps the two in a reference
     # cycle: encode/httpx#3733), so each answer would wait for the cyclic garbage collector, whose
     # full collections stall a loop of a thousand triggers. The body is read and the stream
     # closed: an empty stream in its place frees both at once.
     response.stream = httpx.ByteStream(b"")
     return response
+
+
+def _retire(share: _LoopShare, client: httpx.AsyncClient) -> None:
+    """Close a client whose request was cut short, in a task of its own: it is never lent again."""
+    closing = asyncio.ensure_future(_close_quietly(client))
+    share.closing.add(closing)
+    closing.add_done_callback(share.closing.discard)
+
+
+async def _close_quietly(client: httpx.AsyncClient) -> None:
+    with contextlib.suppress(Exception):
+        await client.aclose()
 
 
 async def _new_client(uses_tls: bool) -> httpx.AsyncClient:
