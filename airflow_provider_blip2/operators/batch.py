@@ -394,7 +394,10 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
 
     def _trigger(self, state: BatchState, polled: dict[str, float]) -> Blip2BatchPredictionTrigger:
         """The trigger for the in-flight predictions; ``polled``: when the last trigger read them."""
-        from airflow_provider_blip2.triggers.blip2 import DEFERRAL_SETTLE_SECONDS, Blip2BatchPredictionTrigger
+        from airflow_provider_blip2.triggers.blip2 import (
+            BATCH_DEFERRAL_SETTLE_SECONDS,
+            Blip2BatchPredictionTrigger,
+        )
 
         in_flight = state.in_flight
         # First read a poll interval after the create, or after the previous trigger's last read.
@@ -418,7 +421,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             recent_requests=self.hook.budget().recent_requests(),
             requests_per_minute=self.requests_per_minute,
             max_concurrency=self.max_concurrency,
-            not_before=time.time() + DEFERRAL_SETTLE_SECONDS if self.deferrable else None,
+            not_before=time.time() + BATCH_DEFERRAL_SETTLE_SECONDS if self.deferrable else None,
         )
 
     def _finish(self, context: Context, state: BatchState) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -257,6 +258,38 @@ def test_batch_trigger_serializes_no_secrets_and_waits_for_resume_after(
     assert all(result["status"] == "success" and result["output"] for result in payload["finished"].values())
     assert "feedbeef" not in json.dumps(payload)
     assert payload["recent_requests"] and all(isinstance(t, float) for t in payload["recent_requests"])
+
+
+def test_batch_trigger_in_a_triggerer_keeps_polling_until_the_deferral_settles(
+    batch_connection: EmulatorServer, image_url: Callable[[str], str]
+) -> None:
+    # Each return to the worker goes through the scheduler, and an event too soon after the deferral
+    # can be failed by a stale executor event (apache/airflow#67287): the event waits for
+    # not_before, and hands back every prediction that ended meanwhile rather than the first one.
+    from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+
+    hook = Blip2Hook()
+    ids = [hook.create_prediction(image_url(f"coffee.png?n={n}"), caption=True) for n in range(4)]
+    for in_triggerer in (True, False):
+        trigger = Blip2BatchPredictionTrigger(
+            predictions=dict.fromkeys(ids, time.time() + 60),
+            blip2_conn_id="blip2_default",
+            poll_interval=0.05,
+            resume_after=1,
+            not_before=time.time() + 1.5,
+        )
+        if in_triggerer:
+            trigger.task_instance = SimpleNamespace(  # type: ignore[assignment]
+                dag_id="d", run_id="r", task_id="t", map_index=-1
+            )
+        started = time.time()
+        payload = asyncio.run(_first_payload(trigger))
+        if in_triggerer:
+            assert time.time() >= trigger.not_before - 0.01
+            assert set(payload["finished"]) == set(ids)  # all four ended within the settle
+        else:
+            assert len(payload["finished"]) == 1  # inline, the first that ended comes back at once
+            assert time.time() - started < 1.5
 
 
 # ------------------------------------------------------------------------------------------------
