@@ -271,12 +271,13 @@ def test_batch_trigger_in_a_triggerer_keeps_polling_until_the_deferral_settles(
     hook = Blip2Hook()
     ids = [hook.create_prediction(image_url(f"coffee.png?n={n}"), caption=True) for n in range(4)]
     for in_triggerer in (True, False):
+        not_before = time.time() + 1.5
         trigger = Blip2BatchPredictionTrigger(
             predictions=dict.fromkeys(ids, time.time() + 60),
             blip2_conn_id="blip2_default",
             poll_interval=0.05,
             resume_after=1,
-            not_before=time.time() + 1.5,
+            not_before=not_before,
         )
         if in_triggerer:
             trigger.task_instance = SimpleNamespace(  # type: ignore[assignment]
@@ -285,7 +286,7 @@ def test_batch_trigger_in_a_triggerer_keeps_polling_until_the_deferral_settles(
         started = time.time()
         payload = asyncio.run(_first_payload(trigger))
         if in_triggerer:
-            assert time.time() >= trigger.not_before - 0.01
+            assert time.time() >= not_before - 0.01
             assert set(payload["finished"]) == set(ids)  # all four ended within the settle
         else:
             assert len(payload["finished"]) == 1  # inline, the first that ended comes back at once
