@@ -79,11 +79,14 @@ docs: $(INSTALLED)
 system-packages:
 	bash scripts/system_packages.sh
 
+# Two workers: the system tests on one (tests/conftest.py), the other modules beside them.
+PYTEST_WORKERS := -n 2
+
 pytest: $(INSTALLED) system-packages
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_WORKERS)
 
 pytest-airflow2: $(INSTALLED_AIRFLOW2) system-packages
-	$(VENV_AIRFLOW2)/bin/pytest $(AIRFLOW2_TESTS)
+	$(VENV_AIRFLOW2)/bin/pytest $(PYTEST_WORKERS) $(AIRFLOW2_TESTS)
 
 ## bench: print the benchmark numbers (import cost, batch throughput against the limits, a production-shaped
 ## deployment with 100 mapped tasks and a 100-image batch, 1,000 triggers in one loop; ~25 min) and write them

@@ -32,6 +32,22 @@ requires_airflow_3_3 = pytest.mark.skipif(
 requires_airflow_3 = pytest.mark.skipif(Version("3.0") > AIRFLOW_VERSION, reason="Airflow 3 behaviour")
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """
+    Under ``pytest -n 2`` (``make test``): every system test on one worker, the rest by module.
+
+    The system tests start Airflow deployments, servers and a browser, each busy for a minute or
+    more: they run one after another on one worker while the other worker runs the other modules.
+    """
+    from xdist.scheduler import LoadFileScheduling
+
+    class SystemTestsTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/system" if nodeid.startswith("tests/system/") else super()._split_scope(nodeid)
+
+    return SystemTestsTogether(config, log)
+
+
 @pytest.fixture(scope="session")
 def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample images, plus ``not-an-image.jpg`` (text bytes)."""
