@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException, TaskDeferred
+from airflow.triggers.base import BaseTrigger
 
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
 from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
@@ -123,7 +124,7 @@ async def _run_trigger(kwargs: dict[str, Any], tear_down_after: float | None) ->
     return await _first_payload(Blip2BatchPredictionTrigger(**kwargs))
 
 
-async def _first_payload(trigger: Blip2BatchPredictionTrigger) -> dict[str, Any]:
+async def _first_payload(trigger: BaseTrigger) -> dict[str, Any]:
     async for event in trigger.run():
         return dict(event.payload)
     raise AssertionError("no event")

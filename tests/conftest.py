@@ -115,6 +115,20 @@ def connection_json(
 
 
 @pytest.fixture
+def connect(
+    start_emulator: Callable[..., EmulatorServer], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., EmulatorServer]:
+    """Start an emulator with config overrides and point ``blip2_default`` at it."""
+
+    def start(**overrides: Any) -> EmulatorServer:
+        server = start_emulator(**overrides)
+        monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+        return server
+
+    return start
+
+
+@pytest.fixture
 def blip2_connection(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> str:
     """``blip2_default`` pointing at ``emulator``; returns the conn id.
 

@@ -83,13 +83,11 @@ def test_batch_captions_a_list_deferring_between_rounds(
 
 
 def test_batch_resumes_after_trigger_teardowns_without_duplicate_creates(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
+    connect: Callable[..., EmulatorServer],
     image_url: Callable[[str], str],
     tmp_path: Path,
 ) -> None:
-    emulator = start_emulator(latency=20.0)  # 1 s per prediction at the time scale
-    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
+    emulator = connect(latency=20.0)  # 1 s per prediction at the time scale
     images = [image_url(f"coffee.png?n={n}") for n in range(15)]
     operator = Blip2BatchPredictionOperator(
         task_id="batch",
@@ -187,13 +185,11 @@ def test_batch_records_broken_images_and_fails_over_the_ratio(
 
 
 def test_batch_prediction_timeout_is_cancelled_and_recorded(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
+    connect: Callable[..., EmulatorServer],
     image_url: Callable[[str], str],
     tmp_path: Path,
 ) -> None:
-    emulator = start_emulator(latency=2000.0)
-    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
+    emulator = connect(latency=2000.0)
     operator = Blip2BatchPredictionOperator(
         task_id="batch",
         images=[image_url("chelsea.jpg")],
@@ -459,13 +455,11 @@ def test_batch_keeps_no_signed_url_in_its_progress(
 
 
 def test_batch_predicts_again_what_a_killed_trigger_cancelled(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
+    connect: Callable[..., EmulatorServer],
     image_url: Callable[[str], str],
     tmp_path: Path,
 ) -> None:
-    emulator = start_emulator(latency=200.0)  # 10 s at the time scale: still running when killed
-    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
+    emulator = connect(latency=200.0)  # 10 s at the time scale: still running when killed
     images = [image_url(f"coffee.png?n={n}") for n in range(3)]
     store = DictStore()
     operator = Blip2BatchPredictionOperator(
@@ -634,15 +628,13 @@ def _check_retried_batch(
 
 
 def test_task_retries_predict_again_what_failed_transiently_and_keep_the_rest(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
+    connect: Callable[..., EmulatorServer],
     uploads: str,
     tmp_path: Path,
 ) -> None:
     # Seed 15 at these rates (faults drawn per image, question and create): 5 ambiguous creates and
     # 6 retryable errors among 12 images; some items fail in two tries, none in three.
-    emulator = start_emulator(fault_provider_failed=0.2, fault_created_5xx=0.2, seed=15)
-    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
+    emulator = connect(fault_provider_failed=0.2, fault_created_5xx=0.2, seed=15)
     images = [f"{uploads}/upload-{n:02d}.png" for n in range(12)] + [f"{uploads}/{MISSING}"]
     output = tmp_path / "r.jsonl"
     store = DictStore()
@@ -677,13 +669,11 @@ def test_task_retries_predict_again_what_failed_transiently_and_keep_the_rest(
 
 
 def test_retry_failures_none_keeps_every_failure_and_max_attempts_1_creates_nothing_again(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
+    connect: Callable[..., EmulatorServer],
     uploads: str,
     tmp_path: Path,
 ) -> None:
-    emulator = start_emulator(fault_provider_failed=1.0, fault_created_5xx=0.0)
-    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(emulator.url))
+    emulator = connect(fault_provider_failed=1.0, fault_created_5xx=0.0)
     output = tmp_path / "r.jsonl"
 
     def batch() -> Blip2BatchPredictionOperator:

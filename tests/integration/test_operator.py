@@ -10,6 +10,7 @@ Every task talks to an emulator of its own (one connection each), so each ledger
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
@@ -31,6 +32,7 @@ from airflow_provider_blip2.links.blip2 import Blip2PredictionLink
 from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
 from airflow_provider_blip2.triggers.blip2 import Blip2PredictionTrigger
 from scripts.sandbox import AirflowSandbox
+from tests.batch_driver import _first_payload
 from tests.conftest import API_KEY, TIME_SCALE, connection_json, requires_airflow_3_3
 from tests.lineage import OPENLINEAGE, dataset_names, file_transport_env, read_events
 
@@ -693,12 +695,10 @@ def test_execute_stores_the_id_and_a_second_try_reattaches(
 
 @requires_airflow_3_3
 def test_execute_reattaches_to_a_running_prediction(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
+    connect: Callable[..., EmulatorServer],
     image_url: Callable[[str], str],
 ) -> None:
-    server = start_emulator(latency=20.0)  # 1 s
-    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+    server = connect(latency=20.0)  # 1 s
     from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 
     prediction_id = Blip2Hook().create_prediction(image_url("coffee.png"), caption=True)
@@ -717,12 +717,10 @@ def test_execute_reattaches_to_a_running_prediction(
 
 @requires_airflow_3_3
 def test_a_deferrable_retry_defers_on_the_stored_prediction(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
+    connect: Callable[..., EmulatorServer],
     image_url: Callable[[str], str],
 ) -> None:
-    server = start_emulator(latency=400.0)
-    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+    server = connect(latency=400.0)
     from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 
     prediction_id = Blip2Hook().create_prediction(image_url("coffee.png"), caption=True)
@@ -775,26 +773,17 @@ def test_invalid_input_makes_no_request_and_names_the_field(
 
 
 def test_a_deferred_prediction_ended_retryable_is_created_again_in_the_same_try(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
+    connect: Callable[..., EmulatorServer],
     image_url: Callable[[str], str],
 ) -> None:
-    import asyncio
-
-    server = start_emulator(fault_provider_failed=1.0)
-    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+    server = connect(fault_provider_failed=1.0)
     operator = _operator(image_url("chelsea.jpg"), deferrable=True, timeout=30)
     store, ti = DictStateStore(), FakeTI()
     context = cast(Any, {"ti": ti, "task_state_store": store})
 
-    async def first_event(trigger: Any) -> dict[str, Any]:
-        async for event in trigger.run():
-            return dict(event.payload)
-        raise AssertionError("no event")
-
     with pytest.raises(TaskDeferred) as first:
         operator.execute(context)
-    failed = asyncio.run(first_event(first.value.trigger))
+    failed = asyncio.run(_first_payload(first.value.trigger))
     assert failed["status"] == "error" and failed["error_code"] == "PROVIDER_FAILED" and failed["retryable"]
     server.config.fault_provider_failed = 0.0  # the provider recovered
     with pytest.raises(TaskDeferred) as second:
@@ -804,7 +793,7 @@ def test_a_deferred_prediction_ended_retryable_is_created_again_in_the_same_try(
     assert new_id != failed["prediction_id"] and ti.xcom["prediction_id"] == new_id
     if operator.durable:  # Airflow 3.3+: a retry of the task reattaches to the new prediction
         assert store.data["blip2_prediction_id"] == new_id
-    succeeded = asyncio.run(first_event(second.value.trigger))
+    succeeded = asyncio.run(_first_payload(second.value.trigger))
     output = operator.execute_complete(context, succeeded, **second.value.kwargs)
     assert output == server.app.emulator.predictions[new_id].output
     assert ti.xcom["cost"] == pytest.approx(0.0011) and ti.xcom["predict_time"] > 0
@@ -813,14 +802,12 @@ def test_a_deferred_prediction_ended_retryable_is_created_again_in_the_same_try(
 
 @pytest.mark.parametrize(("max_attempts", "creates"), [(3, 3), (1, 1)])
 def test_retryable_errors_are_created_again_up_to_max_attempts(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
+    connect: Callable[..., EmulatorServer],
     image_url: Callable[[str], str],
     max_attempts: int,
     creates: int,
 ) -> None:
-    server = start_emulator(fault_provider_failed=1.0)
-    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+    server = connect(fault_provider_failed=1.0)
     with pytest.raises(AirflowException, match=r"ended error \[PROVIDER_FAILED\]"):
         _execute(_operator(image_url("coffee.png"), max_attempts=max_attempts), DictStateStore())
     assert server.ledger()["creates"] == creates
@@ -837,12 +824,10 @@ def test_a_permanent_failure_is_not_created_again(
 
 
 def test_the_link_is_in_xcom_before_the_task_defers(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
+    connect: Callable[..., EmulatorServer],
     image_url: Callable[[str], str],
 ) -> None:
-    server = start_emulator(latency=400.0)
-    monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+    server = connect(latency=400.0)
     ti = FakeTI()
     operator = _operator(image_url("coffee.png"), deferrable=True, timeout=30)
     with pytest.raises(TaskDeferred):

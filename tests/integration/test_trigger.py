@@ -105,20 +105,6 @@ def signed_url(image_url: Callable[[str], str]) -> Callable[[str], str]:
 
 
 @pytest.fixture
-def connect(
-    start_emulator: Callable[..., EmulatorServer], monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., EmulatorServer]:
-    """Start an emulator with config overrides and point ``blip2_default`` at it."""
-
-    def start(**overrides: Any) -> EmulatorServer:
-        server = start_emulator(**overrides)
-        monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
-        return server
-
-    return start
-
-
-@pytest.fixture
 def slow_connection(connect: Callable[..., EmulatorServer]) -> EmulatorServer:
     """An emulator whose predictions take 20 s, as ``blip2_default``."""
     return connect(latency=LONG)
