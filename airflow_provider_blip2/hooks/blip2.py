@@ -321,12 +321,37 @@ class Blip2Hook(BaseHook):
         :param poll_interval: Seconds between polls.
         :param timeout: Seconds to wait in all; then the outcome is ``timeout``.
         """
-        watch = PredictionWatch(
-            prediction_id, poll_interval=poll_interval, end_time=time.time() + timeout, log=self.log
+        outcome = self.poll_prediction(
+            prediction_id, poll_interval=poll_interval, end_time=time.time() + timeout
         )
+        assert outcome is not None  # without wait_at_most the wait ends only with an outcome
+        return outcome
+
+    def poll_prediction(
+        self,
+        prediction_id: str,
+        *,
+        poll_interval: float,
+        end_time: float,
+        wait_at_most: float | None = None,
+    ) -> PredictionOutcome | None:
+        """
+        Poll a prediction as :meth:`wait_for_prediction` does; give up after ``wait_at_most`` seconds.
+
+        :param prediction_id: The prediction id.
+        :param poll_interval: Seconds between polls; the first read comes one after the call.
+        :param end_time: Unix time after which the outcome is ``timeout``.
+        :param wait_at_most: Seconds after which, if the prediction has not ended (nor ``end_time``
+            passed), ``None`` is returned so the caller can wait elsewhere; ``None`` waits to the end.
+        """
+        watch = PredictionWatch(prediction_id, poll_interval=poll_interval, end_time=end_time, log=self.log)
+        give_up_at = None if wait_at_most is None else time.monotonic() + wait_at_most
         outcome = None
         while outcome is None:
-            time.sleep(watch.seconds_until_due())
+            due_in = watch.seconds_until_due()
+            if give_up_at is not None and time.monotonic() + due_in > give_up_at:
+                return None
+            time.sleep(due_in)
             outcome = watch.expire() or watch.read(self.get_prediction)
         return outcome
 

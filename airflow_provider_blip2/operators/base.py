@@ -1,6 +1,6 @@
 """
 What both BLIP-2 operators share: object storage for their images, a quiet cancel, URL lifetimes,
-and the check of their retry parameters.
+the wait on the worker before deferring, and the check of their retry parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 # Added to the prediction timeout for the lifetime of signed image URLs: the service may queue a
 # prediction before it downloads the image.
 URL_QUEUEING_ALLOWANCE = 3600.0
+#: With ``deferrable=True``, the seconds an operator waits on the worker for a prediction to end
+#: before it defers. A round trip through the triggerer costs a new task process and seconds of
+#: scheduling; a prediction takes about 2 s, so most end before a deferral would pay off, and a
+#: fast trigger is what Airflow 3.3's stale executor event (apache/airflow#67287) fails.
+DEFER_AFTER_SECONDS = 10.0
 
 
 class Blip2TaskMixin:
@@ -52,6 +57,18 @@ def url_expiry(url_expiry: float | None, timeout: float) -> float:
     :param timeout: The operator's prediction ``timeout``.
     """
     return timeout + URL_QUEUEING_ALLOWANCE if url_expiry is None else url_expiry
+
+
+def check_defer_after(defer_after: float) -> None:
+    """
+    Refuse a negative ``defer_after`` at parse time.
+
+    :param defer_after: Seconds to wait on the worker before deferring, 0 or more.
+    """
+    if isinstance(defer_after, bool) or not isinstance(defer_after, (int, float)) or defer_after < 0:
+        raise ValueError(
+            f"defer_after must be a number of seconds, 0 or more (0 defers at once), got {defer_after!r}"
+        )
 
 
 def check_retry_parameters(max_attempts: int, retry_failures: str = RETRY_TRANSIENT) -> None:

@@ -39,7 +39,13 @@ from airflow_provider_blip2.client.models import (
     create_again_within_try,
     predict_again_on_new_try,
 )
-from airflow_provider_blip2.operators.base import Blip2TaskMixin, check_retry_parameters, url_expiry
+from airflow_provider_blip2.operators.base import (
+    DEFER_AFTER_SECONDS,
+    Blip2TaskMixin,
+    check_defer_after,
+    check_retry_parameters,
+    url_expiry,
+)
 from airflow_provider_blip2.storage import SigningError, StorageError, is_remote_object
 
 if TYPE_CHECKING:
@@ -57,9 +63,10 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
 
     The images are listed (or checked to exist) on the worker before any prediction is created.
     Predictions are created on the worker, at most ``max_concurrency`` in flight and within
-    ``requests_per_minute``; with ``deferrable=True`` the operator waits in the triggerer
-    (:class:`~airflow_provider_blip2.triggers.blip2.Blip2BatchPredictionTrigger`) between rounds of
-    creates, so waiting costs no worker slot.
+    ``requests_per_minute``; with ``deferrable=True``, whenever no prediction ends within
+    ``defer_after`` seconds the operator waits in the triggerer
+    (:class:`~airflow_provider_blip2.triggers.blip2.Blip2BatchPredictionTrigger`), so a long wait
+    costs no worker slot.
 
     Progress is kept in Airflow's task state store (Airflow 3.3+; in XCom before, which lasts one
     try): a triggerer restart or a task retry never creates a prediction again for an image and
@@ -106,6 +113,10 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     :param aws_conn_id: The AWS connection for ``s3://`` URIs.
     :param gcp_conn_id: The Google Cloud connection for ``gs://`` URIs.
     :param deferrable: Wait in the triggerer; defaults to ``[operators] default_deferrable``.
+    :param defer_after: With ``deferrable=True``, seconds to wait on the worker for a prediction to
+        end before deferring: while predictions end that soon, the batch goes on creating without a
+        round trip through the triggerer, which costs a new task process and seconds of scheduling
+        in which no slot is refilled. ``0`` defers after every round of creates.
     :param poll_interval: Seconds between two polls of the same prediction.
     :param timeout: Seconds one prediction may take before it is cancelled and recorded as failed.
     :param url_expiry: Lifetime in seconds of the signed URLs; default ``timeout`` plus an hour of queueing.
@@ -135,6 +146,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         aws_conn_id: str = "aws_default",
         gcp_conn_id: str = "google_cloud_default",
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        defer_after: float = DEFER_AFTER_SECONDS,
         poll_interval: float = 2.0,
         timeout: float = 600.0,
         url_expiry: float | None = None,
@@ -159,6 +171,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         self.aws_conn_id = aws_conn_id
         self.gcp_conn_id = gcp_conn_id
         self.deferrable = deferrable
+        self.defer_after = defer_after
         self.poll_interval = poll_interval
         self.timeout = timeout
         self.url_expiry = url_expiry
@@ -167,6 +180,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         if poll_interval <= 0 or timeout <= 0:
             raise ValueError(f"poll_interval and timeout must be > 0, got {poll_interval} and {timeout}")
         check_retry_parameters(max_attempts, retry_failures)
+        check_defer_after(defer_after)
         self._urls_by_key: dict[str, str] | None = None
         self._waiting_for: list[str] = []
         # Lines this instance wrote to output_uri, for the lineage (None until it wrote them).
@@ -268,10 +282,25 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             self.log.info("Batch progress: %s", state.progress_line())
             if state.done:
                 return self._finish(context, state)
-            trigger = self._trigger(state, (event or {}).get("polled") or {})
-            if self.deferrable:
-                self.defer(trigger=trigger, method_name="execute_complete")
-            event = _first_event(trigger)
+            event = self._wait_on_worker(state, (event or {}).get("polled") or {})
+
+    def _wait_on_worker(self, state: BatchState, polled: dict[str, float]) -> dict[str, Any]:
+        """
+        Wait here until a prediction ends; when deferrable, at most ``defer_after``, then defer.
+
+        :param state: The batch, with predictions in flight.
+        :param polled: When the last trigger read each prediction still running.
+        """
+        if not self.deferrable:
+            return _first_event(self._trigger(state, polled))
+        if self.defer_after > 0:
+            event = _first_event(self._trigger(state, polled, return_by=time.time() + self.defer_after))
+            if event.get("finished"):
+                return event
+            self.hook.budget().note_requests(event.get("recent_requests") or [])
+            polled = event.get("polled") or polled
+        self.log.info("No prediction ended within %g s; deferring", self.defer_after)
+        self.defer(trigger=self._trigger(state, polled, deferred=True), method_name="execute_complete")
 
     def _items(self) -> list[BatchItem]:
         """Resolve ``images`` to the batch's items, failing before any create on bad input."""
@@ -392,8 +421,22 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         journal.record_finished(state, results)
         journal.release(state, again)
 
-    def _trigger(self, state: BatchState, polled: dict[str, float]) -> Blip2BatchPredictionTrigger:
-        """The trigger for the in-flight predictions; ``polled``: when the last trigger read them."""
+    def _trigger(
+        self,
+        state: BatchState,
+        polled: dict[str, float],
+        *,
+        deferred: bool = False,
+        return_by: float | None = None,
+    ) -> Blip2BatchPredictionTrigger:
+        """
+        The trigger for the in-flight predictions.
+
+        :param state: The batch.
+        :param polled: When the last trigger read each prediction still running.
+        :param deferred: It runs in the triggerer (else here, on the worker).
+        :param return_by: Unix time at which a trigger run here hands back what ended, even nothing.
+        """
         from airflow_provider_blip2.triggers.blip2 import (
             BATCH_DEFERRAL_SETTLE_SECONDS,
             Blip2BatchPredictionTrigger,
@@ -405,12 +448,14 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             pid: max(deadline - self.timeout, float(polled.get(pid, 0.0))) + self.poll_interval
             for pid, deadline in in_flight.values()
         }
-        if state.pending():
+        if not state.pending():
+            resume_after = len(in_flight)
+        elif deferred:
             # Come back when half the slots are free: each round trip through the scheduler costs
             # seconds in which no request is sent, so it must refill several slots at once.
-            resume_after = max(1, self.hook.settings.max_concurrency // 2) if self.deferrable else 1
+            resume_after = max(1, self.hook.settings.max_concurrency // 2)
         else:
-            resume_after = len(in_flight)
+            resume_after = 1
         self._waiting_for = [pid for pid, _deadline in in_flight.values()]
         return Blip2BatchPredictionTrigger(
             predictions=dict(in_flight.values()),
@@ -421,7 +466,8 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             recent_requests=self.hook.budget().recent_requests(),
             requests_per_minute=self.requests_per_minute,
             max_concurrency=self.max_concurrency,
-            not_before=time.time() + BATCH_DEFERRAL_SETTLE_SECONDS if self.deferrable else None,
+            not_before=time.time() + BATCH_DEFERRAL_SETTLE_SECONDS if deferred else None,
+            return_by=return_by,
         )
 
     def _finish(self, context: Context, state: BatchState) -> dict[str, Any]:
@@ -521,7 +567,7 @@ def _image_list(images: Any) -> list[str]:
 
 
 def _first_event(trigger: BaseTrigger) -> dict[str, Any]:
-    """Run a trigger on the worker (``deferrable=False``) and return its event's payload."""
+    """Run a trigger on the worker and return its event's payload."""
     import asyncio
 
     async def first() -> dict[str, Any]:

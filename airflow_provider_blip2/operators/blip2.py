@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.providers.common.compat.sdk import (
     AirflowException,
@@ -25,7 +25,13 @@ from airflow_provider_blip2.client.models import (
     create_again_within_try,
 )
 from airflow_provider_blip2.links.blip2 import PREDICTION_URL_XCOM_KEY, Blip2PredictionLink
-from airflow_provider_blip2.operators.base import Blip2TaskMixin, check_retry_parameters, url_expiry
+from airflow_provider_blip2.operators.base import (
+    DEFER_AFTER_SECONDS,
+    Blip2TaskMixin,
+    check_defer_after,
+    check_retry_parameters,
+    url_expiry,
+)
 from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
 from airflow_provider_blip2.storage import StorageError, is_remote_object
 
@@ -85,6 +91,9 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
     :param use_nucleus_sampling: Sample instead of beam search.
     :param blip2_conn_id: The ``blip2`` connection.
     :param deferrable: Wait in the triggerer; defaults to ``[operators] default_deferrable``.
+    :param defer_after: With ``deferrable=True``, seconds to wait on the worker before deferring: a
+        prediction that ends sooner completes the task without a round trip through the triggerer,
+        which costs a new task process and seconds of scheduling. ``0`` defers at once.
     :param poll_interval: Seconds between status polls.
     :param timeout: Seconds to wait for the prediction before cancelling it and failing.
     :param aws_conn_id: The AWS connection for ``s3://`` images (needs the ``[amazon]`` extra).
@@ -112,6 +121,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         use_nucleus_sampling: bool = False,
         blip2_conn_id: str = "blip2_default",
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        defer_after: float = DEFER_AFTER_SECONDS,
         poll_interval: float = 2.0,
         timeout: float = 600.0,
         aws_conn_id: str = "aws_default",
@@ -132,6 +142,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         self.use_nucleus_sampling = use_nucleus_sampling
         self.blip2_conn_id = blip2_conn_id
         self.deferrable = deferrable
+        self.defer_after = defer_after
         self.poll_interval = poll_interval
         self.timeout = timeout
         self.max_attempts = max_attempts
@@ -140,6 +151,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         if poll_interval <= 0 or timeout <= 0:
             raise ValueError(f"poll_interval and timeout must be > 0, got {poll_interval} and {timeout}")
         check_retry_parameters(max_attempts)
+        check_defer_after(defer_after)
 
     @cached_property
     def hook(self) -> Blip2Hook:
@@ -225,13 +237,20 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         return self._wait(context, attempt=1, spent=None)
 
     def _wait(self, context: Context, *, attempt: int, spent: float | None) -> str | None:
-        """Wait for ``self.prediction_id``, in the triggerer or here, then complete the task."""
+        """Wait for ``self.prediction_id`` here (at most ``defer_after`` when deferrable), then complete."""
         assert self.prediction_id is not None
-        if self.deferrable:
-            self._defer(self.prediction_id, attempt=attempt, spent=spent)
-        outcome = self.hook.wait_for_prediction(
-            self.prediction_id, poll_interval=self.poll_interval, timeout=self.timeout
-        )
+        end_time = time.time() + self.timeout
+        wait_at_most = self.defer_after if self.deferrable else None
+        outcome = None
+        if wait_at_most is None or wait_at_most > 0:
+            outcome = self.hook.poll_prediction(
+                self.prediction_id,
+                poll_interval=self.poll_interval,
+                end_time=end_time,
+                wait_at_most=wait_at_most,
+            )
+        if outcome is None:
+            self._defer(self.prediction_id, end_time=end_time, attempt=attempt, spent=spent)
         return self._complete(context, outcome, attempt=attempt, spent=spent)
 
     def get_job_result(self, external_id: Any, context: Context) -> str | None:
@@ -243,7 +262,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         self._push_prediction(context, self.prediction_id, read)
         return self._complete(context, read.outcome(), attempt=1, spent=None)
 
-    def _defer(self, prediction_id: str, *, attempt: int, spent: float | None) -> None:
+    def _defer(self, prediction_id: str, *, end_time: float, attempt: int, spent: float | None) -> NoReturn:
         from airflow_provider_blip2.triggers.blip2 import DEFERRAL_SETTLE_SECONDS, Blip2PredictionTrigger
 
         self.log.info("Deferring; waiting for prediction %s in the triggerer", prediction_id)
@@ -252,7 +271,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
                 prediction_id=prediction_id,
                 blip2_conn_id=self.blip2_conn_id,
                 poll_interval=self.poll_interval,
-                end_time=time.time() + self.timeout,
+                end_time=end_time,
                 not_before=time.time() + DEFERRAL_SETTLE_SECONDS,
             ),
             method_name="execute_complete",

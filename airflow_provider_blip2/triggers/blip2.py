@@ -223,6 +223,9 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
     :param not_before: Unix time before which no event is yielded (see
         :data:`BATCH_DEFERRAL_SETTLE_SECONDS`); until then predictions are still polled, and every
         one that ended by then is in the event.
+    :param return_by: Unix time after which no read is made: the event is yielded with what ended
+        by then, perhaps nothing (the operator's bounded wait on the worker before it defers).
+        ``None`` waits for ``resume_after``.
     """
 
     def __init__(
@@ -236,6 +239,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
         requests_per_minute: int | None = None,
         max_concurrency: int | None = None,
         not_before: float | None = None,
+        return_by: float | None = None,
     ) -> None:
         super().__init__()
         self.predictions = {str(k): float(v) for k, v in predictions.items()}
@@ -247,6 +251,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
         self.requests_per_minute = requests_per_minute
         self.max_concurrency = max_concurrency
         self.not_before = None if not_before is None else float(not_before)
+        self.return_by = None if return_by is None else float(return_by)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and the (primitive, non-secret) keyword arguments."""
@@ -262,6 +267,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
                 "requests_per_minute": self.requests_per_minute,
                 "max_concurrency": self.max_concurrency,
                 "not_before": self.not_before,
+                "return_by": self.return_by,
             },
         )
 
@@ -307,6 +313,8 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
                 if settle_in <= due_in:
                     await asyncio.sleep(settle_in)
                     break
+            if self.return_by is not None and time.time() + due_in > self.return_by:
+                break  # no read is due before then
             await asyncio.sleep(due_in)
             outcome = watch.expire() or await watch.aread(hook.aget_prediction)
             if outcome is not None:

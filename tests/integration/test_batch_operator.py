@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from airflow.providers.common.compat.sdk import AirflowFailException, TaskDeferred
@@ -26,7 +26,7 @@ from airflow_provider_blip2.batch import (
     image_key,
 )
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
-from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
+from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator, Blip2PredictionOperator
 from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
 from scripts.sandbox import AirflowSandbox
 from tests.batch_driver import DictStore, FakeTaskInstance, _first_payload, run_batch, run_tries
@@ -56,6 +56,7 @@ def test_batch_captions_a_list_deferring_between_rounds(
         output_uri=str(output),
         caption=True,
         deferrable=True,
+        defer_after=0,
         poll_interval=0.1,
     )
     store = DictStore()
@@ -82,6 +83,57 @@ def test_batch_captions_a_list_deferring_between_rounds(
         assert lineage is None
 
 
+def test_a_deferrable_batch_whose_predictions_end_soon_runs_on_the_worker_without_deferring(
+    connect: Callable[..., EmulatorServer], image_url: Callable[[str], str], tmp_path: Path
+) -> None:
+    emulator = connect(latency=10.0)  # 0.5 s per prediction at the time scale
+    images = [image_url(f"chelsea.jpg?n={n}") for n in range(25)]
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images=images,
+        output_uri=str(tmp_path / "r.jsonl"),
+        caption=True,
+        deferrable=True,
+        defer_after=5.0,
+        poll_interval=0.6,
+    )
+    summary, deferrals = run_batch(operator, DictStore())
+    assert summary["succeeded"] == 25
+    assert deferrals == 0  # every wait for a free slot was shorter than defer_after
+    ledger = emulator.ledger()
+    assert ledger["creates"] == 25 and ledger["peak_in_flight"] <= 10
+    assert ledger["requests"]["get"] == 25  # one read each, a poll interval after its create
+
+
+def test_a_deferrable_batch_defers_when_nothing_ends_within_defer_after(
+    connect: Callable[..., EmulatorServer], image_url: Callable[[str], str], tmp_path: Path
+) -> None:
+    emulator = connect(latency=60.0)  # 3 s per prediction at the time scale
+    images = [image_url(f"coffee.png?n={n}") for n in range(3)]
+    operator = Blip2BatchPredictionOperator(
+        task_id="batch",
+        images=images,
+        output_uri=str(tmp_path / "r.jsonl"),
+        caption=True,
+        deferrable=True,
+        defer_after=0.5,
+        poll_interval=0.2,
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute(cast(Any, {"ti": FakeTaskInstance(), "task_state_store": DictStore()}))
+    reads_on_the_worker = emulator.ledger()["requests"]["get"]
+    assert reads_on_the_worker >= 3  # it polled here first
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, Blip2BatchPredictionTrigger)
+    assert trigger.return_by is None and trigger.not_before is not None
+    # The trigger reads each prediction a poll interval after the worker's last read of it, not
+    # a poll interval after its create (its deadline less the timeout).
+    for prediction_id, deadline in trigger.predictions.items():
+        assert trigger.poll_from[prediction_id] > deadline - operator.timeout + 2 * operator.poll_interval
+    summary, deferrals = run_batch(operator, DictStore())
+    assert summary["succeeded"] == 3 and deferrals == 1
+
+
 def test_batch_resumes_after_trigger_teardowns_without_duplicate_creates(
     connect: Callable[..., EmulatorServer],
     image_url: Callable[[str], str],
@@ -95,6 +147,7 @@ def test_batch_resumes_after_trigger_teardowns_without_duplicate_creates(
         output_uri=str(tmp_path / "r.jsonl"),
         questions={"cup": "Is there a cup?", "dog": "Is there a dog?"},
         deferrable=True,
+        defer_after=0,
         poll_interval=0.1,
     )
     summary, _ = run_batch(operator, DictStore(), interrupt=lambda cycle: 0.5)
@@ -119,6 +172,7 @@ def test_batch_retry_reuses_created_predictions_and_results(
         output_uri=str(tmp_path / "r.jsonl"),
         caption=True,
         deferrable=True,
+        defer_after=0,
         poll_interval=0.1,
     )
     with pytest.raises(RuntimeError, match="worker lost"):
@@ -130,6 +184,7 @@ def test_batch_retry_reuses_created_predictions_and_results(
         output_uri=str(tmp_path / "r.jsonl"),
         caption=True,
         deferrable=True,
+        defer_after=0,
         poll_interval=0.1,
     )
     summary, _ = run_batch(retry, store)
@@ -199,6 +254,7 @@ def test_batch_prediction_timeout_is_cancelled_and_recorded(
         timeout=0.5,
         poll_interval=0.1,
         deferrable=True,
+        defer_after=0,
     )
     summary, _ = run_batch(operator, DictStore())
     assert summary["failed"] == 1
@@ -312,6 +368,7 @@ def test_batch_over_an_s3_prefix_writes_results_to_s3(
         questions={"cat": "Is there a cat?", "cup": "Is there a cup?"},
         output_uri="s3://uploads/moderation/2026-11-27.jsonl",
         deferrable=True,
+        defer_after=0,
         poll_interval=0.1,
     )
     summary, _ = run_batch(operator, DictStore())
@@ -429,6 +486,7 @@ def test_batch_keeps_no_signed_url_in_its_progress(
         caption=True,
         poll_interval=0.1,
         deferrable=True,
+        defer_after=0,
     )
     with pytest.raises(RuntimeError, match="stop"):
         run_batch(operator, store)
@@ -469,6 +527,7 @@ def test_batch_predicts_again_what_a_killed_trigger_cancelled(
         caption=True,
         poll_interval=0.1,
         deferrable=True,
+        defer_after=0,
     )
     context: Any = {"ti": FakeTaskInstance(), "task_state_store": store}
     with pytest.raises(TaskDeferred) as deferred:
@@ -514,6 +573,7 @@ def test_batch_expands_prefixes_in_a_list(
         question="Is there a cat?",
         poll_interval=0.1,
         deferrable=True,
+        defer_after=0,
     )
     summary, _ = run_batch(operator, DictStore())
     assert (summary["total"], summary["succeeded"]) == (4, 4)
@@ -533,6 +593,7 @@ def test_batch_before_airflow_3_3_keeps_its_journal_in_xcom(
         caption=True,
         poll_interval=0.1,
         deferrable=True,
+        defer_after=0,
     )
     ti = FakeTaskInstance()
     summary, deferrals = run_batch(operator, None, ti=ti)
@@ -552,10 +613,11 @@ def test_an_https_batch_imports_no_cloud_library(
     script = f"""
 import sys, json
 from tests.batch_driver import DictStore, run_batch
-from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
+from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator, Blip2PredictionOperator
 operator = Blip2BatchPredictionOperator(
     task_id="batch", images={[image_url("chelsea.jpg"), image_url("coffee.png")]!r},
     output_uri={str(tmp_path / "r.jsonl")!r}, caption=True, poll_interval=0.1, deferrable=True,
+    defer_after=0,
 )
 summary, _ = run_batch(operator, DictStore())
 heavy = sorted(m for m in sys.modules
@@ -647,6 +709,7 @@ def test_task_retries_predict_again_what_failed_transiently_and_keep_the_rest(
             output_uri=str(output),
             max_failed_ratio=0.1,
             deferrable=True,
+            defer_after=0,
             poll_interval=0.1,
             **kwargs,
         )
@@ -697,11 +760,18 @@ def test_retry_failures_none_keeps_every_failure_and_max_attempts_1_creates_noth
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"retry_failures": "some"}, "retry_failures must be one of"), ({"max_attempts": 0}, "max_attempts")],
+    [
+        ({"retry_failures": "some"}, "retry_failures must be one of"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"defer_after": -1}, "defer_after must be a number of seconds, 0 or more"),
+    ],
 )
 def test_retry_parameters_are_checked_when_the_dag_is_parsed(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Blip2BatchPredictionOperator(task_id="b", images=["https://h/a.jpg"], output_uri="r", **kwargs)
+    if "retry_failures" not in kwargs:  # the batch's alone
+        with pytest.raises(ValueError, match=message):
+            Blip2PredictionOperator(task_id="p", image="https://h/a.jpg", **kwargs)
 
 
 RETRY_DAG = """
@@ -709,7 +779,7 @@ import datetime
 
 import pendulum
 from airflow.providers.common.compat.sdk import DAG
-from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
+from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator, Blip2PredictionOperator
 
 with DAG(
     dag_id="blip2_batch_retries",
@@ -726,6 +796,7 @@ with DAG(
         retries=2,
         retry_delay=datetime.timedelta(0),
         deferrable=True,
+        defer_after=0,
         poll_interval=0.1,
     )
 """

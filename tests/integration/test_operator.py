@@ -139,9 +139,10 @@ with DAG(
         image=signed("coffee.png"),
         question="Is there a cup?",
         deferrable=True,
+        defer_after=0,
     )
     LinkAtResume.partial(
-        task_id="mapped", blip2_conn_id="bl_mapped", caption=True, deferrable=True
+        task_id="mapped", blip2_conn_id="bl_mapped", caption=True, deferrable=True, defer_after=0
     ).expand(image=[IMAGES + "/" + name + "?{mapped_signature}" for name in {mapped!r}])
     Blip2PredictionOperator(
         task_id="templated",
@@ -168,6 +169,7 @@ with DAG(
         blip2_conn_id="bl_failed_deferred",
         image=signed("missing.jpg"),
         deferrable=True,
+        defer_after=0,
     )
     Blip2PredictionOperator(
         task_id="timeout_sync",
@@ -184,6 +186,7 @@ with DAG(
         timeout=1,
         poll_interval=0.2,
         deferrable=True,
+        defer_after=0,
     )
     retry_sync = CrashAfterSubmit(
         task_id="retry_sync",
@@ -202,6 +205,7 @@ with DAG(
         retries=1,
         retry_delay=datetime.timedelta(0),
         deferrable=True,
+        defer_after=0,
     )
     retry_sync >> retry_deferred
     Blip2BatchPredictionOperator(
@@ -211,6 +215,7 @@ with DAG(
         output_uri={batch_output!r},
         caption=True,
         deferrable=True,
+        defer_after=0,
     )
 '''
 
@@ -716,6 +721,39 @@ def test_execute_reattaches_to_a_running_prediction(
 
 
 @requires_airflow_3_3
+def test_a_deferrable_prediction_that_ends_within_defer_after_completes_on_the_worker(
+    connect: Callable[..., EmulatorServer], image_url: Callable[[str], str]
+) -> None:
+    server = connect(latency=10.0)  # 0.5 s
+    operator = _operator(image_url("chelsea.jpg"), deferrable=True, defer_after=5.0, poll_interval=0.6)
+
+    output, ti = _execute(operator, DictStateStore())  # no TaskDeferred
+
+    assert output == server.app.emulator.predictions[ti.xcom["prediction_id"]].output
+    assert server.ledger()["requests"] == {"create": 1, "get": 1}  # the read a poll interval after
+
+
+@requires_airflow_3_3
+def test_a_deferrable_prediction_still_running_after_defer_after_defers_with_its_deadline(
+    connect: Callable[..., EmulatorServer], image_url: Callable[[str], str]
+) -> None:
+    server = connect(latency=400.0)  # 20 s
+    operator = _operator(
+        image_url("coffee.png"), deferrable=True, defer_after=1.5, poll_interval=0.2, timeout=30
+    )
+    started = time.time()
+
+    with pytest.raises(TaskDeferred) as deferred:
+        _execute(operator, DictStateStore())
+
+    assert server.ledger()["requests"]["get"] >= 2  # it polled on the worker first
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, Blip2PredictionTrigger)
+    # The deadline was set when the wait began, on the worker: deferring does not extend it.
+    assert started < trigger.end_time - operator.timeout < started + 0.5
+
+
+@requires_airflow_3_3
 def test_a_deferrable_retry_defers_on_the_stored_prediction(
     connect: Callable[..., EmulatorServer],
     image_url: Callable[[str], str],
@@ -728,7 +766,7 @@ def test_a_deferrable_retry_defers_on_the_stored_prediction(
     store.data["blip2_prediction_id"] = prediction_id
 
     with pytest.raises(TaskDeferred) as deferred:
-        _execute(_operator(image_url("coffee.png"), deferrable=True, timeout=30), store)
+        _execute(_operator(image_url("coffee.png"), deferrable=True, defer_after=0, timeout=30), store)
 
     trigger = deferred.value.trigger
     assert isinstance(trigger, Blip2PredictionTrigger)
@@ -777,7 +815,7 @@ def test_a_deferred_prediction_ended_retryable_is_created_again_in_the_same_try(
     image_url: Callable[[str], str],
 ) -> None:
     server = connect(fault_provider_failed=1.0)
-    operator = _operator(image_url("chelsea.jpg"), deferrable=True, timeout=30)
+    operator = _operator(image_url("chelsea.jpg"), deferrable=True, defer_after=0, timeout=30)
     store, ti = DictStateStore(), FakeTI()
     context = cast(Any, {"ti": ti, "task_state_store": store})
 
@@ -829,7 +867,7 @@ def test_the_link_is_in_xcom_before_the_task_defers(
 ) -> None:
     server = connect(latency=400.0)
     ti = FakeTI()
-    operator = _operator(image_url("coffee.png"), deferrable=True, timeout=30)
+    operator = _operator(image_url("coffee.png"), deferrable=True, defer_after=0, timeout=30)
     with pytest.raises(TaskDeferred):
         operator.execute(cast(Any, {"ti": ti, "task_state_store": DictStateStore()}))
     prediction_id = ti.xcom["prediction_id"]

@@ -41,10 +41,12 @@ with DAG(dag_id="{dag_id}", schedule=None, start_date=START, catchup=False):
         questions={{"cat": "Is there a cat?", "cup": "Is there a cup?"}},
         output_uri="gs://photos/answers/{{{{ ds }}}}.jsonl",
         deferrable=True,
+        defer_after=0,
         poll_interval=0.1,
     )
     Blip2PredictionOperator(
         task_id="s3_deferred", image="s3://photos/chelsea.jpg", caption=True, deferrable=True,
+        defer_after=0,
         poll_interval=0.1,
     )
     Blip2PredictionOperator(

@@ -175,7 +175,13 @@ def test_trigger_built_by_operator_has_no_secret(
     """The trigger the operator defers to carries only primitives: no key, no image URL."""
     image = signed_url("chelsea.jpg")
     operator = Blip2PredictionOperator(
-        task_id="ask", image=image, question="Is there a cat?", deferrable=True, poll_interval=0.5, timeout=90
+        task_id="ask",
+        image=image,
+        question="Is there a cat?",
+        deferrable=True,
+        defer_after=0,
+        poll_interval=0.5,
+        timeout=90,
     )
     ti, store = _FakeTI(), _Store()
     started = time.time()

@@ -1,4 +1,8 @@
-"""DAGs for the system tests: a prediction and a batch, each deferrable and on the worker, with a retry."""
+"""
+DAGs for the system tests: a prediction and a batch, each deferrable and on the worker, with a retry.
+
+The deferrable ones defer at once (``defer_after=0``): the tests are about the triggerer.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ for dag_id, deferrable in (("system_blip2_deferrable", True), ("system_blip2_on_
             image="{{ params.image }}",
             question="Is there a cat in this picture?",
             deferrable=deferrable,
+            defer_after=0,
             poll_interval=0.5,
             timeout=600,
             retries=1,
@@ -43,6 +48,7 @@ for dag_id, deferrable in (("system_blip2_batch", True), ("system_blip2_batch_on
             caption=True,
             output_uri="{{ params.output_uri }}",
             deferrable=deferrable,
+            defer_after=0,
             poll_interval=0.5,
             timeout=600,
             retries=1,

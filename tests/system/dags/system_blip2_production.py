@@ -6,7 +6,8 @@ task each. ``system_blip2_production_scale`` does the same and, in parallel, cap
 ``dag_run.conf["batch_images"]`` in one deferrable batch writing to ``dag_run.conf["output_uri"]``;
 ``system_blip2_production_scale_shared`` is that DAG on the ``blip2_shared`` connection (its budget
 in Redis), and ``system_blip2_production_pool`` the mapped DAG in the pool ``blip2_predictions``.
-Every task has one retry.
+Every task has one retry. The two scale DAGs keep the operators' defaults, as users run them; the
+others defer at once (``defer_after=0``), since their tests are about triggerers and deferred tasks.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ def run_conf_images(dag_run: Any = None) -> list[str]:
     return [str(url) for url in dag_run.conf.get("images", [])]
 
 
-DAGS: tuple[tuple[str, bool, str, str], ...] = (
-    ("system_blip2_production", False, "blip2_default", "default_pool"),
-    ("system_blip2_production_scale", True, "blip2_default", "default_pool"),
-    ("system_blip2_production_scale_shared", True, "blip2_shared", "default_pool"),
-    ("system_blip2_production_pool", False, "blip2_default", "blip2_predictions"),
+# dag_id, with a batch, connection, pool, defer_after (None: the operators' default).
+DAGS: tuple[tuple[str, bool, str, str, float | None], ...] = (
+    ("system_blip2_production", False, "blip2_default", "default_pool", 0),
+    ("system_blip2_production_scale", True, "blip2_default", "default_pool", None),
+    ("system_blip2_production_scale_shared", True, "blip2_shared", "default_pool", None),
+    ("system_blip2_production_pool", False, "blip2_default", "blip2_predictions", 0),
 )
 
-for dag_id, with_batch, conn_id, pool in DAGS:
+for dag_id, with_batch, conn_id, pool, defer_after in DAGS:
+    waiting = {} if defer_after is None else {"defer_after": defer_after}
     with DAG(
         dag_id=dag_id,
         schedule=None,
@@ -51,6 +54,7 @@ for dag_id, with_batch, conn_id, pool in DAGS:
             timeout=600,
             blip2_conn_id=conn_id,
             pool=pool,
+            **waiting,
             **RETRY,
         ).expand(image=images)
         if with_batch:
