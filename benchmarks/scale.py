@@ -20,6 +20,10 @@ Prints one JSON line per run:
 
   with ``RPM = 60``, ``IN_FLIGHT = 10``, ``LATENCY = 2 s``; for P = 200 that is 340 s, set by the rate;
 - ``ratio``: ``wall_s / minimum_s``;
+- ``window_minimum_s``, ``window_ratio``: the same for the API's sliding window, in which any 60 s
+  hold at most ``RPM`` requests, so that requests ``k`` and ``k + RPM`` are 60 s apart: the last of
+  ``2 P`` requests comes ``floor((2 P - 1) / RPM) * 60`` s after the first at the earliest (360 s
+  for P = 200, 180 s for P = 100), whatever the client does;
 - ``share_429``: the share of the emulator's responses that were 429;
 - ``requests_per_prediction``: the requests the emulator received (429s included) per prediction,
   and ``admitted_requests_per_prediction`` without the 429s (at best 2);
@@ -70,6 +74,27 @@ def minimum_seconds(
     rate = max(0, REQUESTS_PER_PREDICTION * predictions - rpm) * 60.0 / rpm
     concurrency = math.ceil(predictions / in_flight) * latency
     return max(rate, concurrency, latency)
+
+
+def window_minimum_seconds(
+    predictions: int, rpm: int = RPM, in_flight: int = IN_FLIGHT, latency: float = LATENCY
+) -> float:
+    """
+    The least time for a number of predictions when the rate is a sliding window, as the API's is.
+
+    At most ``rpm`` requests in any 60 s: the requests numbered ``k`` and ``k + rpm`` are at
+    least 60 s apart, so the last of ``R = 2 P`` requests comes ``floor((R - 1) / rpm) * 60`` s
+    after the first at the earliest, however the requests are spread. :func:`minimum_seconds`
+    counts one request a second after the first ``rpm``, which such a window never allows.
+
+    :param predictions: How many predictions.
+    :param rpm: Requests allowed in any 60 s.
+    :param in_flight: Predictions in flight allowed.
+    :param latency: Seconds per prediction.
+    """
+    requests = REQUESTS_PER_PREDICTION * predictions
+    rate = (requests - 1) // rpm * 60.0 if requests else 0.0
+    return max(rate, minimum_seconds(predictions, rpm, in_flight, latency))
 
 
 def parse_args() -> argparse.Namespace:
@@ -126,6 +151,8 @@ def run_once(stack: ProductionStack, args: argparse.Namespace, number: int, home
         "wall_s": round(wall, 1),
         "minimum_s": round(minimum, 1),
         "ratio": round(wall / minimum, 2),
+        "window_minimum_s": round(window_minimum_seconds(predictions), 1),
+        "window_ratio": round(wall / window_minimum_seconds(predictions), 2),
         "requests": requests,
         "requests_per_prediction": round(requests / predictions, 2),
         "admitted_requests_per_prediction": round((requests - ledger["responses_429"]) / predictions, 2),

@@ -1,0 +1,28 @@
+"""The least times the benchmarks measure their runs against."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.scale import minimum_seconds, window_minimum_seconds
+
+
+@pytest.mark.parametrize(
+    ("predictions", "minimum", "window_minimum"),
+    [
+        (100, 140.0, 180.0),  # 200 requests: 60 at once, then 1 a second; or 3 full windows
+        (200, 340.0, 360.0),
+        (30, 6.0, 6.0),  # 60 requests fit in one window: the 10 in flight set the pace
+        (1, 2.0, 2.0),  # one prediction takes its latency
+    ],
+)
+def test_the_minimums_of_the_rate_and_of_the_sliding_window(
+    predictions: int, minimum: float, window_minimum: float
+) -> None:
+    assert minimum_seconds(predictions) == minimum
+    assert window_minimum_seconds(predictions) == window_minimum
+
+
+def test_a_sliding_window_never_allows_less_than_one_request_a_second() -> None:
+    for predictions in range(1, 400):
+        assert window_minimum_seconds(predictions) >= minimum_seconds(predictions)
