@@ -6,8 +6,10 @@ task each. ``system_blip2_production_scale`` does the same and, in parallel, cap
 ``dag_run.conf["batch_images"]`` in one deferrable batch writing to ``dag_run.conf["output_uri"]``;
 ``system_blip2_production_scale_shared`` is that DAG on the ``blip2_shared`` connection (its budget
 in Redis), and ``system_blip2_production_pool`` the mapped DAG in the pool ``blip2_predictions``.
-Every task has one retry. The two scale DAGs keep the operators' defaults, as users run them; the
-others defer at once (``defer_after=0``), since their tests are about triggerers and deferred tasks.
+Every task has one retry. ``system_blip2_production_scale`` keeps the operators' defaults, as users
+run them (2 s predictions then end on the worker); the others defer at once (``defer_after=0``), so
+that their tests involve the triggerers: deferred tasks, handovers, and workers and triggerers
+sharing one budget in Redis.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def run_conf_images(dag_run: Any = None) -> list[str]:
 DAGS: tuple[tuple[str, bool, str, str, float | None], ...] = (
     ("system_blip2_production", False, "blip2_default", "default_pool", 0),
     ("system_blip2_production_scale", True, "blip2_default", "default_pool", None),
-    ("system_blip2_production_scale_shared", True, "blip2_shared", "default_pool", None),
+    ("system_blip2_production_scale_shared", True, "blip2_shared", "default_pool", 0),
     ("system_blip2_production_pool", False, "blip2_default", "blip2_predictions", 0),
 )
 
