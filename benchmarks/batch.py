@@ -55,6 +55,7 @@ for name, deferrable, retries, max_failed_ratio in (
             caption=True,
             output_uri="s3://{bucket}/out/{{{{ run_id }}}}.jsonl",
             deferrable=deferrable,
+            defer_after=0,  # defer after every round: time-scaled predictions end within any wait
             poll_interval={poll_interval},
             max_failed_ratio=max_failed_ratio,
             retries=retries,
