@@ -100,6 +100,7 @@ async def arequest(uses_tls: bool, arguments: dict[str, Any]) -> httpx.Response:
     import httpx
 
     share = _share()
+    arguments = {**arguments, "url": _parsed_url(arguments["url"])}
     async with share.slots:
         idle = share.idle[uses_tls]
         client = idle.pop() if idle else await _new_client(uses_tls)
@@ -115,6 +116,14 @@ async def arequest(uses_tls: bool, arguments: dict[str, Any]) -> httpx.Response:
     # closed: an empty stream in its place frees both at once.
     response.stream = httpx.ByteStream(b"")
     return response
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_url(url: str) -> httpx.URL:
+    """A request URL, parsed once: each trigger reads the same prediction's URL every poll."""
+    import httpx
+
+    return httpx.URL(url)
 
 
 def _retire(share: _LoopShare, client: httpx.AsyncClient) -> None:

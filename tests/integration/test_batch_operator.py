@@ -95,14 +95,15 @@ def test_a_deferrable_batch_whose_predictions_end_soon_runs_on_the_worker_withou
         caption=True,
         deferrable=True,
         defer_after=5.0,
-        poll_interval=0.6,
+        poll_interval=1.0,
     )
     summary, deferrals = run_batch(operator, DictStore())
     assert summary["succeeded"] == 25
     assert deferrals == 0  # every wait for a free slot was shorter than defer_after
     ledger = emulator.ledger()
     assert ledger["creates"] == 25 and ledger["peak_in_flight"] <= 10
-    assert ledger["requests"]["get"] == 25  # one read each, a poll interval after its create
+    # About one read each, a poll interval after its create (a loaded machine may slow a few).
+    assert 25 <= ledger["requests"]["get"] <= 30
 
 
 def test_a_deferrable_batch_defers_when_nothing_ends_within_defer_after(

@@ -725,12 +725,14 @@ def test_a_deferrable_prediction_that_ends_within_defer_after_completes_on_the_w
     connect: Callable[..., EmulatorServer], image_url: Callable[[str], str]
 ) -> None:
     server = connect(latency=10.0)  # 0.5 s
-    operator = _operator(image_url("chelsea.jpg"), deferrable=True, defer_after=5.0, poll_interval=0.6)
+    operator = _operator(image_url("chelsea.jpg"), deferrable=True, defer_after=5.0, poll_interval=1.0)
 
     output, ti = _execute(operator, DictStateStore())  # no TaskDeferred
 
     assert output == server.app.emulator.predictions[ti.xcom["prediction_id"]].output
-    assert server.ledger()["requests"] == {"create": 1, "get": 1}  # the read a poll interval after
+    requests = server.ledger()["requests"]
+    assert requests["create"] == 1
+    assert 1 <= requests["get"] <= 2  # a read a poll interval after the create finds it ended
 
 
 @requires_airflow_3_3
