@@ -5,10 +5,9 @@ Starts an API server, a scheduler (LocalExecutor), a DAG processor and a trigger
 the emulator at its defaults with no time scaling (60 requests per minute, 10 in flight, 2 s per
 prediction). One deferrable batch task at the operator's defaults (the production scale DAG with no
 mapped images) captions N images; every return from the triggerer to a worker goes through the real
-scheduler. Prints the batch's elapsed time against the minimum the
-rate allows (the first 60 requests at once, then one a second), against the least time the API's
-sliding window allows (no more than 60 requests in any 60 s: 180 s for 100 images), and the
-emulator's counts.
+scheduler. Prints the batch's elapsed time against the minimum the rate allows (the first 60
+requests at once, then one a second), against the least time the API's sliding window allows (no
+more than 60 requests in any 60 s: 180 s for 100 images), and the emulator's counts.
 Takes a few minutes: the rate is the real one.
 """
 

@@ -240,15 +240,12 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         """Wait for ``self.prediction_id`` here (at most ``defer_after`` when deferrable), then complete."""
         assert self.prediction_id is not None
         end_time = time.time() + self.timeout
-        wait_at_most = self.defer_after if self.deferrable else None
-        outcome = None
-        if wait_at_most is None or wait_at_most > 0:
-            outcome = self.hook.poll_prediction(
-                self.prediction_id,
-                poll_interval=self.poll_interval,
-                end_time=end_time,
-                wait_at_most=wait_at_most,
-            )
+        outcome = self.hook.poll_prediction(  # defer_after=0: None at once, with no read
+            self.prediction_id,
+            poll_interval=self.poll_interval,
+            end_time=end_time,
+            wait_at_most=self.defer_after if self.deferrable else None,
+        )
         if outcome is None:
             self._defer(self.prediction_id, end_time=end_time, attempt=attempt, spent=spent)
         return self._complete(context, outcome, attempt=attempt, spent=spent)
