@@ -155,10 +155,14 @@ import json, sys
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from tests.conftest import FAST_RETRIES
 hook = Blip2Hook(retry_policy=FAST_RETRIES)
-ids = [hook.create_prediction(url, caption=True) for url in json.loads(sys.argv[1])]
-outcomes = [hook.wait_for_prediction(pid, poll_interval=0.05, timeout=60) for pid in ids]
+outcomes = [
+    hook.wait_for_prediction(hook.create_prediction(url, caption=True), poll_interval=0.05, timeout=60)
+    for url in json.loads(sys.argv[1])
+]
 print(json.dumps([o.status for o in outcomes]))
 """
+# Each process waits for its prediction before creating the next, as a task does: a process that
+# created all of its predictions first could hold slots the others wait for, and they for its.
 
 
 def run_processes(emulator: EmulatorServer, connection: str, images: list[list[str]]) -> list[list[str]]:
