@@ -13,7 +13,7 @@ CONSTRAINTS := requirements/constraints.txt
 # that https-only use works without the storage extras and that the operators report no lineage, and
 # fail nothing, without openlineage.
 EXTRAS := emulator amazon google redis openlineage
-GROUPS := dev storage-servers release docs
+GROUPS := dev storage-servers release docs celery
 INSTALLED := $(VENV)/.installed
 RESULTS := benchmarks/results
 # The oldest Airflow the provider supports gets a virtualenv and a test run of its own.

@@ -28,7 +28,14 @@ COMPONENT_ENV = "BLIP2_DEPLOYMENT_COMPONENT"
 PAGE_LIMIT = 100
 """Items per page of the REST API's lists (``[api] maximum_page_limit`` is 100 by default)."""
 
-__all__ = ["COMPONENTS", "AirflowDeployment", "RunSummary", "component_hostname", "free_port"]
+__all__ = [
+    "COMPONENTS",
+    "AirflowDeployment",
+    "CeleryWorkers",
+    "RunSummary",
+    "component_hostname",
+    "free_port",
+]
 
 
 def component_hostname() -> str:
@@ -39,6 +46,42 @@ def component_hostname() -> str:
     component name (``triggerer-1``, ...) as its host name.
     """
     return os.environ.get(COMPONENT_ENV) or socket.getfqdn()
+
+
+@dataclass(frozen=True)
+class CeleryWorkers:
+    """
+    Run the tasks on Celery workers (CeleryExecutor) instead of LocalExecutor.
+
+    The workers are the components ``worker-1`` ... ``worker-N``; each reports its name as the host
+    name of the task instances it runs. Celery's results go to the metadata database.
+
+    :param broker_url: The Celery broker, for example ``redis://127.0.0.1:6379/1``.
+    :param workers: How many workers, each its own process.
+    :param concurrency: Task processes per worker.
+    """
+
+    broker_url: str
+    workers: int = 2
+    concurrency: int = 4
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The workers' component names."""
+        return tuple(f"worker-{n}" for n in range(1, self.workers + 1))
+
+    def env(self, sql_alchemy_conn: str) -> dict[str, str]:
+        """
+        The Airflow settings of a CeleryExecutor deployment.
+
+        :param sql_alchemy_conn: The metadata database, which also keeps Celery's results.
+        """
+        return {
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
+            "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{sql_alchemy_conn}",
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.concurrency),
+        }
 
 
 @dataclass(frozen=True)
@@ -68,7 +111,8 @@ class AirflowDeployment:
     """
     Every Airflow component as its own process, sharing the sandbox's metadata database.
 
-    LocalExecutor runs the tasks; the triggerer(s) run deferred tasks' triggers; the REST API triggers
+    LocalExecutor runs the tasks, or with ``celery`` the Celery workers do; the triggerer(s) run
+    deferred tasks' triggers; the REST API triggers
     runs and marks task instances. Without ``users`` everyone is admin without logging in; with them,
     the simple auth manager knows only those admins, who log in on its login page, and
     :meth:`api` calls the REST API with a token of the first one. Logs go to ``<home>/component-logs``, one
@@ -81,12 +125,14 @@ class AirflowDeployment:
     (PostgreSQL): on SQLite two triggerers can run the same trigger.
 
     :param sandbox: The migrated Airflow home, its connections, DAGs folder and metadata database.
-    :param parallelism: LocalExecutor slots (``[core] parallelism``): task instances running at once.
+    :param parallelism: Task instances running at once (``[core] parallelism``): LocalExecutor's
+        slots, or the scheduler's cap on what it sends to the Celery workers.
     :param triggerers: How many triggerers to run.
     :param triggerer_health_check_threshold: Seconds without a heartbeat (sent every second) after
         which a triggerer counts as dead, with several triggerers.
     :param users: Admin user name -> password for the simple auth manager; None: no login at all.
-    :raises ValueError: when several triggerers are asked for on SQLite.
+    :param celery: Celery workers to run the tasks on; None: LocalExecutor.
+    :raises ValueError: when several triggerers, or Celery workers, are asked for on SQLite.
     """
 
     def __init__(
@@ -97,6 +143,7 @@ class AirflowDeployment:
         triggerers: int = 1,
         triggerer_health_check_threshold: int = 15,
         users: dict[str, str] | None = None,
+        celery: CeleryWorkers | None = None,
     ) -> None:
         if triggerers < 1:
             raise ValueError("a deployment needs at least one triggerer")
@@ -105,6 +152,9 @@ class AirflowDeployment:
                 "two triggerers on SQLite can run the same trigger (no SKIP LOCKED): "
                 "give the sandbox a PostgreSQL database (scripts.postgres.PostgresCluster)"
             )
+        if celery is not None and sandbox.uses_sqlite:
+            raise ValueError("Celery workers need a metadata database they can share: not SQLite")
+        self.celery = celery
         self.sandbox = sandbox
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -113,7 +163,8 @@ class AirflowDeployment:
         self.triggerers: tuple[str, ...] = (
             ("triggerer",) if triggerers == 1 else tuple(f"triggerer-{n}" for n in range(1, triggerers + 1))
         )
-        self.components: tuple[str, ...] = (*COMPONENTS[:-1], *self.triggerers)
+        self.workers: tuple[str, ...] = celery.names if celery else ()
+        self.components: tuple[str, ...] = (*COMPONENTS[:-1], *self.triggerers, *self.workers)
         self.log_dir = sandbox.home / "component-logs"
         self.log_dir.mkdir(exist_ok=True)
         sandbox.extra_env.update(
@@ -130,6 +181,8 @@ class AirflowDeployment:
                 "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(sandbox.home / "logs"),
             }
         )
+        if celery is not None:
+            sandbox.extra_env.update(celery.env(sandbox.sql_alchemy_conn))
         if triggerers > 1:
             sandbox.extra_env["AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD"] = str(
                 triggerer_health_check_threshold
@@ -151,13 +204,18 @@ class AirflowDeployment:
     def _command(self, name: str) -> tuple[list[str], dict[str, str]]:
         """The command line and environment of a component."""
         env = self.sandbox.env()
-        program = "triggerer" if name in self.triggerers else name
-        args = [sys.executable, "-m", "airflow", program]
+        if name in self.workers:
+            # Each worker is a Celery node of its own name; --skip-serve-logs as below.
+            args = [sys.executable, "-m", "airflow", "celery", "worker", "--celery-hostname", f"{name}@%h"]
+            args += ["--skip-serve-logs", "--without-gossip", "--without-mingle"]
+        else:
+            program = "triggerer" if name in self.triggerers else name
+            args = [sys.executable, "-m", "airflow", program]
         if name == "api-server":
             args += ["--port", str(self.port), "--host", "127.0.0.1"]
-        if program in ("scheduler", "triggerer"):
+        if name in ("scheduler", *self.triggerers):
             args.append("--skip-serve-logs")  # the API server reads the shared log folder
-        if program == "triggerer" and name != "triggerer":
+        if name in self.workers or name.startswith("triggerer-"):
             env[COMPONENT_ENV] = name
             env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] = f"{__name__}.component_hostname"
         return args, env

@@ -1,11 +1,12 @@
 """
 A production-shaped Airflow deployment on loopback, against the API emulator at the API's real limits.
 
-PostgreSQL as the metadata database, a Redis server, LocalExecutor with several slots, two
-triggerers, and the emulator as the real API behaves: 60 requests a minute and 10 predictions in
-flight per key, 2 s per prediction, no time scaling, 429 answers that carry ``retry_after`` in the
-body only, and a share of the reads answered 5xx. Images are served from a local file server under
-distinct names, so the emulator's ledger counts the creates of each image.
+PostgreSQL as the metadata database, a Redis server, LocalExecutor with several slots (or Celery
+workers whose broker is that Redis), two triggerers, and the emulator as the real API behaves: 60
+requests a minute and 10 predictions in flight per key, 2 s per prediction, no time scaling, 429
+answers that carry ``retry_after`` in the body only, and a share of the reads answered 5xx. Images
+are served from a local file server under distinct names, so the emulator's ledger counts the
+creates of each image.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
-from scripts.deployment import AirflowDeployment
+from scripts.deployment import AirflowDeployment, CeleryWorkers
 from scripts.postgres import PostgresCluster, postgres_missing_reason
 from scripts.redis_server import RedisServer, redis_missing_reason
 from scripts.sandbox import REPO_ROOT, AirflowSandbox
@@ -47,7 +48,8 @@ class ProductionSettings:
     """
     How the production-shaped stack is shaped.
 
-    :param parallelism: LocalExecutor slots.
+    :param parallelism: Task instances running at once: LocalExecutor's slots, or with
+        ``celery_workers`` the worker processes of all the Celery workers together.
     :param triggerers: Triggerers, each its own process.
     :param latency: Seconds per prediction in the emulator.
     :param read_fault_rate: Share of prediction reads (``GET``) the emulator answers 500, 502 or 503.
@@ -57,6 +59,8 @@ class ProductionSettings:
         extra, next to a ``redis_default`` connection to the local Redis.
     :param seed: The emulator's fault seed.
     :param extra_env: More Airflow environment variables.
+    :param celery_workers: Run the tasks on this many Celery workers, their broker the Redis server's
+        database 1 (the budget keeps database 0); 0: LocalExecutor.
     """
 
     parallelism: int = 8
@@ -68,6 +72,17 @@ class ProductionSettings:
     redis_in_connection: bool = False
     seed: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
+    celery_workers: int = 0
+
+    def celery(self, redis: RedisServer) -> CeleryWorkers | None:
+        """The Celery workers to run, or None for LocalExecutor."""
+        if not self.celery_workers:
+            return None
+        return CeleryWorkers(
+            f"redis://127.0.0.1:{redis.port}/1",
+            workers=self.celery_workers,
+            concurrency=max(1, self.parallelism // self.celery_workers),
+        )
 
     def emulator_config(self) -> EmulatorConfig:
         """The emulator's settings: real limits and speed, body-only ``retry_after``, faulty reads."""
@@ -197,7 +212,10 @@ def production_stack(home: Path, settings: ProductionSettings | None = None) -> 
         )
         sandbox.migrate()
         deployment = AirflowDeployment(
-            sandbox, parallelism=settings.parallelism, triggerers=settings.triggerers
+            sandbox,
+            parallelism=settings.parallelism,
+            triggerers=settings.triggerers,
+            celery=settings.celery(redis),
         )
         stack.enter_context(deployment)
         yield ProductionStack(postgres, redis, emulator, image_url, deployment, images_dir)

@@ -228,7 +228,8 @@ def test_api_key_reaches_no_redis_key(redis_server: RedisServer, redis: RedisPar
         [BudgetScope(name, 5, 5)], redis, window=60.0, fallback=RequestBudget(5, 5), log=LOG
     )
     assert budget.reserve_request() == 0.0
-    keys = [str(key) for key in redis_py.Redis(port=redis_server.port, decode_responses=True).keys("*")]
+    client = redis_py.Redis(port=redis_server.port, decode_responses=True)
+    keys = [str(key) for key in client.scan_iter("*")]
     assert keys and all(API_KEY not in key for key in keys)
     assert asyncio.run(budget.areserve_request()) == 0.0
 
