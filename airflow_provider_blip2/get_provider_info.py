@@ -6,6 +6,7 @@ from typing import Any
 
 from airflow_provider_blip2 import __version__
 from airflow_provider_blip2.client.settings import CONNECTION_FIELDS, UI_FIELD_BEHAVIOUR
+from airflow_provider_blip2.triggers.heap import CONFIG_OPTION, CONFIG_SECTION
 
 #: The extra fields of the connection form, from the one list the client reads its defaults from.
 CONN_FIELDS: dict[str, Any] = {field.name: field.to_provider_info() for field in CONNECTION_FIELDS}
@@ -47,6 +48,24 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": ["airflow_provider_blip2.links.blip2.Blip2PredictionLink"],
+        "config": {
+            CONFIG_SECTION: {
+                "description": "Settings of the BLIP-2 provider's processes.",
+                "options": {
+                    CONFIG_OPTION: {
+                        "description": (
+                            "Freeze the triggerer's heap (gc.freeze) when the first BLIP-2 trigger "
+                            "runs in it, so the garbage collector's full passes walk only what was "
+                            "allocated since and stall its event loop far less."
+                        ),
+                        "version_added": "0.2.0",
+                        "type": "boolean",
+                        "example": "False",
+                        "default": "True",
+                    }
+                },
+            }
+        },
         "connection-types": [
             {
                 "connection-type": "blip2",

@@ -34,6 +34,8 @@ Prints one JSON line per run:
 
 ``--redis`` puts ``"redis_conn_id": "redis_default"`` in the blip2 connection's extra, next to a
 ``redis_default`` connection to the local Redis (for a provider that shares its request budget there).
+``--celery-workers N`` runs the tasks on N Celery workers (CeleryExecutor, their broker that Redis)
+instead of LocalExecutor, ``--parallelism`` worker processes among them.
 Takes the minimum plus start-up (about a minute) and scheduling overhead: ~8 minutes at the defaults.
 """
 
@@ -105,7 +107,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=100, help="mapped deferrable prediction tasks")
     parser.add_argument("--batch-images", type=int, default=100, help="images of the one batch task")
     parser.add_argument("--triggerers", type=int, default=2)
-    parser.add_argument("--parallelism", type=int, default=8, help="LocalExecutor slots")
+    parser.add_argument("--parallelism", type=int, default=8, help="task instances running at once")
+    parser.add_argument(
+        "--celery-workers", type=int, default=0, help="run the tasks on Celery workers; 0: LocalExecutor"
+    )
     parser.add_argument("--read-fault-rate", type=float, default=0.02, help="share of reads answered 5xx")
     parser.add_argument("--redis", action="store_true", help="name the local Redis in the blip2 connection")
     parser.add_argument("--runs", type=int, default=1, help="runs, one after the other, in one deployment")
@@ -148,6 +153,7 @@ def run_once(stack: ProductionStack, args: argparse.Namespace, number: int, home
         "triggerers": args.triggerers,
         "parallelism": args.parallelism,
         "redis": args.redis,
+        "executor": "CeleryExecutor" if args.celery_workers else "LocalExecutor",
         "run": state,
         "wall_s": round(wall, 1),
         "minimum_s": round(minimum, 1),
@@ -187,6 +193,7 @@ def main() -> None:
         triggerers=args.triggerers,
         read_fault_rate=args.read_fault_rate,
         redis_in_connection=args.redis,
+        celery_workers=args.celery_workers,
     )
     started = time.monotonic()
     runs: list[dict[str, Any]] = []

@@ -22,7 +22,9 @@ triggerer warns past 0.2 s). Printed as one JSON object:
   single-threaded emulator near 100 % is the bottleneck, not the triggers), with the CPU the other
   processes of the machine used and the hypervisor stole meanwhile: a run they disturbed is no measure.
   The full garbage collections of the steady window are counted with their longest pass: each walks
-  the whole heap of the process (mostly Airflow's own imported objects) and stalls the loop meanwhile.
+  the heap of the process not frozen (``heap_frozen_objects``: what the first trigger froze, mostly
+  Airflow's own imported objects; ``AIRFLOW__BLIP2__FREEZE_TRIGGERER_HEAP=False`` keeps it whole)
+  and stalls the loop meanwhile.
   The CPU this process spent per read (``benchmark_cpu_ms_per_read``) depends least on them: a core of
   its own sends at most 1,000 / that many reads a second.
 """
@@ -48,6 +50,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -220,10 +223,15 @@ async def start_triggers(prediction_ids: list[str], poll_interval: float) -> lis
             raise RuntimeError(f"trigger for {trigger.prediction_id} fired early: {event.payload}")
 
     end_time = time.time() + 24 * 3600.0
-    tasks = []
+    tasks: list[asyncio.Task[None]] = []
     for prediction_id in prediction_ids:
         await asyncio.sleep(0)
         trigger = Blip2PredictionTrigger(prediction_id, CONN_ID, poll_interval, end_time)
+        # The triggerer gives each trigger its task instance: the trigger then runs as in a triggerer
+        # (the first one freezes the heap, as [blip2] freeze_triggerer_heap allows).
+        trigger.task_instance = SimpleNamespace(  # type: ignore[assignment]
+            dag_id="bench", run_id="bench", task_id="wait", map_index=len(tasks)
+        )
         tasks.append(asyncio.create_task(run(trigger), name=f"trigger {prediction_id}"))
     return tasks
 
@@ -312,6 +320,7 @@ async def measure(
         "reads_sent_per_s": round((gets_to - gets_from) / steady_elapsed, 1),
         "steady_full_gc_passes": len(full_passes),
         "steady_full_gc_max_s": round(max(full_passes, default=0.0), 4),
+        "heap_frozen_objects": gc.get_freeze_count(),
         "triggers_created_in_s": round(created_after, 3),
         "first_reads_done_after_s": round(first_reads_after, 2),
         "benchmark_cpu_percent": round(100 * own_cpu / steady_elapsed, 1),

@@ -15,6 +15,7 @@ from packaging.version import Version
 
 from airflow_provider_blip2.client.retry import RetryPolicy
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
+from airflow_provider_blip2.triggers import heap
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_IMAGES = REPO_ROOT / "example_dags" / "data"
@@ -24,6 +25,10 @@ FAST_RETRIES = RetryPolicy(max_attempts=6, max_elapsed=20.0, initial_wait=0.01, 
 TIME_SCALE = 0.05
 
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
+# The tests run triggers in this process as a triggerer would, which freezes the heap of the first
+# process to run one: keep the test processes' heap as it is, as though it had been frozen already.
+# tests/integration/test_trigger_heap.py runs the freeze in processes of its own.
+heap._frozen = True
 
 AIRFLOW_VERSION = Version(Version(airflow.__version__).base_version)
 requires_airflow_3_3 = pytest.mark.skipif(

@@ -12,6 +12,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.polling import PredictionWatch
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+from airflow_provider_blip2.triggers.heap import freeze_heap_once
 
 # Bound on the remote cancel when a user kills the task.
 ON_KILL_TIMEOUT = 20.0
@@ -40,6 +41,17 @@ def seconds_to_settle(trigger: BaseTrigger, not_before: float | None) -> float:
     if not_before is None or trigger.task_instance is None:
         return 0.0
     return max(0.0, not_before - time.time())
+
+
+def started(trigger: BaseTrigger) -> None:
+    """
+    What a trigger does first: in a triggerer (not inline), freeze the heap once per process
+    (:mod:`~airflow_provider_blip2.triggers.heap`).
+
+    :param trigger: The trigger starting to run.
+    """
+    if trigger.task_instance is not None:
+        freeze_heap_once(trigger.log)
 
 
 async def settle(trigger: BaseTrigger, not_before: float | None) -> None:
@@ -173,6 +185,7 @@ class Blip2PredictionTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until the prediction is terminal, the deadline passes or a persistent error."""
+        started(self)
         hook = self._hook()
         try:
             outcome = await self._poll(hook)
@@ -280,6 +293,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until ``resume_after`` predictions ended; then yield them and the recent requests."""
+        started(self)
         hook = self._hook()
         try:
             budget = await hook.abudget()
