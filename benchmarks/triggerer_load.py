@@ -403,6 +403,7 @@ def main() -> None:
         "reads_sent_ratio": round(result["reads_sent_per_s"] / asked, 3),
         "steady_full_gc_passes": result["steady_full_gc_passes"],
         "steady_full_gc_max_s": result["steady_full_gc_max_s"],
+        "heap_frozen_objects": result["heap_frozen_objects"],
         "triggers_created_in_s": result["triggers_created_in_s"],
         "first_reads_done_after_s": result["first_reads_done_after_s"],
         "benchmark_cpu_percent": result["benchmark_cpu_percent"],

@@ -282,16 +282,20 @@ def plot_triggerer_load(documents: list[dict[str, Any]]) -> Figure:
 
 def plot_scale(documents: list[dict[str, Any]]) -> Figure:
     """
-    The production-shaped deployment, with per-process budgets and with the Redis budget.
+    The production-shaped deployment, with per-process budgets and with the Redis budget, on
+    LocalExecutor or on Celery workers.
 
     :param documents: The ``scale`` results; every run of every one is drawn.
     """
     runs = [run for document in documents for run in document["results"]["runs"]]
+    workers = [document["parameters"].get("celery_workers", 0) for document in documents]
     labels = [
-        f"{'Redis budget' if run['redis'] else 'per-process budgets'}\n"
+        f"{'Redis budget' if run['redis'] else 'per-process budgets'}"
+        f"{f', {celery} Celery workers' if celery else ''}\n"
         f"{run['tasks']} tasks + batch of {run['batch_images']}: run {run['run']}"
         + (f", {run['failed_tasks']} task(s) failed" if run.get("failed_tasks") else "")
-        for run in runs
+        for document, celery in zip(documents, workers, strict=True)
+        for run in document["results"]["runs"]
     ]
     figure = Figure(figsize=(7.5, 1.4 + 1.0 * len(runs)))
     share_axes, ratio_axes = figure.subplots(1, 2, sharey=True)
@@ -315,7 +319,7 @@ def plot_scale(documents: list[dict[str, Any]]) -> Figure:
     ratio_axes.axvline(1.0, color=MINIMUM, linestyle="--")
     ratio_axes.set_xlabel("wall time / minimum the limits allow")
     ratio_axes.set_xlim(0, max(run["ratio"] for run in runs) * 1.9)
-    figure.suptitle("Mapped tasks beside a batch: PostgreSQL, 8 slots, 2 triggerers")
+    figure.suptitle("Mapped tasks beside a batch: PostgreSQL, 8 task processes, 2 triggerers")
     return figure
 
 
