@@ -133,6 +133,10 @@ def test_mapped_deferrable_predictions_succeed_with_two_triggerers(fresh: Produc
     ledger = fresh.emulator.ledger()
     assert ledger["statuses"]["success"] == len(images)
     assert ledger["statuses"]["cancelled"] == 0
+    logs = "".join(
+        p.read_text(errors="replace") for p in fresh.deployment.written_files() if p.suffix == ".log"
+    )
+    assert "objects of this triggerer's heap out of the garbage collector's full passes" in logs
 
 
 def test_a_killed_triggerer_hands_its_triggers_to_the_other(fresh: ProductionStack) -> None:
