@@ -330,12 +330,22 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
             if self.return_by is not None and time.time() + due_in > self.return_by:
                 break  # no read is due before then
             await asyncio.sleep(due_in)
-            outcome = watch.expire() or await watch.aread(hook.aget_prediction)
-            if outcome is not None:
-                del waiting[watch.prediction_id]
-                finished[watch.prediction_id] = outcome.to_json()
+            # Every read due now goes at once: each waits for the budget on its own, so a window
+            # that frees several places at once serves several, and a finished prediction is not
+            # left holding its slot behind another read's wait.
+            due = [w for w in waiting.values() if w.seconds_until_due() <= 0] or [watch]
+            outcomes = await asyncio.gather(*(self._read(w, hook) for w in due))
+            for read, outcome in zip(due, outcomes, strict=True):
+                if outcome is not None:
+                    del waiting[read.prediction_id]
+                    finished[read.prediction_id] = outcome.to_json()
         polled = {pid: w.last_read_at for pid, w in waiting.items() if w.last_read_at is not None}
         return finished, polled
+
+    @staticmethod
+    async def _read(watch: PredictionWatch, hook: Blip2Hook) -> PredictionOutcome | None:
+        """One watch's read (or its expiry): the outcome if its wait has ended."""
+        return watch.expire() or await watch.aread(hook.aget_prediction)
 
     async def on_kill(self) -> None:
         """Cancel the in-flight predictions when a user marks the deferred task failed, success or cleared."""
