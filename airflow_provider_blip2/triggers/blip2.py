@@ -54,6 +54,16 @@ def started(trigger: BaseTrigger) -> None:
         freeze_heap_once(trigger.log)
 
 
+async def read_once(watch: PredictionWatch, hook: Blip2Hook) -> PredictionOutcome | None:
+    """
+    One watch's read, or its expiry: the outcome if its wait has ended.
+
+    :param watch: The prediction's watch.
+    :param hook: Reads the prediction.
+    """
+    return watch.expire() or await watch.aread(hook.aget_prediction)
+
+
 async def settle(trigger: BaseTrigger, not_before: float | None) -> None:
     """
     Wait :func:`seconds_to_settle`.
@@ -201,7 +211,7 @@ class Blip2PredictionTrigger(BaseTrigger):
         outcome = None
         while outcome is None:
             await asyncio.sleep(watch.seconds_until_due())
-            outcome = watch.expire() or await watch.aread(hook.aget_prediction)
+            outcome = await read_once(watch, hook)
         return outcome
 
     async def on_kill(self) -> None:
@@ -334,18 +344,13 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
             # that frees several places at once serves several, and a finished prediction is not
             # left holding its slot behind another read's wait.
             due = [w for w in waiting.values() if w.seconds_until_due() <= 0] or [watch]
-            outcomes = await asyncio.gather(*(self._read(w, hook) for w in due))
+            outcomes = await asyncio.gather(*(read_once(w, hook) for w in due))
             for read, outcome in zip(due, outcomes, strict=True):
                 if outcome is not None:
                     del waiting[read.prediction_id]
                     finished[read.prediction_id] = outcome.to_json()
         polled = {pid: w.last_read_at for pid, w in waiting.items() if w.last_read_at is not None}
         return finished, polled
-
-    @staticmethod
-    async def _read(watch: PredictionWatch, hook: Blip2Hook) -> PredictionOutcome | None:
-        """One watch's read (or its expiry): the outcome if its wait has ended."""
-        return watch.expire() or await watch.aread(hook.aget_prediction)
 
     async def on_kill(self) -> None:
         """Cancel the in-flight predictions when a user marks the deferred task failed, success or cleared."""
