@@ -520,7 +520,8 @@ class Blip2Hook(BaseHook):
             raise Blip2InputError(f"connection host is not an http(s) URL: {error}") from None
         except httpx.HTTPError as error:
             raise transport_error(request, error, sent=_httpx_error_was_sent(error)) from None
-        return ApiResponse(answer.status_code, dict(answer.headers), answer.content)
+        # items(), one pass: dict(headers) looks each name up again, scanning every header.
+        return ApiResponse(answer.status_code, dict(answer.headers.items()), answer.content)
 
 
 def _parse(response: ApiResponse, prediction_id: str) -> Prediction:
