@@ -24,6 +24,9 @@ Prints one JSON line per run:
   hold at most ``RPM`` requests, so that requests ``k`` and ``k + RPM`` are 60 s apart: the last of
   ``2 P`` requests comes ``floor((2 P - 1) / RPM) * 60`` s after the first at the earliest (360 s
   for P = 200, 180 s for P = 100), whatever the client does;
+- ``lead_s``, ``requests_span_s``, ``tail_s``: from the run's start to the first request the API
+  admitted, from that to the last one (at least ``window_minimum_s``), and from that to the run's end:
+  the deployment's start-up, the API-bound part, and the last tasks' resumption;
 - ``share_429``: the share of the emulator's responses that were 429;
 - ``requests_per_prediction``: the requests the emulator received (429s included) per prediction,
   and ``admitted_requests_per_prediction`` without the 429s (at best 2);
@@ -139,9 +142,9 @@ def run_once(stack: ProductionStack, args: argparse.Namespace, number: int, home
     window_minimum = window_minimum_seconds(predictions)
     state = deployment.wait_for_run(SCALE_DAG_ID, run_id, timeout=3 * minimum + 900)
     run = deployment.api("GET", f"/dags/{SCALE_DAG_ID}/dagRuns/{run_id}")
-    wall = (
-        datetime.fromisoformat(run["end_date"]) - datetime.fromisoformat(run["start_date"])
-    ).total_seconds()
+    run_start = datetime.fromisoformat(run["start_date"]).timestamp()
+    run_end = datetime.fromisoformat(run["end_date"]).timestamp()
+    wall = run_end - run_start
     summary = deployment.run_summary(SCALE_DAG_ID, run_id)
     ledger = stack.emulator.ledger()
     creates = stack.creates_per_image(tasks + batch)
@@ -160,6 +163,7 @@ def run_once(stack: ProductionStack, args: argparse.Namespace, number: int, home
         "ratio": round(wall / minimum, 2),
         "window_minimum_s": round(window_minimum, 1),
         "window_ratio": round(wall / window_minimum, 2),
+        **request_span(ledger, run_start, run_end),
         "requests": requests,
         "requests_per_prediction": round(requests / predictions, 2),
         "admitted_requests_per_prediction": round((requests - ledger["responses_429"]) / predictions, 2),
@@ -172,6 +176,24 @@ def run_once(stack: ProductionStack, args: argparse.Namespace, number: int, home
         "max_creates_per_image": max(creates.values(), default=0),
         "creates": ledger["creates"],
         "images": predictions,
+    }
+
+
+def request_span(ledger: dict[str, Any], run_start: float, run_end: float) -> dict[str, float | None]:
+    """
+    Where the run's time went: before the first admitted request, between it and the last, after.
+
+    :param ledger: The emulator's ledger after the run.
+    :param run_start: The DAG run's start, Unix time.
+    :param run_end: The DAG run's end, Unix time.
+    """
+    first, last = ledger.get("first_admitted_at"), ledger.get("last_admitted_at")
+    if first is None or last is None:
+        return {"lead_s": None, "requests_span_s": None, "tail_s": None}
+    return {
+        "lead_s": round(first - run_start, 1),
+        "requests_span_s": round(last - first, 1),
+        "tail_s": round(run_end - last, 1),
     }
 
 

@@ -117,6 +117,17 @@ class Ledger:
     created_5xx_injected: int = 0
     peak_in_flight: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
+    first_admitted_at: float | None = None
+    last_admitted_at: float | None = None
+
+    def count_admitted(self, unix_time: float) -> None:
+        """Note when a request passed the rate limit: the first and the last such moment.
+
+        :param unix_time: now, as Unix time (comparable with other processes' clocks).
+        """
+        if self.first_admitted_at is None:
+            self.first_admitted_at = unix_time
+        self.last_admitted_at = unix_time
 
     def count_response(self, status_code: int) -> None:
         """Count a response that was sent.
@@ -148,6 +159,8 @@ class Ledger:
             "provider_failed_injected": self.provider_failed_injected,
             "created_5xx_injected": self.created_5xx_injected,
             "peak_in_flight": self.peak_in_flight,
+            "first_admitted_at": self.first_admitted_at,
+            "last_admitted_at": self.last_admitted_at,
             "in_flight": in_flight,
             "statuses": {status: self.statuses[status] for status in sorted(TERMINAL_STATUSES)},
         }

@@ -513,9 +513,12 @@ def test_invalid_answers_file_is_rejected(tmp_path: Path) -> None:
 
 def test_rate_limit_decimal_retry_after(make_server: ServerFactory) -> None:
     server = make_server(requests_per_minute=3, time_scale=0.01)  # window of 0.6 s
+    assert server.ledger()["first_admitted_at"] is None
     with httpx.Client(base_url=server.url, headers=HEADERS) as http:
+        before = time.time()
         for _ in range(3):
             assert http.get("/v1/model", params={"slug": "blip-2"}).status_code == 200
+        admitted = server.ledger()
         limited = http.get(f"/v1/prediction/{uuid.uuid4()}")
         assert limited.status_code == 429
         header = limited.headers["retry-after"]
@@ -524,9 +527,13 @@ def test_rate_limit_decimal_retry_after(make_server: ServerFactory) -> None:
         assert float(header) == body["retry_after"]
         assert 0 < body["retry_after"] <= 0.6
         assert "." in header
+        assert server.ledger()["last_admitted_at"] == admitted["last_admitted_at"]  # a 429 is not admitted
         time.sleep(body["retry_after"])
         assert http.get("/v1/model", params={"slug": "blip-2"}).status_code == 200
     ledger = server.ledger()
+    assert before <= admitted["first_admitted_at"] <= admitted["last_admitted_at"]
+    assert ledger["first_admitted_at"] == admitted["first_admitted_at"]
+    assert ledger["last_admitted_at"] - admitted["last_admitted_at"] >= body["retry_after"]
     assert ledger["responses_429"] == 1
     assert ledger["requests"] == {"model": 4, "get": 1}
 
