@@ -113,6 +113,8 @@ class BatchState:
         prediction or a result then counts one attempt.
     :param spent: Item index -> the cost of its earlier predictions (those released to predict
         the item again), when the API reported one.
+    :param ambiguous: Item index -> how many of its predictions may have been created (and paid)
+        without an answer: creates that failed after they were sent, runs a restart interrupted.
     """
 
     items: list[BatchItem]
@@ -121,6 +123,7 @@ class BatchState:
     finished: dict[int, PredictionOutcome] = field(default_factory=dict)
     attempts: dict[int, list[int | None]] = field(default_factory=dict)
     spent: dict[int, float] = field(default_factory=dict)
+    ambiguous: dict[int, int] = field(default_factory=dict)
 
     @property
     def in_flight(self) -> dict[int, tuple[str, float]]:
@@ -196,6 +199,8 @@ class BatchState:
             self.attempts[int(index)] = [None if number is None else int(number) for number in numbers]
         for index, cost in part.get("spent", {}).items():
             self.spent[int(index)] = float(cost)
+        for index, count in part.get("ambiguous", {}).items():
+            self.ambiguous[int(index)] = int(count)
         for index, (prediction_id, deadline) in part.get("created", {}).items():
             self.created[int(index)] = (str(prediction_id), float(deadline))
         for index, result in part.get("finished", {}).items():
@@ -206,6 +211,7 @@ class BatchState:
         return {
             "attempts": {str(i): list(numbers) for i, numbers in self.attempts.items()},
             "spent": {str(i): cost for i, cost in self.spent.items()},
+            "ambiguous": {str(i): count for i, count in self.ambiguous.items()},
             "created": {str(i): [pid, deadline] for i, (pid, deadline) in self.created.items()},
             "finished": {str(i): result.to_json() for i, result in self.finished.items()},
         }
@@ -235,8 +241,9 @@ class BatchState:
         The batch's summary.
 
         ``total``, ``succeeded``, ``failed``, ``statuses`` (items by status), ``retried`` (items
-        predicted more than once), ``attempts`` (predictions in all), ``cost`` (the sum of what the
-        API reported), ``images``, ``output_uri`` and ``elapsed``.
+        predicted more than once), ``attempts`` (predictions in all), ``ambiguous`` (predictions
+        that may have been created and paid without an answer), ``cost`` (the sum of what the API
+        reported), ``images``, ``output_uri`` and ``elapsed``.
         """
         failed = self.failed_count()
         statuses: dict[str, int] = {}
@@ -251,6 +258,7 @@ class BatchState:
             "statuses": dict(sorted(statuses.items())),
             "retried": sum(count > 1 for count in attempts),
             "attempts": sum(attempts),
+            "ambiguous": sum(self.ambiguous.values()),
             "cost": round(sum(costs), 6),
             "images": len({item.image for item in self.items}),
             "output_uri": output_uri,
@@ -436,6 +444,17 @@ class BatchJournal:
             self._dirty = True
         if any(result.prediction_id is None for result in results.values()):
             self._write_part()
+
+    def record_ambiguous(self, state: BatchState, index: int) -> None:
+        """
+        Count a prediction of an item that may have been created and paid without an answer.
+
+        :param state: The progress, updated in place.
+        :param index: The item.
+        """
+        state.ambiguous[index] = state.ambiguous.get(index, 0) + 1
+        self._part.setdefault("ambiguous", {})[str(index)] = state.ambiguous[index]
+        self._dirty = True
 
     def release(self, state: BatchState, indexes: Sequence[int]) -> None:
         """

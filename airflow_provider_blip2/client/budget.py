@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from airflow_provider_blip2.client.notes import LocalNotes, Notes
+
 
 class Pace:
     """
@@ -94,11 +96,21 @@ class Budget(Protocol):
     async def arequest_done(self, *, rate_limited: bool = False) -> None:
         """:meth:`request_done` without blocking the event loop."""
 
+    @property
+    def notes(self) -> Notes:
+        """What the processes sharing this budget remember about the service (:mod:`~.notes`)."""
+
     def reserve_prediction(self) -> float:
         """Take a slot for a prediction about to be created; 0, or seconds to wait."""
 
+    async def areserve_prediction(self) -> float:
+        """:meth:`reserve_prediction` without blocking the event loop."""
+
     def prediction_created(self, prediction_id: str | None) -> None:
         """Turn a reserved slot into a tracked prediction (``None`` when the create failed)."""
+
+    async def aprediction_created(self, prediction_id: str | None) -> None:
+        """:meth:`prediction_created` without blocking the event loop."""
 
     def prediction_finished(self, prediction_id: str) -> None:
         """Free the slot of a prediction seen finished."""
@@ -158,6 +170,7 @@ class RequestBudget:
         self._in_flight: dict[str, float] = {}
         self._pending_slots = 0
         self.pace = pace or Pace(clock=clock)
+        self.notes = LocalNotes(clock)
 
     def reserve_request(self) -> float:
         """Take a request slot and return 0, or return the seconds to wait before asking again."""
@@ -206,12 +219,20 @@ class RequestBudget:
                 return 0.0
             return 0.05
 
+    async def areserve_prediction(self) -> float:
+        """:meth:`reserve_prediction`; it never blocks."""
+        return self.reserve_prediction()
+
     def prediction_created(self, prediction_id: str | None) -> None:
         """Turn a reserved slot into a tracked prediction (``None`` when the create failed)."""
         with self._lock:
             self._pending_slots = max(0, self._pending_slots - 1)
             if prediction_id:
                 self._in_flight[prediction_id] = self._clock() + self.in_flight_ttl
+
+    async def aprediction_created(self, prediction_id: str | None) -> None:
+        """:meth:`prediction_created`; it never blocks."""
+        self.prediction_created(prediction_id)
 
     def prediction_finished(self, prediction_id: str) -> None:
         """Free the slot of a prediction seen finished or handed to another process."""

@@ -44,6 +44,14 @@ class Blip2BadRequestError(Blip2Error):
     """HTTP 400: the server refused the inputs or the model name."""
 
 
+class Blip2SyncRunUnavailableError(Blip2BadRequestError):
+    """
+    HTTP 400 from ``POST /v1/prediction/run``: the model has no synchronous execution enabled.
+
+    Nothing was created; the prediction can be created and polled instead.
+    """
+
+
 class Blip2AuthenticationError(Blip2Error):
     """HTTP 401: the API key is missing or invalid."""
 

@@ -59,6 +59,8 @@ class PredictionWatch:
         self._clock = clock
         self.next_read_at = clock() + poll_interval if first_read_at is None else first_read_at
         self.last_read_at: float | None = None
+        #: Reads that got an answer or an error, so far.
+        self.reads = 0
         self.outcome: PredictionOutcome | None = None
         self._errors_in_a_row = 0
 
@@ -109,6 +111,7 @@ class PredictionWatch:
         :return: The outcome if the wait has ended, else ``None``.
         """
         self.last_read_at = round(self._clock(), 3)
+        self.reads += 1
         # A poll interval after the read ended, not on a fixed-rate schedule: triggers started
         # together (a triggerer's restart) whose reads the loop answered one after another then
         # spread out, where a fixed rate would keep them due at the same moment every interval.

@@ -23,6 +23,12 @@ DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_REQUESTS_PER_MINUTE = 60
 DEFAULT_MAX_CONCURRENCY = 10
 DEFAULT_RATE_WINDOW = 60.0
+#: How predictions are run: ``auto`` (the synchronous run where the model offers it, else create +
+#: poll), ``run`` (always the synchronous run) or ``poll`` (always create + poll).
+SYNC_RUN_AUTO = "auto"
+SYNC_RUN_ALWAYS = "run"
+SYNC_RUN_NEVER = "poll"
+SYNC_RUN_MODES = (SYNC_RUN_AUTO, SYNC_RUN_ALWAYS, SYNC_RUN_NEVER)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class ConnectionField:
     :param type: JSON Schema type: ``string`` or ``integer``.
     :param default: Value used when the field is empty.
     :param minimum: Smallest allowed value (integers only).
+    :param choices: The allowed values (strings only), shown as a choice in the form.
     """
 
     name: str
@@ -44,12 +51,15 @@ class ConnectionField:
     type: str
     default: str | int | None
     minimum: int | None = None
+    choices: tuple[str, ...] | None = None
 
     def to_provider_info(self) -> dict[str, Any]:
         """The field as ``connection-types[].conn-fields`` declares it."""
         schema: dict[str, Any] = {"type": [self.type, "null"], "default": self.default}
         if self.minimum is not None:
             schema["minimum"] = self.minimum
+        if self.choices is not None:
+            schema["enum"] = [*self.choices, None]
         return {"label": self.label, "description": self.description, "schema": schema}
 
 
@@ -87,6 +97,16 @@ CONNECTION_FIELDS: tuple[ConnectionField, ...] = (
         "integer",
         DEFAULT_MAX_CONCURRENCY,
         minimum=1,
+    ),
+    ConnectionField(
+        "sync_run",
+        "Synchronous run",
+        "auto: run each batch prediction with one request (POST /v1/prediction/run) where the model "
+        "offers it, else create and poll (found out at run time, remembered for an hour); run: "
+        "always the synchronous run; poll: always create and poll.",
+        "string",
+        SYNC_RUN_AUTO,
+        choices=SYNC_RUN_MODES,
     ),
     ConnectionField(
         "redis_conn_id",
@@ -159,6 +179,7 @@ class ClientSettings:
         against an emulator whose time is scaled (``time_scale * 60``).
     :param redis_conn_id: An Airflow Redis connection holding the deployment-wide budget, or
         ``None`` for a budget per process.
+    :param sync_run: ``auto``, ``run`` or ``poll``: see :data:`SYNC_RUN_MODES`.
     """
 
     base_url: str
@@ -170,6 +191,7 @@ class ClientSettings:
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     rate_window: float = DEFAULT_RATE_WINDOW
     redis_conn_id: str | None = None
+    sync_run: str = SYNC_RUN_AUTO
 
     def with_limits(
         self, *, requests_per_minute: int | None = None, max_concurrency: int | None = None
@@ -221,7 +243,18 @@ class ClientSettings:
             ),
             rate_window=check_positive_number("rate_window", value("rate_window", DEFAULT_RATE_WINDOW)),
             redis_conn_id=str(extra.get("redis_conn_id") or "").strip() or None,
+            sync_run=_sync_run_mode(extra.get("sync_run")),
         )
+
+
+def _sync_run_mode(value: Any) -> str:
+    mode = str(value or SYNC_RUN_AUTO).strip().lower()
+    if mode not in SYNC_RUN_MODES:
+        raise Blip2InputError(
+            f"sync_run must be one of {', '.join(SYNC_RUN_MODES)} (auto: the synchronous run where "
+            f"the model offers it), got {value!r}: fix the blip2 connection's Synchronous run field"
+        )
+    return mode
 
 
 def _positive_int(name: str, value: Any) -> int:

@@ -25,7 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_blip2.client import budget_scripts as scripts
 from airflow_provider_blip2.client.budget import Pace, RequestBudget
+from airflow_provider_blip2.client.notes import SharedNotes
 
 #: Seconds an unanswered request counts, at most, before it is counted as answered.
 OPEN_REQUEST_TTL = 300.0
@@ -35,77 +37,6 @@ IN_FLIGHT_TTL = 900.0
 RETRY_REDIS_AFTER = 30.0
 #: Seconds a Redis command may take before the budget falls back (connect and read alike).
 REDIS_TIMEOUT = 2.0
-
-# KEYS: the request windows (one per scope). ARGV: token, window, open_ttl, then one limit per key.
-# Grants only if every window has room; then the token counts in all of them as an open request.
-_RESERVE_REQUEST = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local window, open_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
-local wait = 0
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-  local surplus = redis.call('ZCARD', key) - tonumber(ARGV[3 + i])
-  if surplus >= 0 then
-    local entry = redis.call('ZRANGE', key, surplus, surplus, 'WITHSCORES')
-    local until_free = tonumber(entry[2]) + window - now
-    if until_free > open_ttl then until_free = 0.05 end
-    if until_free > wait then wait = until_free end
-  end
-end
-if wait > 0 then return tostring(wait) end
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + open_ttl, ARGV[1])
-  redis.call('EXPIRE', key, math.ceil(window + open_ttl) + 1)
-end
-return '0'
-"""
-
-# KEYS: the request windows. ARGV: token. The request counts for a window from now.
-_REQUEST_DONE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for _, key in ipairs(KEYS) do redis.call('ZADD', key, 'XX', now, ARGV[1]) end
-return 1
-"""
-
-# KEYS: the in-flight sets. ARGV: token, ttl, then one limit per key. 1 when granted, else 0.
-_RESERVE_SLOT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  if redis.call('ZCARD', key) >= tonumber(ARGV[2 + i]) then return 0 end
-end
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + tonumber(ARGV[2]), ARGV[1])
-  redis.call('EXPIRE', key, math.ceil(tonumber(ARGV[2])) + 1)
-end
-return 1
-"""
-
-# KEYS: the in-flight sets. ARGV: token, prediction id ('' when the create failed), ttl.
-_SLOT_CREATED = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for _, key in ipairs(KEYS) do
-  redis.call('ZREM', key, ARGV[1])
-  if ARGV[2] ~= '' then redis.call('ZADD', key, now + tonumber(ARGV[3]), ARGV[2]) end
-end
-return 1
-"""
-
-# KEYS: the in-flight sets. ARGV: prediction id.
-_SLOT_FREED = """
-for _, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[1]) end
-return 1
-"""
-
-# KEYS: the in-flight sets (the first counts). Predictions counted now.
-_IN_FLIGHT = """
-local t = redis.call('TIME')
-return redis.call('ZCOUNT', KEYS[1], '(' .. (tonumber(t[1]) + tonumber(t[2]) / 1000000), '+inf')
-"""
 
 #: What the fallback answers a slot reservation with, told apart from Redis's 0 or 1.
 _TOKEN_LOCAL = "local"
@@ -189,6 +120,8 @@ class SharedBudget:
         self._outage_reported = False
         self._sync_client: Any = None
         self._async_clients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        #: What the deployment's processes remember about the service (see :mod:`~.notes`).
+        self.notes = SharedNotes(self)
 
     @property
     def requests_per_minute(self) -> int:
@@ -207,7 +140,7 @@ class SharedBudget:
         """Take a request slot in Redis and return 0, or the seconds to wait; see the module."""
         token = uuid.uuid4().hex
         wait = self._call(
-            _RESERVE_REQUEST, "requests", self._request_args(token), self.fallback.reserve_request
+            scripts.RESERVE_REQUEST, "requests", self._request_args(token), self.fallback.reserve_request
         )
         return self._reserved(token, wait)
 
@@ -215,20 +148,20 @@ class SharedBudget:
         """:meth:`reserve_request` without blocking the event loop."""
         token = uuid.uuid4().hex
         args = self._request_args(token)
-        wait = await self._acall(_RESERVE_REQUEST, "requests", args, self.fallback.reserve_request)
+        wait = await self._acall(scripts.RESERVE_REQUEST, "requests", args, self.fallback.reserve_request)
         return self._reserved(token, wait)
 
     def request_done(self, *, rate_limited: bool = False) -> None:
         """Count a reserved request from now on; ``rate_limited`` when it was a 429."""
         token = self._answered(rate_limited)
         if token is not None:
-            self._call(_REQUEST_DONE, "requests", [token], _nothing)
+            self._call(scripts.REQUEST_DONE, "requests", [token], _nothing)
 
     async def arequest_done(self, *, rate_limited: bool = False) -> None:
         """:meth:`request_done` without blocking the event loop."""
         token = self._answered(rate_limited)
         if token is not None:
-            await self._acall(_REQUEST_DONE, "requests", [token], _nothing)
+            await self._acall(scripts.REQUEST_DONE, "requests", [token], _nothing)
 
     # ----------------------------------------------------------------------------------------------
     # Predictions in flight (created on workers, which are synchronous)
@@ -237,7 +170,19 @@ class SharedBudget:
         """Take a slot for a prediction about to be created; 0, or seconds to wait."""
         token = uuid.uuid4().hex
         args = [token, self.in_flight_ttl, *(scope.max_concurrency for scope in self.scopes)]
-        granted = self._call(_RESERVE_SLOT, "in_flight", args, lambda: _TOKEN_LOCAL)
+        granted = self._call(scripts.RESERVE_SLOT, "in_flight", args, lambda: _TOKEN_LOCAL)
+        if granted == _TOKEN_LOCAL:
+            return self.fallback.reserve_prediction()
+        if not int(granted):
+            return 0.25
+        self._slot_tokens.append(token)
+        return 0.0
+
+    async def areserve_prediction(self) -> float:
+        """:meth:`reserve_prediction` without blocking the event loop (a trigger's synchronous runs)."""
+        token = uuid.uuid4().hex
+        args = [token, self.in_flight_ttl, *(scope.max_concurrency for scope in self.scopes)]
+        granted = await self._acall(scripts.RESERVE_SLOT, "in_flight", args, lambda: _TOKEN_LOCAL)
         if granted == _TOKEN_LOCAL:
             return self.fallback.reserve_prediction()
         if not int(granted):
@@ -251,22 +196,32 @@ class SharedBudget:
         if token is None:
             self.fallback.prediction_created(prediction_id)
         else:
-            self._call(_SLOT_CREATED, "in_flight", [token, prediction_id or "", self.in_flight_ttl], _nothing)
+            args = [token, prediction_id or "", self.in_flight_ttl]
+            self._call(scripts.SLOT_CREATED, "in_flight", args, _nothing)
+
+    async def aprediction_created(self, prediction_id: str | None) -> None:
+        """:meth:`prediction_created` without blocking the event loop."""
+        token = self._pop(self._slot_tokens)
+        if token is None:
+            self.fallback.prediction_created(prediction_id)
+        else:
+            args = [token, prediction_id or "", self.in_flight_ttl]
+            await self._acall(scripts.SLOT_CREATED, "in_flight", args, _nothing)
 
     def prediction_finished(self, prediction_id: str) -> None:
         """Free the slot of a prediction seen finished, whichever process created it."""
         self.fallback.prediction_finished(prediction_id)
-        self._call(_SLOT_FREED, "in_flight", [prediction_id], _nothing)
+        self._call(scripts.SLOT_FREED, "in_flight", [prediction_id], _nothing)
 
     async def aprediction_finished(self, prediction_id: str) -> None:
         """:meth:`prediction_finished` without blocking the event loop."""
         self.fallback.prediction_finished(prediction_id)
-        await self._acall(_SLOT_FREED, "in_flight", [prediction_id], _nothing)
+        await self._acall(scripts.SLOT_FREED, "in_flight", [prediction_id], _nothing)
 
     @property
     def in_flight(self) -> int:
         """Predictions counted in Redis against the account's ``max_concurrency``."""
-        count = self._call(_IN_FLIGHT, "in_flight", [], lambda: self.fallback.in_flight)
+        count = self._call(scripts.IN_FLIGHT, "in_flight", [], lambda: self.fallback.in_flight)
         return int(count)
 
     def recent_requests(self) -> list[float]:
@@ -280,6 +235,21 @@ class SharedBudget:
     # ----------------------------------------------------------------------------------------------
     # Redis
     # ----------------------------------------------------------------------------------------------
+    def script(self, script: str, kind: str, args: list[Any], fallback: Callable[[], Any]) -> Any:
+        """
+        Run a Lua script on this budget's keys of ``kind``; ``fallback()`` while Redis is down.
+
+        :param script: The script (:mod:`~.budget_scripts`).
+        :param kind: The keys' suffix.
+        :param args: Its ``ARGV``.
+        :param fallback: What answers instead when Redis cannot be reached.
+        """
+        return self._call(script, kind, args, fallback)
+
+    async def ascript(self, script: str, kind: str, args: list[Any], fallback: Callable[[], Any]) -> Any:
+        """:meth:`script` without blocking the event loop (same parameters)."""
+        return await self._acall(script, kind, args, fallback)
+
     def _call(self, script: str, kind: str, args: list[Any], fallback: Callable[[], Any]) -> Any:
         """Run a script on this budget's keys of ``kind``; ``fallback()`` while Redis is down."""
         if time.monotonic() < self._down_until:

@@ -9,6 +9,7 @@ The transports (``requests`` in workers, ``httpx`` in triggers) only move bytes:
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from airflow_provider_blip2.client.errors import (
     Blip2Error,
     Blip2ProtocolError,
     Blip2RateLimitError,
+    Blip2SyncRunUnavailableError,
     Blip2TransportError,
     error_class_for,
 )
@@ -30,6 +32,7 @@ from airflow_provider_blip2.client.inputs import (
     scrub_urls,
     split_public_url,
 )
+from airflow_provider_blip2.client.models import Prediction, parse_prediction
 from airflow_provider_blip2.client.settings import ClientSettings
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -57,6 +60,7 @@ class ApiRequest:
     params: dict[str, str] = field(default_factory=dict)
     creates: bool = False
     label: str = ""
+    timeout: float | None = None
 
 
 def build_create_body(inputs: PredictionInput, *, model: str, version: str) -> dict[str, Any]:
@@ -73,6 +77,20 @@ def build_create_body(inputs: PredictionInput, *, model: str, version: str) -> d
 def create_prediction_request(body: dict[str, Any]) -> ApiRequest:
     """Request creating a prediction. :param body: from :func:`build_create_body`."""
     return ApiRequest("POST", "/v1/prediction/", json_body=body, creates=True, label="create prediction")
+
+
+#: Path of the synchronous run: it creates the prediction and answers once it has ended.
+RUN_PATH = "/v1/prediction/run"
+
+
+def run_prediction_request(body: dict[str, Any], *, wait: float) -> ApiRequest:
+    """
+    Request creating a prediction and waiting for its end (``POST /v1/prediction/run``).
+
+    :param body: From :func:`build_create_body` (the same body as a create).
+    :param wait: Seconds the answer may take: the prediction runs before the server answers.
+    """
+    return ApiRequest("POST", RUN_PATH, json_body=body, creates=True, label="run prediction", timeout=wait)
 
 
 def get_prediction_request(prediction_id: str) -> ApiRequest:
@@ -145,7 +163,7 @@ def request_arguments(settings: ClientSettings, request: ApiRequest) -> dict[str
         "params": request.params or None,
         "json": request.json_body,
         "headers": auth_headers(settings.api_key),
-        "timeout": settings.request_timeout,
+        "timeout": settings.request_timeout if request.timeout is None else request.timeout,
     }
 
 
@@ -253,8 +271,48 @@ def check_response(request: ApiRequest, response: ApiResponse) -> ApiResponse:
     """
     error = error_for_response(response, context=f"BLIP-2 {request.label}")
     if error is not None:
+        if request.path == RUN_PATH and is_sync_run_refusal(response):
+            raise Blip2SyncRunUnavailableError(
+                f"BLIP-2 {request.label}: the model has no synchronous run: {error.message}",
+                status_code=error.status_code,
+                request_id=error.request_id,
+            )
         raise error
     return response
+
+
+# Words of a 400 that refuses the synchronous run itself, not the inputs.
+_REFUSAL_WORDS = re.compile(r"synchron|\bsync\b|/run\b|compatib", re.IGNORECASE)
+_NOT_OFFERED_WORDS = re.compile(
+    r"not (enabled|supported|available|allowed)|unsupported|disabled", re.IGNORECASE
+)
+_INPUT_WORDS = re.compile(
+    r"\b(input|image|question|caption|context|temperature|nucleus|field)\b", re.IGNORECASE
+)
+
+
+def is_sync_run_refusal(response: ApiResponse) -> bool:
+    """
+    Whether a 400 from the synchronous run says the model does not offer it.
+
+    A body naming the synchronous run (or an unsupported model) refuses the endpoint; so do a
+    404 or 405 (a server without the endpoint) and a 400 with no message at all (the inputs were
+    checked against the model's schema before the request, and a create that follows answers 400
+    again if they were the fault). A message about the inputs (a field, the image) is the user's
+    error, raised as it is.
+
+    :param response: The answer of ``POST /v1/prediction/run``.
+    """
+    if response.status_code in (404, 405):
+        return True  # no such endpoint at all: a create that follows tells a missing model
+    if response.status_code != 400:
+        return False
+    message = _body_message(response.json())
+    if message is None:
+        return True
+    if _REFUSAL_WORDS.search(message):
+        return True
+    return bool(_NOT_OFFERED_WORDS.search(message)) and not _INPUT_WORDS.search(message)
 
 
 def parse_create_response(response: ApiResponse) -> str:
@@ -275,6 +333,21 @@ def parse_create_response(response: ApiResponse) -> str:
         status_code=response.status_code,
         request_id=response.request_id,
     )
+
+
+def parse_run_response(response: ApiResponse) -> Prediction:
+    """
+    The prediction a synchronous run answered with: ended (its output or error), or still running.
+
+    The answer is ``{"status", "message", "predictionID", "output", "error"}``; ``status`` is the
+    prediction's (``success``, ``error``, ...; a status that is not terminal means it is still
+    running and must be polled). Metrics are read when the answer carries them.
+
+    :param response: A 2xx answer of ``POST /v1/prediction/run``.
+    :raises Blip2ProtocolError: when no prediction id can be found.
+    """
+    prediction_id = parse_create_response(response)
+    return parse_prediction(response.json(), prediction_id=prediction_id)
 
 
 def parse_model_response(response: ApiResponse) -> dict[str, Any]:

@@ -5,53 +5,43 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import requests
-import tenacity
-from airflow.providers.common.compat.sdk import BaseHook
-from requests.adapters import HTTPAdapter
-
-from airflow_provider_blip2.client.budget import Budget, budget_for, wait_async, wait_sync
+from airflow_provider_blip2.client.budget import wait_async, wait_sync
 from airflow_provider_blip2.client.errors import (
     Blip2AuthenticationError,
     Blip2Error,
     Blip2InputError,
     Blip2NotFoundError,
     Blip2PredictionFailedError,
+    Blip2SyncRunUnavailableError,
     Blip2TransportError,
 )
 from airflow_provider_blip2.client.inputs import PredictionInput, build_prediction_input
 from airflow_provider_blip2.client.models import Prediction, PredictionOutcome, parse_prediction
 from airflow_provider_blip2.client.polling import PredictionWatch
-from airflow_provider_blip2.client.retry import TEST_CONNECTION_RETRY_POLICY, RetryPolicy, final_error
+from airflow_provider_blip2.client.retry import TEST_CONNECTION_RETRY_POLICY
 from airflow_provider_blip2.client.settings import (
     CONNECTION_FIELDS,
     DEFAULT_BASE_URL,
     UI_FIELD_BEHAVIOUR,
     ClientSettings,
 )
-from airflow_provider_blip2.client.shared_budget import (
-    BudgetScope,
-    RedisParams,
-    account_scope_name,
-    redis_params,
-    shared_budget_for,
-)
+from airflow_provider_blip2.client.sync_run import SyncRunChoice
+from airflow_provider_blip2.client.timing import FirstReadTiming
 from airflow_provider_blip2.client.wire import (
     ApiRequest,
     ApiResponse,
     build_create_body,
     cancel_prediction_request,
-    check_response,
     create_prediction_request,
     get_model_request,
     get_prediction_request,
     parse_create_response,
     parse_model_response,
+    parse_run_response,
     prediction_link,
-    request_arguments,
-    transport_error,
+    run_prediction_request,
 )
-from airflow_provider_blip2.hooks.event_loop import aconnection, arequest
+from airflow_provider_blip2.hooks.base import Blip2ConnectionHook
 
 #: Seconds a create waits out 429 answers by default (nothing is created by a 429).
 CREATE_PATIENCE = 600.0
@@ -59,7 +49,7 @@ CREATE_PATIENCE = 600.0
 _PROBE_PREDICTION_ID = "00000000-0000-4000-8000-000000000000"
 
 
-class Blip2Hook(BaseHook):
+class Blip2Hook(Blip2ConnectionHook):
     """
     Interact with the BLIP-2 model of the Eachlabs prediction API.
 
@@ -81,25 +71,6 @@ class Blip2Hook(BaseHook):
     default_conn_name = "blip2_default"
     conn_type = "blip2"
     hook_name = "BLIP-2 (Eachlabs)"
-
-    def __init__(
-        self,
-        blip2_conn_id: str = default_conn_name,
-        *,
-        retry_policy: RetryPolicy | None = None,
-        requests_per_minute: int | None = None,
-        max_concurrency: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.blip2_conn_id = blip2_conn_id
-        self.retry_policy = retry_policy or RetryPolicy()
-        self.requests_per_minute = requests_per_minute
-        self.max_concurrency = max_concurrency
-        self._settings: ClientSettings | None = None
-        self._connection_settings: ClientSettings | None = None
-        self._budget: Budget | None = None
-        self._session: requests.Session | None = None
 
     # ----------------------------------------------------------------------------------------------
     # Connection form (Airflow 2.x UI; Airflow 3.2+ reads the declarative metadata in provider info)
@@ -139,94 +110,6 @@ class Blip2Hook(BaseHook):
             "relabeling": dict(UI_FIELD_BEHAVIOUR["relabeling"]),
             "placeholders": dict(UI_FIELD_BEHAVIOUR["placeholders"]),
         }
-
-    # ----------------------------------------------------------------------------------------------
-    # Settings
-    # ----------------------------------------------------------------------------------------------
-    @property
-    def settings(self) -> ClientSettings:
-        """The connection's settings (with this hook's own limits), read synchronously on first use."""
-        if self._settings is None:
-            conn = self.get_connection(self.blip2_conn_id)
-            self._use_connection(conn.host, conn.password, conn.extra_dejson)
-        return self._settings  # type: ignore[return-value]
-
-    async def aget_settings(self) -> ClientSettings:
-        """The connection's settings, resolved without blocking the event loop."""
-        if self._settings is None:
-            conn, extra = await aconnection(self.blip2_conn_id, hook=self)
-            self._use_connection(conn.host, conn.password, extra)
-        return self._settings  # type: ignore[return-value]
-
-    def _use_connection(self, host: str | None, password: str | None, extra: dict[str, Any]) -> None:
-        self._connection_settings = ClientSettings.from_connection_values(
-            host=host, password=password, extra=extra
-        )
-        self._settings = self._connection_settings.with_limits(
-            requests_per_minute=self.requests_per_minute, max_concurrency=self.max_concurrency
-        )
-
-    def budget(self) -> Budget:
-        """
-        The request budget this hook's calls are paced by.
-
-        Without ``redis_conn_id`` it is shared by the hooks and triggers of one process; with it, by
-        every process of the deployment (see :mod:`~airflow_provider_blip2.client.shared_budget`).
-        """
-        if self._budget is None:
-            settings = self.settings
-            redis = None
-            if settings.redis_conn_id:
-                try:
-                    conn = self.get_connection(settings.redis_conn_id)
-                    redis = redis_params(conn.host, conn.port, conn.login, conn.password, conn.extra_dejson)
-                except Exception as error:
-                    self._redis_unusable(settings.redis_conn_id, error)
-            self._budget = self._make_budget(settings, redis)
-        return self._budget
-
-    async def abudget(self) -> Budget:
-        """:meth:`budget`, resolving the connections without blocking the event loop."""
-        if self._budget is None:
-            settings = await self.aget_settings()
-            redis = None
-            if settings.redis_conn_id:
-                try:
-                    conn, extra = await aconnection(settings.redis_conn_id)
-                    redis = redis_params(conn.host, conn.port, conn.login, conn.password, extra)
-                except Exception as error:
-                    self._redis_unusable(settings.redis_conn_id, error)
-            self._budget = self._make_budget(settings, redis)
-        return self._budget
-
-    def _redis_unusable(self, conn_id: str, error: Exception) -> None:
-        self.log.warning(
-            "Redis connection %r of the shared BLIP-2 budget is unusable (%s); this process paces "
-            "itself on its own budget",
-            conn_id,
-            error,
-        )
-
-    def _make_budget(self, settings: ClientSettings, redis: RedisParams | None) -> Budget:
-        own_limits = self.requests_per_minute is not None or self.max_concurrency is not None
-        limits = f"{settings.requests_per_minute}/{settings.max_concurrency}"
-        local = budget_for(
-            f"{self.blip2_conn_id}[{limits}]" if own_limits else self.blip2_conn_id,
-            settings.base_url,
-            settings.requests_per_minute,
-            settings.max_concurrency,
-            settings.rate_window,
-        )
-        if redis is None:
-            return local
-        connection = self._connection_settings or settings
-        account = account_scope_name(connection.base_url, connection.api_key)
-        scopes = [BudgetScope(account, connection.requests_per_minute, connection.max_concurrency)]
-        if own_limits:
-            scopes.append(
-                BudgetScope(f"{account}:{limits}", settings.requests_per_minute, settings.max_concurrency)
-            )
-        return shared_budget_for(scopes, redis, window=settings.rate_window, fallback=local, log=self.log)
 
     # ----------------------------------------------------------------------------------------------
     # Sync API
@@ -272,6 +155,77 @@ class Blip2Hook(BaseHook):
             budget.prediction_created(prediction_id)
         self.log.info("Created BLIP-2 prediction %s (%s)", prediction_id, inputs.describe())
         return prediction_id
+
+    def sync_run_choice(self) -> SyncRunChoice:
+        """Whether predictions of this connection run synchronously (see :mod:`~.client.sync_run`)."""
+        settings = self.settings
+        return SyncRunChoice(settings.sync_run, self.budget().notes, settings.model, self.log)
+
+    async def async_run_choice(self) -> SyncRunChoice:
+        """:meth:`sync_run_choice`, resolving the connections without blocking the event loop."""
+        settings = await self.aget_settings()
+        return SyncRunChoice(settings.sync_run, (await self.abudget()).notes, settings.model, self.log)
+
+    def run_prediction(self, inputs: PredictionInput, *, end_time: float) -> Prediction:
+        """
+        Run a prediction synchronously (one request): its end, or a prediction still running.
+
+        Holds one slot of the budget's predictions in flight while the call lasts (and after it, for
+        a prediction still running, until it is seen finished); a 429 is waited out until
+        ``end_time``. A call that fails after it was sent is never resent: it raises
+        :class:`~airflow_provider_blip2.client.errors.Blip2AmbiguousCreateError`. A model without
+        the synchronous run raises
+        :class:`~airflow_provider_blip2.client.errors.Blip2SyncRunUnavailableError` (nothing was
+        created) and is remembered as such.
+
+        :param inputs: From :meth:`prediction_input`.
+        :param end_time: Unix time the prediction must end by; the call waits at most that long.
+        """
+        settings = self.settings
+        budget = self.budget()
+        choice = self.sync_run_choice()
+        wait_sync(budget.reserve_prediction)
+        prediction: Prediction | None = None
+        offered: bool | None = None
+        try:
+            request = _run_request(settings, inputs, end_time)
+            prediction = parse_run_response(self._send(request, patient_until=end_time))
+            offered = True
+        except Blip2SyncRunUnavailableError:
+            offered = False
+            raise
+        finally:
+            budget.prediction_created(_still_running(prediction))
+            choice.answered(offered=offered)
+        self.log.info(
+            "Ran BLIP-2 prediction %s (%s): %s", prediction.id, inputs.describe(), prediction.raw_status
+        )
+        return prediction
+
+    async def arun_prediction(self, inputs: PredictionInput, *, end_time: float) -> Prediction:
+        """
+        :meth:`run_prediction` without blocking the event loop.
+
+        :param inputs: Validated inputs.
+        :param end_time: Unix time the prediction must end by.
+        """
+        settings = await self.aget_settings()
+        budget = await self.abudget()
+        choice = await self.async_run_choice()
+        await wait_async(budget.areserve_prediction)
+        prediction: Prediction | None = None
+        offered: bool | None = None
+        try:
+            request = _run_request(settings, inputs, end_time)
+            prediction = parse_run_response(await self._asend(request, patient_until=end_time))
+            offered = True
+        except Blip2SyncRunUnavailableError:
+            offered = False
+            raise
+        finally:
+            await budget.aprediction_created(_still_running(prediction))
+            await choice.aanswered(offered=offered)
+        return prediction
 
     def get_prediction(self, prediction_id: str) -> Prediction:
         """
@@ -334,6 +288,7 @@ class Blip2Hook(BaseHook):
         poll_interval: float,
         end_time: float,
         wait_at_most: float | None = None,
+        created_at: float | None = None,
     ) -> PredictionOutcome | None:
         """
         Poll a prediction as :meth:`wait_for_prediction` does; give up after ``wait_at_most`` seconds.
@@ -343,8 +298,22 @@ class Blip2Hook(BaseHook):
         :param end_time: Unix time after which the outcome is ``timeout``.
         :param wait_at_most: Seconds after which, if the prediction has not ended (nor ``end_time``
             passed), ``None`` is returned so the caller can wait elsewhere; ``None`` waits to the end.
+        :param created_at: Unix time the prediction's create answered, for one just created: its
+            first read then comes when the connection's recent predictions had ended
+            (:class:`~airflow_provider_blip2.client.timing.FirstReadTiming`), which it teaches in turn.
         """
-        watch = PredictionWatch(prediction_id, poll_interval=poll_interval, end_time=end_time, log=self.log)
+        timing = None
+        first_read_at = None
+        if created_at is not None:
+            timing = FirstReadTiming(self.budget().notes, self.settings.model, poll_interval)
+            first_read_at = created_at + timing.delay()
+        watch = PredictionWatch(
+            prediction_id,
+            poll_interval=poll_interval,
+            end_time=end_time,
+            log=self.log,
+            first_read_at=first_read_at,
+        )
         give_up_at = None if wait_at_most is None else time.monotonic() + wait_at_most
         outcome = None
         while outcome is None:
@@ -353,6 +322,13 @@ class Blip2Hook(BaseHook):
                 return None
             time.sleep(due_in)
             outcome = watch.expire() or watch.read(self.get_prediction)
+            if timing is not None and created_at is not None and watch.reads == 1:
+                used = watch.last_read_at - created_at if watch.last_read_at else poll_interval
+                timing.learn(
+                    used,
+                    ended_at_first_read=outcome is not None and outcome.status != PredictionOutcome.TIMEOUT,
+                    predict_time=outcome.predict_time if outcome is not None else None,
+                )
         return outcome
 
     def run(
@@ -435,113 +411,17 @@ class Blip2Hook(BaseHook):
         await (await self.abudget()).aprediction_finished(prediction_id)
         self.log.info("Cancelled BLIP-2 prediction %s", prediction_id)
 
-    async def aclose(self) -> None:
-        """Nothing to close: the async HTTP client belongs to the event loop, shared by its hooks."""
 
-    def close(self) -> None:
-        """Close the sync HTTP session, if one was opened."""
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+def _run_request(settings: ClientSettings, inputs: PredictionInput, end_time: float) -> ApiRequest:
+    """The synchronous run of ``inputs``, waiting for its answer until ``end_time`` (or a request timeout)."""
+    body = build_create_body(inputs, model=settings.model, version=settings.model_version)
+    return run_prediction_request(body, wait=max(settings.request_timeout, end_time - time.time()))
 
-    # ----------------------------------------------------------------------------------------------
-    # Transports: the only two places that do HTTP; every decision is the client package's.
-    # ----------------------------------------------------------------------------------------------
-    def _send(self, request: ApiRequest, *, patient_until: float | None = None) -> ApiResponse:
-        settings = self.settings
-        budget = self.budget()
 
-        def attempt() -> ApiResponse:
-            wait_sync(budget.reserve_request)
-            status = None
-            try:
-                response = self._send_once(settings, request)
-                status = response.status_code
-            finally:
-                budget.request_done(rate_limited=status == 429)
-            return check_response(request, response)
-
-        arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
-        retrying = tenacity.Retrying(**arguments)
-        try:
-            return retrying(attempt)
-        except Blip2Error as error:
-            raise final_error(request, error) from error
-        finally:
-            retrying.iter_state.reset()  # as in _asend
-
-    async def _asend(self, request: ApiRequest) -> ApiResponse:
-        settings = await self.aget_settings()
-        budget = await self.abudget()
-
-        async def attempt() -> ApiResponse:
-            await wait_async(budget.areserve_request)
-            status = None
-            try:
-                response = await self._asend_once(settings, request)
-                status = response.status_code
-            finally:
-                await budget.arequest_done(rate_limited=status == 429)
-            return check_response(request, response)
-
-        retrying = tenacity.AsyncRetrying(**self.retry_policy.tenacity_arguments(request, self.log))
-        try:
-            return await retrying(attempt)
-        except Blip2Error as error:
-            raise final_error(request, error) from error
-        finally:
-            # tenacity keeps its next actions, methods of the retrying object, in the object: a
-            # reference cycle per request, which only the cyclic collector frees. In a triggerer,
-            # hundreds of reads a second make that collector run its full, loop-stalling passes.
-            retrying.iter_state.reset()
-
-    def get_conn(self) -> requests.Session:
-        """The HTTP session of the sync calls (retries are the hook's, not urllib3's)."""
-        if self._session is None:
-            self._session = requests.Session()
-            self._session.mount("http://", HTTPAdapter(max_retries=0))
-            self._session.mount("https://", HTTPAdapter(max_retries=0))
-        return self._session
-
-    def _send_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
-        try:
-            answer = self.get_conn().request(**request_arguments(settings, request))
-        except requests.RequestException as error:
-            raise transport_error(request, error, sent=_requests_error_was_sent(error)) from None
-        return ApiResponse(answer.status_code, dict(answer.headers), answer.content)
-
-    async def _asend_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
-        import httpx
-
-        try:
-            uses_tls = settings.base_url.startswith("https://")
-            answer = await arequest(uses_tls, request_arguments(settings, request))
-        except httpx.UnsupportedProtocol as error:
-            raise Blip2InputError(f"connection host is not an http(s) URL: {error}") from None
-        except httpx.HTTPError as error:
-            raise transport_error(request, error, sent=_httpx_error_was_sent(error)) from None
-        # items(), one pass: dict(headers) looks each name up again, scanning every header.
-        return ApiResponse(answer.status_code, dict(answer.headers.items()), answer.content)
+def _still_running(prediction: Prediction | None) -> str | None:
+    """The id of a run's prediction that has not ended (it keeps its slot), else ``None``."""
+    return prediction.id if prediction is not None and not prediction.status.is_terminal else None
 
 
 def _parse(response: ApiResponse, prediction_id: str) -> Prediction:
     return parse_prediction(response.json(), prediction_id=prediction_id)
-
-
-def _requests_error_was_sent(error: requests.RequestException) -> bool:
-    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-
-    if isinstance(error, requests.ConnectTimeout):
-        return False
-    if isinstance(error, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
-        return False
-    if isinstance(error, requests.ConnectionError) and not isinstance(error, requests.ReadTimeout):
-        reason = getattr(error.args[0], "reason", None) if error.args else None
-        return not isinstance(reason, (NewConnectionError, ConnectTimeoutError))
-    return True
-
-
-def _httpx_error_was_sent(error: Exception) -> bool:
-    import httpx
-
-    return not isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))

@@ -46,6 +46,12 @@ from airflow_provider_blip2.operators.base import (
     check_retry_parameters,
     url_expiry,
 )
+from airflow_provider_blip2.operators.batch_run import (
+    chunk_to_run,
+    fail_interrupted_runs,
+    record_run_event,
+    runs_synchronously,
+)
 from airflow_provider_blip2.storage import SigningError, StorageError, is_remote_object
 
 if TYPE_CHECKING:
@@ -230,6 +236,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         are predicted again when the retry rule says a new try can change how they ended.
         """
         journal.begin_cycle(state)
+        fail_interrupted_runs(journal, state)
         cancelled = []
         for index, (prediction_id, _deadline) in state.in_flight.items():
             try:
@@ -275,14 +282,27 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         try_number = _try_number(context)
         while True:
             journal.begin_cycle(state)
-            if event is not None:
+            if event is not None and event.get("run"):
+                record_run_event(self, journal, state, event, try_number)
+            elif event is not None:
                 self._record_event(journal, state, event, try_number)
-            self._create_predictions(journal, state, try_number)
+            runs = chunk_to_run(self, journal, state)
+            if runs is None:
+                self._create_predictions(journal, state, try_number)
             journal.flush()
             self.log.info("Batch progress: %s", state.progress_line())
             if state.done:
                 return self._finish(context, state)
-            event = self._wait_on_worker(state, (event or {}).get("polled") or {})
+            if runs is not None:
+                event = self._wait_for_runs(runs)
+            else:
+                event = self._wait_on_worker(state, (event or {}).get("polled") or {})
+
+    def _wait_for_runs(self, trigger: BaseTrigger) -> dict[str, Any]:
+        """Run a chunk of synchronous runs: in the triggerer when deferrable, else here."""
+        if not self.deferrable:
+            return _first_event(trigger)
+        self.defer(trigger=trigger, method_name="execute_complete")
 
     def _wait_on_worker(self, state: BatchState, polled: dict[str, float]) -> dict[str, Any]:
         """
@@ -361,7 +381,10 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         """Create predictions for pending items while slots are free; record each at once."""
         free = self.hook.settings.max_concurrency - len(state.in_flight)
         expires_in = url_expiry(self.url_expiry, self.timeout)
-        for index in state.pending()[: max(0, free)]:
+        pending = state.pending()
+        if self.hook.sync_run_choice().worth_trying():  # they wait for a chunk of synchronous runs
+            pending = [index for index in pending if not runs_synchronously(state.items[index].image)]
+        for index in pending[: max(0, free)]:
             item = state.items[index]
             journal.record_attempt(state, index, try_number)
             try:
@@ -375,6 +398,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
                 # It may exist and cost money: not created again in this try; a new try may.
                 self.log.warning("%s (%s): %s", _file_name(item.image), item.label, error)
                 outcome = PredictionOutcome(PredictionOutcome.AMBIGUOUS, error=str(error))
+                journal.record_ambiguous(state, index)
                 journal.record_finished(state, {index: outcome})
                 continue
             except (StorageError, Blip2InputError, Blip2BadRequestError, Blip2UnprocessableError) as error:

@@ -148,6 +148,8 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         self.max_attempts = max_attempts
         self.prediction_id: str | None = None
         self._completed: tuple[str | None] | None = None
+        # The prediction this instance created and when its create answered (its first read is timed).
+        self._created: tuple[str, float] | None = None
         if poll_interval <= 0 or timeout <= 0:
             raise ValueError(f"poll_interval and timeout must be > 0, got {poll_interval} and {timeout}")
         check_retry_parameters(max_attempts)
@@ -200,6 +202,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         self.prediction_id = self.hook.submit_prediction(
             self.prediction_input(), patient_until=time.time() + self.timeout
         )
+        self._created = (self.prediction_id, time.time())
         self._push_prediction(context, self.prediction_id)
         return self.prediction_id
 
@@ -240,11 +243,13 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         """Wait for ``self.prediction_id`` here (at most ``defer_after`` when deferrable), then complete."""
         assert self.prediction_id is not None
         end_time = time.time() + self.timeout
+        created = self._created if self._created and self._created[0] == self.prediction_id else None
         outcome = self.hook.poll_prediction(  # defer_after=0: None at once, with no read
             self.prediction_id,
             poll_interval=self.poll_interval,
             end_time=end_time,
             wait_at_most=self.defer_after if self.deferrable else None,
+            created_at=created[1] if created else None,
         )
         if outcome is None:
             self._defer(self.prediction_id, end_time=end_time, attempt=attempt, spent=spent)

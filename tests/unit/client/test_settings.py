@@ -187,7 +187,19 @@ def test_connection_fields_are_the_one_source_of_the_defaults() -> None:
         "requests_per_minute": settings.requests_per_minute,
         "max_concurrency": settings.max_concurrency,
         "redis_conn_id": settings.redis_conn_id,
+        "sync_run": settings.sync_run,
     }
+
+
+@pytest.mark.parametrize("value", ["auto", "RUN", " poll ", None, ""])
+def test_sync_run_mode_is_read_from_the_connection(value: str | None) -> None:
+    settings = ClientSettings.from_connection_values(host=None, password="k", extra={"sync_run": value})
+    assert settings.sync_run == (str(value).strip().lower() if value else "auto")
+
+
+def test_an_unknown_sync_run_mode_names_the_field_and_the_choices() -> None:
+    with pytest.raises(Blip2InputError, match=r"sync_run must be one of auto, run, poll.*got 'always'"):
+        ClientSettings.from_connection_values(host=None, password="k", extra={"sync_run": "always"})
     assert {field.name: field.to_provider_info() for field in CONNECTION_FIELDS} == CONN_FIELDS
     assert CONN_FIELDS["requests_per_minute"]["schema"] == {
         "type": ["integer", "null"],

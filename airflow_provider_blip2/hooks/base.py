@@ -1,0 +1,265 @@
+"""
+The connection side of the BLIP-2 hook: settings, the request budget and the two transports.
+
+:class:`Blip2ConnectionHook` reads the ``blip2`` connection on first use (never in ``__init__``),
+builds the budget its calls are paced by, and holds the only two places that do HTTP: ``requests``
+on workers, ``httpx`` in triggers. Every decision (retries, errors, wire format) is the client
+package's; :class:`~airflow_provider_blip2.hooks.blip2.Blip2Hook` adds the API's calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+import tenacity
+from airflow.providers.common.compat.sdk import BaseHook
+from requests.adapters import HTTPAdapter
+
+from airflow_provider_blip2.client.budget import Budget, budget_for, wait_async, wait_sync
+from airflow_provider_blip2.client.errors import Blip2Error, Blip2InputError
+from airflow_provider_blip2.client.retry import RetryPolicy, final_error
+from airflow_provider_blip2.client.settings import ClientSettings
+from airflow_provider_blip2.client.shared_budget import (
+    BudgetScope,
+    RedisParams,
+    account_scope_name,
+    redis_params,
+    shared_budget_for,
+)
+from airflow_provider_blip2.client.wire import (
+    ApiRequest,
+    ApiResponse,
+    check_response,
+    request_arguments,
+    transport_error,
+)
+from airflow_provider_blip2.hooks.event_loop import aconnection, arequest
+
+
+class Blip2ConnectionHook(BaseHook):
+    """
+    A ``blip2`` connection's settings, request budget and HTTP transports.
+
+    :param blip2_conn_id: The Airflow connection of type ``blip2``.
+    :param retry_policy: How failed requests are retried; the default suits the public API.
+    :param requests_per_minute: This hook's own request budget instead of the connection's.
+    :param max_concurrency: This hook's own limit of predictions in flight instead of the connection's.
+    """
+
+    default_conn_name = "blip2_default"
+
+    def __init__(
+        self,
+        blip2_conn_id: str = "blip2_default",
+        *,
+        retry_policy: RetryPolicy | None = None,
+        requests_per_minute: int | None = None,
+        max_concurrency: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.blip2_conn_id = blip2_conn_id
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.requests_per_minute = requests_per_minute
+        self.max_concurrency = max_concurrency
+        self._settings: ClientSettings | None = None
+        self._connection_settings: ClientSettings | None = None
+        self._budget: Budget | None = None
+        self._session: requests.Session | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Settings
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def settings(self) -> ClientSettings:
+        """The connection's settings (with this hook's own limits), read synchronously on first use."""
+        if self._settings is None:
+            conn = self.get_connection(self.blip2_conn_id)
+            self._use_connection(conn.host, conn.password, conn.extra_dejson)
+        return self._settings  # type: ignore[return-value]
+
+    async def aget_settings(self) -> ClientSettings:
+        """The connection's settings, resolved without blocking the event loop."""
+        if self._settings is None:
+            conn, extra = await aconnection(self.blip2_conn_id, hook=self)
+            self._use_connection(conn.host, conn.password, extra)
+        return self._settings  # type: ignore[return-value]
+
+    def _use_connection(self, host: str | None, password: str | None, extra: dict[str, Any]) -> None:
+        self._connection_settings = ClientSettings.from_connection_values(
+            host=host, password=password, extra=extra
+        )
+        self._settings = self._connection_settings.with_limits(
+            requests_per_minute=self.requests_per_minute, max_concurrency=self.max_concurrency
+        )
+
+    def budget(self) -> Budget:
+        """
+        The request budget this hook's calls are paced by.
+
+        Without ``redis_conn_id`` it is shared by the hooks and triggers of one process; with it, by
+        every process of the deployment (see :mod:`~airflow_provider_blip2.client.shared_budget`).
+        """
+        if self._budget is None:
+            settings = self.settings
+            redis = None
+            if settings.redis_conn_id:
+                try:
+                    conn = self.get_connection(settings.redis_conn_id)
+                    redis = redis_params(conn.host, conn.port, conn.login, conn.password, conn.extra_dejson)
+                except Exception as error:
+                    self._redis_unusable(settings.redis_conn_id, error)
+            self._budget = self._make_budget(settings, redis)
+        return self._budget
+
+    async def abudget(self) -> Budget:
+        """:meth:`budget`, resolving the connections without blocking the event loop."""
+        if self._budget is None:
+            settings = await self.aget_settings()
+            redis = None
+            if settings.redis_conn_id:
+                try:
+                    conn, extra = await aconnection(settings.redis_conn_id)
+                    redis = redis_params(conn.host, conn.port, conn.login, conn.password, extra)
+                except Exception as error:
+                    self._redis_unusable(settings.redis_conn_id, error)
+            self._budget = self._make_budget(settings, redis)
+        return self._budget
+
+    def _redis_unusable(self, conn_id: str, error: Exception) -> None:
+        self.log.warning(
+            "Redis connection %r of the shared BLIP-2 budget is unusable (%s); this process paces "
+            "itself on its own budget",
+            conn_id,
+            error,
+        )
+
+    def _make_budget(self, settings: ClientSettings, redis: RedisParams | None) -> Budget:
+        own_limits = self.requests_per_minute is not None or self.max_concurrency is not None
+        limits = f"{settings.requests_per_minute}/{settings.max_concurrency}"
+        local = budget_for(
+            f"{self.blip2_conn_id}[{limits}]" if own_limits else self.blip2_conn_id,
+            settings.base_url,
+            settings.requests_per_minute,
+            settings.max_concurrency,
+            settings.rate_window,
+        )
+        if redis is None:
+            return local
+        connection = self._connection_settings or settings
+        account = account_scope_name(connection.base_url, connection.api_key)
+        scopes = [BudgetScope(account, connection.requests_per_minute, connection.max_concurrency)]
+        if own_limits:
+            scopes.append(
+                BudgetScope(f"{account}:{limits}", settings.requests_per_minute, settings.max_concurrency)
+            )
+        return shared_budget_for(scopes, redis, window=settings.rate_window, fallback=local, log=self.log)
+
+    async def aclose(self) -> None:
+        """Nothing to close: the async HTTP client belongs to the event loop, shared by its hooks."""
+
+    def close(self) -> None:
+        """Close the sync HTTP session, if one was opened."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Transports: the only two places that do HTTP; every decision is the client package's.
+    # ----------------------------------------------------------------------------------------------
+    def _send(self, request: ApiRequest, *, patient_until: float | None = None) -> ApiResponse:
+        settings = self.settings
+        budget = self.budget()
+
+        def attempt() -> ApiResponse:
+            wait_sync(budget.reserve_request)
+            status = None
+            try:
+                response = self._send_once(settings, request)
+                status = response.status_code
+            finally:
+                budget.request_done(rate_limited=status == 429)
+            return check_response(request, response)
+
+        arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
+        retrying = tenacity.Retrying(**arguments)
+        try:
+            return retrying(attempt)
+        except Blip2Error as error:
+            raise final_error(request, error) from error
+        finally:
+            retrying.iter_state.reset()  # as in _asend
+
+    async def _asend(self, request: ApiRequest, *, patient_until: float | None = None) -> ApiResponse:
+        settings = await self.aget_settings()
+        budget = await self.abudget()
+
+        async def attempt() -> ApiResponse:
+            await wait_async(budget.areserve_request)
+            status = None
+            try:
+                response = await self._asend_once(settings, request)
+                status = response.status_code
+            finally:
+                await budget.arequest_done(rate_limited=status == 429)
+            return check_response(request, response)
+
+        arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
+        retrying = tenacity.AsyncRetrying(**arguments)
+        try:
+            return await retrying(attempt)
+        except Blip2Error as error:
+            raise final_error(request, error) from error
+        finally:
+            # tenacity keeps its next actions, methods of the retrying object, in the object: a
+            # reference cycle per request, which only the cyclic collector frees. In a triggerer,
+            # hundreds of reads a second make that collector run its full, loop-stalling passes.
+            retrying.iter_state.reset()
+
+    def get_conn(self) -> requests.Session:
+        """The HTTP session of the sync calls (retries are the hook's, not urllib3's)."""
+        if self._session is None:
+            self._session = requests.Session()
+            self._session.mount("http://", HTTPAdapter(max_retries=0))
+            self._session.mount("https://", HTTPAdapter(max_retries=0))
+        return self._session
+
+    def _send_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
+        try:
+            answer = self.get_conn().request(**request_arguments(settings, request))
+        except requests.RequestException as error:
+            raise transport_error(request, error, sent=_requests_error_was_sent(error)) from None
+        return ApiResponse(answer.status_code, dict(answer.headers), answer.content)
+
+    async def _asend_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
+        import httpx
+
+        try:
+            uses_tls = settings.base_url.startswith("https://")
+            answer = await arequest(uses_tls, request_arguments(settings, request))
+        except httpx.UnsupportedProtocol as error:
+            raise Blip2InputError(f"connection host is not an http(s) URL: {error}") from None
+        except httpx.HTTPError as error:
+            raise transport_error(request, error, sent=_httpx_error_was_sent(error)) from None
+        # items(), one pass: dict(headers) looks each name up again, scanning every header.
+        return ApiResponse(answer.status_code, dict(answer.headers.items()), answer.content)
+
+
+def _requests_error_was_sent(error: requests.RequestException) -> bool:
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+    if isinstance(error, requests.ConnectTimeout):
+        return False
+    if isinstance(error, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
+        return False
+    if isinstance(error, requests.ConnectionError) and not isinstance(error, requests.ReadTimeout):
+        reason = getattr(error.args[0], "reason", None) if error.args else None
+        return not isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+    return True
+
+
+def _httpx_error_was_sent(error: Exception) -> bool:
+    import httpx
+
+    return not isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))

@@ -1,0 +1,163 @@
+"""
+The batch operator's synchronous runs: which items go that way, their hand-over and their return.
+
+Where the connection's ``sync_run`` allows it (``auto``, unless the model was found to refuse it;
+``run``), the operator hands the pending items to a
+:class:`~airflow_provider_blip2.triggers.batch_run.Blip2BatchRunTrigger` in chunks of at most one
+rate window's requests, each item recorded in the batch's journal first under a placeholder id
+(``run:<chunk>:<index>``). The trigger runs them with one request each; its event brings back the
+outcomes, the predictions still running (polled as created ones) and the items it did not run (a
+refusal: they are created and polled). A new try that finds placeholders left by a try that died
+with its chunk counts them as ambiguous (each may have been paid) and predicts them again.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import AirflowException
+
+from airflow_provider_blip2.batch import BatchJournal, BatchState
+from airflow_provider_blip2.client.models import PredictionOutcome
+
+if TYPE_CHECKING:
+    from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
+    from airflow_provider_blip2.triggers.batch_run import Blip2BatchRunTrigger
+
+#: How the journal names an item handed to a chunk of synchronous runs, until its run answers.
+PLACEHOLDER_PREFIX = "run:"
+#: The error of an item whose run was handed to a try that died before it answered.
+INTERRUPTED = (
+    "its synchronous run was under way when the task's try ended: a prediction may have been "
+    "created and paid; it is predicted again"
+)
+
+
+def is_placeholder(prediction_id: str) -> bool:
+    """Whether a journal's prediction id stands for an item handed to synchronous runs."""
+    return prediction_id.startswith(PLACEHOLDER_PREFIX)
+
+
+def runs_synchronously(image_key: str) -> bool:
+    """
+    Whether an image can be run in the triggerer: its URI holds no secret for the trigger's kwargs.
+
+    http(s) URLs with a query (perhaps a signature) are kept out of kwargs: they are created and
+    polled from the worker.
+
+    :param image_key: The image as the journal names it.
+    """
+    return "?<redacted" not in image_key
+
+
+def chunk_to_run(op: Blip2BatchPredictionOperator, journal: BatchJournal, state: BatchState) -> Any:
+    """
+    Hand the next chunk of pending items to synchronous runs: the trigger, or ``None``.
+
+    ``None`` when the connection does not run synchronously (or the model refused), while
+    predictions created earlier are still in flight (they are polled first), or when no pending
+    item can go that way.
+
+    :param op: The batch operator.
+    :param journal: The batch's journal.
+    :param state: The batch's progress.
+    """
+    if state.in_flight or not op.hook.sync_run_choice().worth_trying():
+        return None
+    settings = op.hook.settings
+    pending = [i for i in state.pending() if runs_synchronously(state.items[i].image)]
+    chunk_ids = pending[: settings.requests_per_minute]
+    if not chunk_ids:
+        return None
+    chunk = uuid.uuid4().hex[:12]
+    deadline = time.time() + op.timeout
+    for index in chunk_ids:
+        journal.record_created(state, index, f"{PLACEHOLDER_PREFIX}{chunk}:{index}", deadline)
+    op.log.info("Running %d predictions synchronously (one request each)", len(chunk_ids))
+    return _trigger(op, state, chunk, chunk_ids)
+
+
+def _trigger(
+    op: Blip2BatchPredictionOperator, state: BatchState, chunk: str, indexes: list[int]
+) -> Blip2BatchRunTrigger:
+    from airflow_provider_blip2.operators.base import url_expiry
+    from airflow_provider_blip2.triggers.batch_run import Blip2BatchRunTrigger
+    from airflow_provider_blip2.triggers.blip2 import BATCH_DEFERRAL_SETTLE_SECONDS
+
+    return Blip2BatchRunTrigger(
+        chunk=chunk,
+        images={str(i): op._image_url(state.items[i].image) for i in indexes},
+        questions={str(i): state.items[i].question for i in indexes},
+        blip2_conn_id=op.blip2_conn_id,
+        timeout=op.timeout,
+        url_expiry=url_expiry(op.url_expiry, op.timeout),
+        context=op.context,
+        temperature=op.temperature,
+        use_nucleus_sampling=op.use_nucleus_sampling,
+        aws_conn_id=op.aws_conn_id,
+        gcp_conn_id=op.gcp_conn_id,
+        requests_per_minute=op.requests_per_minute,
+        max_concurrency=op.max_concurrency,
+        recent_requests=op.hook.budget().recent_requests(),
+        not_before=time.time() + BATCH_DEFERRAL_SETTLE_SECONDS if op.deferrable else None,
+    )
+
+
+def record_run_event(
+    op: Blip2BatchPredictionOperator,
+    journal: BatchJournal,
+    state: BatchState,
+    event: dict[str, Any],
+    try_number: int | None,
+) -> None:
+    """
+    Record what a chunk of synchronous runs brought back, then go on as after a poll.
+
+    :param op: The batch operator.
+    :param journal: The batch's journal.
+    :param state: The batch's progress.
+    :param event: The run trigger's payload.
+    :param try_number: This try's number.
+    """
+    by_id: dict[str, Any] = {}
+    for key, payload in (event.get("finished") or {}).items():
+        index, outcome = int(key), PredictionOutcome.from_json(payload)
+        journal.record_attempt(state, index, try_number)
+        if outcome.prediction_id:
+            journal.record_created(state, index, outcome.prediction_id, state.created[index][1])
+        by_id[state.created[index][0]] = payload
+        if outcome.status == PredictionOutcome.AMBIGUOUS:
+            journal.record_ambiguous(state, index)
+    for key, (prediction_id, deadline) in (event.get("running") or {}).items():
+        journal.record_attempt(state, int(key), try_number)
+        journal.record_created(state, int(key), str(prediction_id), float(deadline))
+    for key in event.get("rerun") or []:
+        journal.record_ambiguous(state, int(key))
+    journal.release(state, [int(key) for key in event.get("returned") or []])
+    op._record_event(
+        journal, state, {"finished": by_id, "recent_requests": event.get("recent_requests")}, try_number
+    )
+    if event.get("refused"):
+        op.log.info("The model refused the synchronous run: the batch's other items are created and polled")
+    if event.get("fatal"):
+        journal.flush()
+        raise AirflowException(f"The batch cannot go on: {event['fatal']}")
+
+
+def fail_interrupted_runs(journal: BatchJournal, state: BatchState) -> None:
+    """
+    On a new try, end the items an earlier try handed to synchronous runs that never answered.
+
+    Each counts as ambiguous: its run may have been sent and paid before that try ended.
+
+    :param journal: The batch's journal.
+    :param state: The batch's progress.
+    """
+    results = {}
+    for index, (prediction_id, _deadline) in state.in_flight.items():
+        if is_placeholder(prediction_id):
+            journal.record_ambiguous(state, index)
+            results[index] = PredictionOutcome(PredictionOutcome.AMBIGUOUS, error=INTERRUPTED)
+    journal.record_finished(state, results)

@@ -1,0 +1,240 @@
+"""
+The trigger that runs a chunk of a batch's predictions synchronously, one request each.
+
+The batch operator hands it the items of a chunk (image URIs that hold no secret, and what to ask),
+and waits for its one event without holding a worker slot. It runs at most ``max_concurrency``
+at once, within the connection's request budget, and keeps a journal of what it started and what
+ended in the task instance's XCom (:class:`RunJournal`): a triggerer restart re-runs ``run()``
+from the start, and the journal tells it which items ended already (not run again) and which were
+running when the triggerer stopped (run again, and reported as ``ambiguous``: each may be paid
+twice). Signed URLs of ``s3://`` and ``gs://`` images are made in the triggerer, just before each
+run, in a thread; they never reach kwargs, the journal or the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_blip2.client.errors import (
+    Blip2AmbiguousCreateError,
+    Blip2BadRequestError,
+    Blip2Error,
+    Blip2InputError,
+    Blip2SyncRunUnavailableError,
+    Blip2UnprocessableError,
+)
+from airflow_provider_blip2.client.inputs import build_prediction_input
+from airflow_provider_blip2.client.models import PredictionOutcome
+from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+from airflow_provider_blip2.storage import ObjectStorage, StorageError
+from airflow_provider_blip2.triggers.blip2 import cancel_for_kill, settle, started
+from airflow_provider_blip2.triggers.run_journal import RunJournal
+
+
+class Blip2BatchRunTrigger(BaseTrigger):
+    """
+    Run a chunk of a batch's predictions synchronously; yield one event when all have ended.
+
+    The event payload is ``{"run": True, "chunk": id, "finished": {index: outcome}, "running":
+    {index: [prediction_id, deadline]}, "returned": [index, ...], "rerun": [index, ...], "refused":
+    bool, "fatal": message or None, "recent_requests": [...]}``: ``finished`` holds
+    :class:`~airflow_provider_blip2.client.models.PredictionOutcome` (``to_json``) by item index;
+    ``running`` the predictions whose run answered before they ended (the operator polls them);
+    ``returned`` the items not run (the model refused the synchronous run, or an error that ends the
+    batch came first), for the operator to create and poll; ``rerun`` the items a triggerer restart
+    interrupted and that were run again (perhaps paid twice). No URLs, inputs or keys.
+
+    :param chunk: An id of this chunk, unique in the task instance (its journal's).
+    :param images: Item index -> image URI (``s3://``, ``gs://``, or an http(s) URL without a query).
+    :param questions: Item index -> question (``""`` captions, ``None`` asks the default question).
+    :param blip2_conn_id: The ``blip2`` connection.
+    :param timeout: Seconds one prediction may take.
+    :param url_expiry: Lifetime in seconds of the signed image URLs.
+    :param context: Earlier Q&A prepended to every prompt.
+    :param temperature: 0.5 to 1.0, with nucleus sampling.
+    :param use_nucleus_sampling: Sample instead of beam search.
+    :param aws_conn_id: The AWS connection for ``s3://`` images.
+    :param gcp_conn_id: The Google Cloud connection for ``gs://`` images.
+    :param requests_per_minute: The task's own request budget, or ``None`` for the connection's.
+    :param max_concurrency: The task's own limit of predictions in flight, or ``None``.
+    :param recent_requests: Unix times of the worker's requests still counting against the window.
+    :param not_before: Unix time before which no event is yielded (the deferral settles first).
+    """
+
+    def __init__(
+        self,
+        chunk: str,
+        images: dict[str, str],
+        questions: dict[str, str | None],
+        blip2_conn_id: str,
+        timeout: float,
+        url_expiry: float,
+        context: str | None = None,
+        temperature: float | str = 1.0,
+        use_nucleus_sampling: bool = False,
+        aws_conn_id: str = "aws_default",
+        gcp_conn_id: str = "google_cloud_default",
+        requests_per_minute: int | None = None,
+        max_concurrency: int | None = None,
+        recent_requests: list[float] | None = None,
+        not_before: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.chunk = str(chunk)
+        self.images = {str(k): str(v) for k, v in images.items()}
+        self.questions = {str(k): v for k, v in questions.items()}
+        self.blip2_conn_id = blip2_conn_id
+        self.timeout = float(timeout)
+        self.url_expiry = float(url_expiry)
+        self.context = context
+        self.temperature = temperature
+        self.use_nucleus_sampling = bool(use_nucleus_sampling)
+        self.aws_conn_id = aws_conn_id
+        self.gcp_conn_id = gcp_conn_id
+        self.requests_per_minute = requests_per_minute
+        self.max_concurrency = max_concurrency
+        self.recent_requests = [float(t) for t in recent_requests or []]
+        self.not_before = None if not_before is None else float(not_before)
+        self._storage: ObjectStorage | None = None
+        self._stop = False
+        self._refused = False
+        self._fatal: str | None = None
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Return the class path and the (primitive, non-secret) keyword arguments."""
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "chunk": self.chunk,
+                "images": self.images,
+                "questions": self.questions,
+                "blip2_conn_id": self.blip2_conn_id,
+                "timeout": self.timeout,
+                "url_expiry": self.url_expiry,
+                "context": self.context,
+                "temperature": self.temperature,
+                "use_nucleus_sampling": self.use_nucleus_sampling,
+                "aws_conn_id": self.aws_conn_id,
+                "gcp_conn_id": self.gcp_conn_id,
+                "requests_per_minute": self.requests_per_minute,
+                "max_concurrency": self.max_concurrency,
+                "recent_requests": self.recent_requests,
+                "not_before": self.not_before,
+            },
+        )
+
+    def _hook(self) -> Blip2Hook:
+        return Blip2Hook(
+            blip2_conn_id=self.blip2_conn_id,
+            requests_per_minute=self.requests_per_minute,
+            max_concurrency=self.max_concurrency,
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Run every item not ended yet, at most ``max_concurrency`` at once; then yield what ended."""
+        started(self)
+        hook = self._hook()
+        journal = RunJournal.for_trigger(self)
+        try:
+            budget = await hook.abudget()
+            budget.note_requests(self.recent_requests)
+            await journal.load()
+            rerun = journal.interrupted()
+            if rerun:
+                self.log.warning(
+                    "%d prediction(s) were running when this trigger last stopped: they run again "
+                    "and are counted as ambiguous (each may be paid twice)",
+                    len(rerun),
+                )
+            await self._run_all(hook, journal, [k for k in self.images if k not in journal.finished])
+            payload = self._payload(journal, rerun, budget.recent_requests())
+        finally:
+            await hook.aclose()
+        await settle(self, self.not_before)
+        yield TriggerEvent(payload)
+
+    async def _run_all(self, hook: Blip2Hook, journal: RunJournal, indexes: list[str]) -> None:
+        limit = (await hook.aget_settings()).max_concurrency
+        queue = list(indexes)
+
+        async def lane() -> None:
+            while queue and not self._stop:
+                await self._run_one(hook, journal, queue.pop(0))
+
+        await asyncio.gather(*(lane() for _ in range(min(limit, len(queue)) or 1)))
+
+    async def _run_one(self, hook: Blip2Hook, journal: RunJournal, index: str) -> None:
+        choice = await hook.async_run_choice()
+        if not await choice.adecide():
+            self._refused = True
+            self._stop = True
+            return
+        end_time = time.time() + self.timeout
+        try:
+            inputs = build_prediction_input(
+                await asyncio.to_thread(self._signed_url, self.images[index]),
+                question=None if self.questions[index] == "" else self.questions[index],
+                caption=self.questions[index] == "",
+                context=self.context,
+                temperature=self.temperature,
+                use_nucleus_sampling=self.use_nucleus_sampling,
+            )
+        except (StorageError, Blip2InputError) as error:
+            await journal.finish(index, PredictionOutcome(PredictionOutcome.ERROR, error=str(error)))
+            return
+        await journal.start(index)
+        await self._record(hook, journal, index, inputs, end_time)
+
+    async def _record(
+        self, hook: Blip2Hook, journal: RunJournal, index: str, inputs: Any, end_time: float
+    ) -> None:
+        try:
+            prediction = await hook.arun_prediction(inputs, end_time=end_time)
+        except Blip2SyncRunUnavailableError:
+            await journal.unstart(index)
+            self._refused = self._stop = True
+            return
+        except Blip2AmbiguousCreateError as error:
+            await journal.finish(index, PredictionOutcome(PredictionOutcome.AMBIGUOUS, error=str(error)))
+            return
+        except (Blip2BadRequestError, Blip2UnprocessableError) as error:
+            await journal.finish(index, PredictionOutcome(PredictionOutcome.ERROR, error=str(error)))
+            return
+        except Blip2Error as error:  # a key refused, no balance: the batch cannot go on
+            await journal.unstart(index)
+            self._fatal, self._stop = str(error), True
+            return
+        if prediction.status.is_terminal:
+            await journal.finish(index, prediction.outcome())
+        else:
+            await journal.running(index, prediction.id, end_time)
+
+    def _signed_url(self, uri: str) -> str:
+        if self._storage is None:
+            self._storage = ObjectStorage(aws_conn_id=self.aws_conn_id, gcp_conn_id=self.gcp_conn_id)
+        return self._storage.signed_url(uri, expires_in=self.url_expiry)
+
+    def _payload(self, journal: RunJournal, rerun: list[str], recent: list[float]) -> dict[str, Any]:
+        done = set(journal.finished) | set(journal.in_flight)
+        return {
+            "run": True,
+            "chunk": self.chunk,
+            "finished": {k: v.to_json() for k, v in journal.finished.items()},
+            "running": {k: list(v) for k, v in journal.in_flight.items()},
+            "returned": [k for k in self.images if k not in done],
+            "rerun": rerun,
+            "refused": self._refused,
+            "fatal": self._fatal,
+            "recent_requests": recent,
+        }
+
+    async def on_kill(self) -> None:
+        """Cancel the predictions known to be running when a user marks the task failed or success."""
+        journal = RunJournal.for_trigger(self)
+        await journal.load()
+        await cancel_for_kill(self, self._hook(), [pid for pid, _ in journal.in_flight.values()])
