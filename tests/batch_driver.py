@@ -2,7 +2,9 @@
 An in-process driver of the batch operator, the way Airflow drives it.
 
 ``execute`` until it defers, the trigger rebuilt from its serialized kwargs (as a triggerer does),
-``execute_complete`` with the event, and so on. The task state store is a dict.
+``execute_complete`` with the event, and so on. The task state store is a dict; a trigger given a
+``task_instance`` keeps its XCom in :class:`FakeXCom` (a triggerer's XCom, which a test process has
+no supervisor for).
 """
 
 from __future__ import annotations
@@ -11,13 +13,36 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException, TaskDeferred
 from airflow.triggers.base import BaseTrigger
 
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
-from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
+
+
+def trigger_class(classpath: str) -> type[BaseTrigger]:
+    """The trigger class a serialized trigger names (one of the batch's two)."""
+    import importlib
+
+    module, _, name = classpath.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    assert name in ("Blip2BatchPredictionTrigger", "Blip2BatchRunTrigger"), classpath
+    return cls  # type: ignore[no-any-return]
+
+
+class FakeXCom:
+    """XCom as a dict, with the async calls a trigger's run journal makes."""
+
+    values: ClassVar[dict[tuple[Any, ...], Any]] = {}
+
+    @classmethod
+    async def aset(cls, key: str, value: Any, **where: Any) -> None:
+        cls.values[(key, *sorted(where.items()))] = json.loads(json.dumps(value))
+
+    @classmethod
+    async def aget_one(cls, *, key: str, **where: Any) -> Any:
+        return cls.values.get((key, *sorted(where.items())))
 
 
 class DictStore:
@@ -62,12 +87,15 @@ def run_batch(
     *,
     interrupt: Callable[[int], float | None] = lambda cycle: None,
     ti: FakeTaskInstance | None = None,
+    trigger_ti: Any = None,
 ) -> tuple[dict[str, Any], int]:
     """
     Drive a deferrable batch the way Airflow does; return its summary and the number of deferrals.
 
     ``interrupt(cycle)`` may return seconds after which that cycle's trigger is torn down (a
     triggerer restart); a new trigger is then built from the serialized kwargs and run again.
+    ``trigger_ti`` is the task instance the triggers run for (a triggerer sets one; ``None`` runs
+    them as ``dags test`` does).
     """
     # Without a store, the context is the one of Airflow before 3.3: the journal goes to XCom.
     context: dict[str, Any] = {"ti": ti or FakeTaskInstance()}
@@ -81,9 +109,9 @@ def run_batch(
     while True:
         deferrals += 1
         classpath, kwargs = pending.trigger.serialize()
-        assert classpath.endswith("Blip2BatchPredictionTrigger")
         json.dumps(kwargs)  # primitives only
-        event = asyncio.run(_run_trigger(kwargs, interrupt(deferrals)))
+        make = _trigger_factory(trigger_class(classpath), kwargs, trigger_ti)
+        event = asyncio.run(_run_trigger(make, interrupt(deferrals)))
         fresh = operator  # the same task object resumes; its state comes from the store
         try:
             return fresh.execute_complete(context, event), deferrals  # type: ignore[arg-type]
@@ -115,13 +143,21 @@ def run_tries(
     raise AssertionError("unreachable")
 
 
-async def _run_trigger(kwargs: dict[str, Any], tear_down_after: float | None) -> dict[str, Any]:
+def _trigger_factory(cls: type[BaseTrigger], kwargs: dict[str, Any], ti: Any) -> Callable[[], BaseTrigger]:
+    def make() -> BaseTrigger:
+        trigger = cls(**kwargs)
+        trigger.task_instance = ti
+        return trigger
+
+    return make
+
+
+async def _run_trigger(make: Callable[[], BaseTrigger], tear_down_after: float | None) -> dict[str, Any]:
     if tear_down_after is not None:
-        trigger = Blip2BatchPredictionTrigger(**kwargs)
         # Torn down mid-way: the triggerer then restarts it from the same kwargs.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(_first_payload(trigger), timeout=tear_down_after)
-    return await _first_payload(Blip2BatchPredictionTrigger(**kwargs))
+            await asyncio.wait_for(_first_payload(make()), timeout=tear_down_after)
+    return await _first_payload(make())
 
 
 async def _first_payload(trigger: BaseTrigger) -> dict[str, Any]:

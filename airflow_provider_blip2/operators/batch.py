@@ -50,7 +50,6 @@ from airflow_provider_blip2.operators.batch_run import (
     chunk_to_run,
     fail_interrupted_runs,
     record_run_event,
-    runs_synchronously,
 )
 from airflow_provider_blip2.storage import SigningError, StorageError, is_remote_object
 
@@ -382,8 +381,8 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         free = self.hook.settings.max_concurrency - len(state.in_flight)
         expires_in = url_expiry(self.url_expiry, self.timeout)
         pending = state.pending()
-        if self.hook.sync_run_choice().worth_trying():  # they wait for a chunk of synchronous runs
-            pending = [index for index in pending if not runs_synchronously(state.items[index].image)]
+        if self.hook.sync_run_choice().worth_trying():
+            pending = []  # they wait for a chunk of synchronous runs, once nothing is in flight
         for index in pending[: max(0, free)]:
             item = state.items[index]
             journal.record_attempt(state, index, try_number)

@@ -21,6 +21,7 @@ from airflow.providers.common.compat.sdk import AirflowException
 
 from airflow_provider_blip2.batch import BatchJournal, BatchState
 from airflow_provider_blip2.client.models import PredictionOutcome
+from airflow_provider_blip2.client.sealing import seal
 
 if TYPE_CHECKING:
     from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
@@ -40,25 +41,14 @@ def is_placeholder(prediction_id: str) -> bool:
     return prediction_id.startswith(PLACEHOLDER_PREFIX)
 
 
-def runs_synchronously(image_key: str) -> bool:
-    """
-    Whether an image can be run in the triggerer: its URI holds no secret for the trigger's kwargs.
-
-    http(s) URLs with a query (perhaps a signature) are kept out of kwargs: they are created and
-    polled from the worker.
-
-    :param image_key: The image as the journal names it.
-    """
-    return "?<redacted" not in image_key
-
-
 def chunk_to_run(op: Blip2BatchPredictionOperator, journal: BatchJournal, state: BatchState) -> Any:
     """
     Hand the next chunk of pending items to synchronous runs: the trigger, or ``None``.
 
     ``None`` when the connection does not run synchronously (or the model refused), while
-    predictions created earlier are still in flight (they are polled first), or when no pending
-    item can go that way.
+    predictions created earlier are still in flight (they are polled first), or when nothing is
+    pending. http(s) URLs with a query (perhaps presigned) are sealed for the trigger
+    (:mod:`~airflow_provider_blip2.client.sealing`).
 
     :param op: The batch operator.
     :param journal: The batch's journal.
@@ -67,8 +57,7 @@ def chunk_to_run(op: Blip2BatchPredictionOperator, journal: BatchJournal, state:
     if state.in_flight or not op.hook.sync_run_choice().worth_trying():
         return None
     settings = op.hook.settings
-    pending = [i for i in state.pending() if runs_synchronously(state.items[i].image)]
-    chunk_ids = pending[: settings.requests_per_minute]
+    chunk_ids = state.pending()[: settings.requests_per_minute]
     if not chunk_ids:
         return None
     chunk = uuid.uuid4().hex[:12]
@@ -86,9 +75,10 @@ def _trigger(
     from airflow_provider_blip2.triggers.batch_run import Blip2BatchRunTrigger
     from airflow_provider_blip2.triggers.blip2 import BATCH_DEFERRAL_SETTLE_SECONDS
 
+    api_key = op.hook.settings.api_key
     return Blip2BatchRunTrigger(
         chunk=chunk,
-        images={str(i): op._image_url(state.items[i].image) for i in indexes},
+        images={str(i): seal(op._image_url(state.items[i].image), api_key) for i in indexes},
         questions={str(i): state.items[i].question for i in indexes},
         blip2_conn_id=op.blip2_conn_id,
         timeout=op.timeout,

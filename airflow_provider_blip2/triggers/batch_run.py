@@ -30,8 +30,10 @@ from airflow_provider_blip2.client.errors import (
 )
 from airflow_provider_blip2.client.inputs import build_prediction_input
 from airflow_provider_blip2.client.models import PredictionOutcome
+from airflow_provider_blip2.client.sealing import needs_sealing, unseal
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
-from airflow_provider_blip2.storage import ObjectStorage, StorageError
+from airflow_provider_blip2.storage import ObjectStorage, SigningError, StorageError
+from airflow_provider_blip2.storage.masking import mask_signed_url
 from airflow_provider_blip2.triggers.blip2 import cancel_for_kill, settle, started
 from airflow_provider_blip2.triggers.run_journal import RunJournal
 
@@ -50,7 +52,8 @@ class Blip2BatchRunTrigger(BaseTrigger):
     interrupted and that were run again (perhaps paid twice). No URLs, inputs or keys.
 
     :param chunk: An id of this chunk, unique in the task instance (its journal's).
-    :param images: Item index -> image URI (``s3://``, ``gs://``, or an http(s) URL without a query).
+    :param images: Item index -> image URI (``s3://``, ``gs://``, an http(s) URL, sealed when it
+        has a query: :mod:`~airflow_provider_blip2.client.sealing`).
     :param questions: Item index -> question (``""`` captions, ``None`` asks the default question).
     :param blip2_conn_id: The ``blip2`` connection.
     :param timeout: Seconds one prediction may take.
@@ -176,14 +179,18 @@ class Blip2BatchRunTrigger(BaseTrigger):
             return
         end_time = time.time() + self.timeout
         try:
+            api_key = (await hook.aget_settings()).api_key
             inputs = build_prediction_input(
-                await asyncio.to_thread(self._signed_url, self.images[index]),
+                await asyncio.to_thread(self._signed_url, unseal(self.images[index], api_key)),
                 question=None if self.questions[index] == "" else self.questions[index],
                 caption=self.questions[index] == "",
                 context=self.context,
                 temperature=self.temperature,
                 use_nucleus_sampling=self.use_nucleus_sampling,
             )
+        except SigningError as error:  # the credentials cannot sign: no image of the batch can go
+            self._fatal, self._stop = str(error), True
+            return
         except (StorageError, Blip2InputError) as error:
             await journal.finish(index, PredictionOutcome(PredictionOutcome.ERROR, error=str(error)))
             return
@@ -215,6 +222,9 @@ class Blip2BatchRunTrigger(BaseTrigger):
             await journal.running(index, prediction.id, end_time)
 
     def _signed_url(self, uri: str) -> str:
+        if needs_sealing(uri):  # a URL given with a query: perhaps presigned
+            mask_signed_url(uri)
+            return uri
         if self._storage is None:
             self._storage = ObjectStorage(aws_conn_id=self.aws_conn_id, gcp_conn_id=self.gcp_conn_id)
         return self._storage.signed_url(uri, expires_in=self.url_expiry)
