@@ -90,7 +90,7 @@ pytest-airflow2: $(INSTALLED_AIRFLOW2) system-packages
 
 ## bench: print the benchmark numbers (import cost, batch throughput against the limits, a production-shaped
 ## deployment with 100 mapped tasks and a 100-image batch on LocalExecutor and on Celery workers, 1,000 triggers
-## in one loop; ~35 min) and write them
+## in one loop, the synchronous run offered and refused; ~60 min) and write them
 ## to benchmarks/results/, which the docs draw their plots from
 bench: $(INSTALLED) system-packages
 	$(BIN)/python -m benchmarks.import_time --json $(RESULTS)/import_time.json
@@ -100,6 +100,7 @@ bench: $(INSTALLED) system-packages
 	$(BIN)/python -m benchmarks.scale --json $(RESULTS)/scale.json
 	$(BIN)/python -m benchmarks.scale --redis --json $(RESULTS)/scale-redis.json
 	$(BIN)/python -m benchmarks.scale --redis --celery-workers 2 --json $(RESULTS)/scale-celery.json
+	$(BIN)/python -m benchmarks.sync_run --json $(RESULTS)/sync_run.json
 	$(BIN)/python -m benchmarks.triggerer_load --json $(RESULTS)/triggerer_load.json
 
 ## emulator: run the API emulator in the foreground on 127.0.0.1:8765

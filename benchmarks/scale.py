@@ -66,7 +66,11 @@ REQUESTS_PER_PREDICTION = 2
 
 
 def minimum_seconds(
-    predictions: int, rpm: int = RPM, in_flight: int = IN_FLIGHT, latency: float = LATENCY
+    predictions: int,
+    rpm: int = RPM,
+    in_flight: int = IN_FLIGHT,
+    latency: float = LATENCY,
+    requests: float | None = None,
 ) -> float:
     """
     The least time the API's limits allow for a number of predictions (see the module docstring).
@@ -75,14 +79,21 @@ def minimum_seconds(
     :param rpm: Requests per minute allowed.
     :param in_flight: Predictions in flight allowed.
     :param latency: Seconds per prediction.
+    :param requests: The requests they need at least; default :data:`REQUESTS_PER_PREDICTION` each
+        (one each for synchronous runs).
     """
-    rate = max(0, REQUESTS_PER_PREDICTION * predictions - rpm) * 60.0 / rpm
+    needed = REQUESTS_PER_PREDICTION * predictions if requests is None else requests
+    rate = max(0.0, needed - rpm) * 60.0 / rpm
     concurrency = math.ceil(predictions / in_flight) * latency
     return max(rate, concurrency, latency)
 
 
 def window_minimum_seconds(
-    predictions: int, rpm: int = RPM, in_flight: int = IN_FLIGHT, latency: float = LATENCY
+    predictions: int,
+    rpm: int = RPM,
+    in_flight: int = IN_FLIGHT,
+    latency: float = LATENCY,
+    requests: float | None = None,
 ) -> float:
     """
     The least time for a number of predictions when the rate is a sliding window, as the API's is.
@@ -96,10 +107,11 @@ def window_minimum_seconds(
     :param rpm: Requests allowed in any 60 s.
     :param in_flight: Predictions in flight allowed.
     :param latency: Seconds per prediction.
+    :param requests: The requests they need at least (see :func:`minimum_seconds`).
     """
-    requests = REQUESTS_PER_PREDICTION * predictions
-    rate = (requests - 1) // rpm * 60.0 if requests else 0.0
-    return max(rate, minimum_seconds(predictions, rpm, in_flight, latency))
+    needed = int(REQUESTS_PER_PREDICTION * predictions if requests is None else requests)
+    rate = (needed - 1) // rpm * 60.0 if needed else 0.0
+    return max(rate, minimum_seconds(predictions, rpm, in_flight, latency, requests))
 
 
 def parse_args() -> argparse.Namespace:
@@ -122,14 +134,24 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_once(stack: ProductionStack, args: argparse.Namespace, number: int, home: Path) -> dict[str, Any]:
+def run_once(
+    stack: ProductionStack,
+    args: argparse.Namespace,
+    number: int,
+    home: Path,
+    *,
+    batch_requests_per_prediction: int = REQUESTS_PER_PREDICTION,
+) -> dict[str, Any]:
     """
     One DAG run; return its numbers.
 
     :param stack: The running deployment.
-    :param args: The command line.
+    :param args: The command line (``tasks``, ``batch_images``, ``triggerers``, ``parallelism``,
+        ``redis``, ``celery_workers``).
     :param number: The run's number, naming its images.
     :param home: Where the batch writes its output.
+    :param batch_requests_per_prediction: The least requests a batch prediction needs, for the
+        minimum: 2 (create and poll), or 1 when the API offers the synchronous run.
     """
     stack.emulator.reset()
     tasks = stack.images(f"task{number}", args.tasks)
@@ -138,8 +160,9 @@ def run_once(stack: ProductionStack, args: argparse.Namespace, number: int, home
     conf = {"images": tasks, "batch_images": batch, "output_uri": str(home / f"batch-{number}.jsonl")}
     run_id = deployment.trigger(SCALE_DAG_ID, conf)
     predictions = len(tasks) + len(batch)
-    minimum = minimum_seconds(predictions)
-    window_minimum = window_minimum_seconds(predictions)
+    least = REQUESTS_PER_PREDICTION * len(tasks) + batch_requests_per_prediction * len(batch)
+    minimum = minimum_seconds(predictions, requests=least)
+    window_minimum = window_minimum_seconds(predictions, requests=least)
     state = deployment.wait_for_run(SCALE_DAG_ID, run_id, timeout=3 * minimum + 900)
     run = deployment.api("GET", f"/dags/{SCALE_DAG_ID}/dagRuns/{run_id}")
     run_start = datetime.fromisoformat(run["start_date"]).timestamp()

@@ -67,7 +67,12 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     Caption, or ask questions about, every image of a list or of an S3/GCS prefix with BLIP-2.
 
     The images are listed (or checked to exist) on the worker before any prediction is created.
-    Predictions are created on the worker, at most ``max_concurrency`` in flight and within
+    Where the connection's ``sync_run`` allows it (``auto``, the default: where the model offers
+    the API's synchronous run), predictions are run with one request each by
+    :class:`~airflow_provider_blip2.triggers.batch_run.Blip2BatchRunTrigger`, in chunks of at most
+    ``requests_per_minute`` items, in the triggerer when deferrable (no worker slot is held while
+    they run), else on the worker; a refusal sends the rest the create-and-poll way. Otherwise
+    predictions are created on the worker, at most ``max_concurrency`` in flight and within
     ``requests_per_minute``; with ``deferrable=True``, whenever no prediction ends within
     ``defer_after`` seconds the operator waits in the triggerer
     (:class:`~airflow_provider_blip2.triggers.blip2.Blip2BatchPredictionTrigger`), so a long wait
@@ -87,8 +92,9 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     Results: one JSON line per image and question (``image``, ``label``, ``question``, ``output``,
     ``status``, ``error``, ``prediction_id``, ``predict_time``, ``cost``, ``attempts``) written to
     ``output_uri``. The return value (XCom) is a summary: ``total``, ``succeeded``, ``failed``,
-    ``statuses``, ``retried``, ``attempts``, ``cost``, ``images``, ``output_uri``, ``elapsed``
-    (seconds since the batch started, over all tries).
+    ``statuses``, ``retried``, ``attempts``, ``ambiguous`` (predictions that may have been created
+    and paid without an answer), ``cost``, ``images``, ``output_uri``, ``elapsed`` (seconds since
+    the batch started, over all tries).
 
     ``s3://`` and ``gs://`` images are sent as presigned/signed URLs made on the worker just before
     each create; they are masked in logs and never stored in XCom, rendered fields or trigger kwargs.

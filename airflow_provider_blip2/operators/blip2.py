@@ -74,7 +74,11 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
     predictions in all.
 
     On Airflow 3.3+ the prediction id is kept in the task state store before waiting, so a retried
-    try reattaches to a running or succeeded prediction instead of paying for a new one.
+    try reattaches to a running or succeeded prediction instead of paying for a new one. That is why
+    this operator creates and polls rather than using the API's synchronous run (whose id comes
+    only with its answer). Its first read comes when the connection's recent predictions had ended
+    (a delay learned from earlier first reads, shared through Redis with ``redis_conn_id``), so a
+    prediction costs about two requests.
 
     Image URLs are masked in logs and rendered fields; they may be presigned.
 

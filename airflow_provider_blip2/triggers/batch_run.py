@@ -31,6 +31,7 @@ from airflow_provider_blip2.client.errors import (
 from airflow_provider_blip2.client.inputs import build_prediction_input
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.sealing import needs_sealing, unseal
+from airflow_provider_blip2.client.settings import SYNC_RUN_ALWAYS
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from airflow_provider_blip2.storage import ObjectStorage, SigningError, StorageError
 from airflow_provider_blip2.storage.masking import mask_signed_url
@@ -202,9 +203,11 @@ class Blip2BatchRunTrigger(BaseTrigger):
     ) -> None:
         try:
             prediction = await hook.arun_prediction(inputs, end_time=end_time)
-        except Blip2SyncRunUnavailableError:
+        except Blip2SyncRunUnavailableError as error:
             await journal.unstart(index)
             self._refused = self._stop = True
+            if (await hook.aget_settings()).sync_run == SYNC_RUN_ALWAYS:
+                self._fatal = f"{error}; the connection's sync_run is 'run': set it to auto or poll"
             return
         except Blip2AmbiguousCreateError as error:
             await journal.finish(index, PredictionOutcome(PredictionOutcome.AMBIGUOUS, error=str(error)))

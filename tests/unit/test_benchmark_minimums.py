@@ -26,3 +26,18 @@ def test_the_minimums_of_the_rate_and_of_the_sliding_window(
 def test_a_sliding_window_never_allows_less_than_one_request_a_second() -> None:
     for predictions in range(1, 400):
         assert window_minimum_seconds(predictions) >= minimum_seconds(predictions)
+
+
+@pytest.mark.parametrize(
+    ("predictions", "requests", "minimum", "window_minimum"),
+    [
+        (200, 200, 140.0, 180.0),  # synchronous runs: one request each
+        (200, 300, 240.0, 240.0),  # 100 mapped (2 each) beside a 100-image batch of runs
+        (60, 60, 12.0, 12.0),  # one window's requests: the 10 in flight set the pace
+    ],
+)
+def test_the_minimums_of_synchronous_runs(
+    predictions: int, requests: int, minimum: float, window_minimum: float
+) -> None:
+    assert minimum_seconds(predictions, requests=requests) == minimum
+    assert window_minimum_seconds(predictions, requests=requests) == window_minimum

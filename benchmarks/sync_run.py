@@ -1,0 +1,121 @@
+"""
+The synchronous run in a production-shaped deployment, offered by the API and refused.
+
+The deployment of ``benchmarks/scale.py`` (PostgreSQL, LocalExecutor with 8 slots, two
+triggerers, a Redis budget named by the blip2 connection, every task ``retries=1``) against the
+emulator at the API's real limits and speed (60 requests a minute, 10 in flight, 2 s a
+prediction, 2 % of the reads answered 5xx). Four scenarios, one after the other in the same
+deployment, each starting with an empty ledger and with nothing remembered in Redis (neither
+whether the model offers the synchronous run nor the learned timing of first reads):
+
+- ``batch``: one deferrable 200-image batch at its defaults, alone;
+- ``mixed``: 100 mapped deferrable predictions beside a deferrable 100-image batch;
+
+each once with the emulator offering ``/v1/prediction/run`` (``offered``) and once answering it
+400 (``refused``). Every line holds the numbers of ``benchmarks/scale.py`` (wall time against the
+minimum, requests a prediction, 429 share, failures, duplicates) with the minimum counting one
+request a batch prediction when offered and two when refused (mapped predictions always two; the
+first 60 requests at once), and:
+
+- ``predictions_per_minute``: predictions over the DAG run's wall time;
+- ``api_predictions_per_minute``: predictions over the span between the first and the last
+  request the API admitted (the sustained rate, without the deployment's start-up and tail);
+- ``runs``, ``refused_runs``: synchronous runs that created a prediction, and those the API refused;
+- ``mapped_requests_per_prediction`` (``mixed``, ``offered``): the creates and reads (429s
+  included) per mapped prediction: with the batch running synchronously, every create and read
+  is a mapped task's.
+
+Takes about 25 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.results import add_json_argument, write_results
+from benchmarks.scale import run_once
+from scripts.production import ProductionSettings, ProductionStack, production_stack
+
+SCENARIOS: dict[str, tuple[int, int]] = {"batch": (0, 200), "mixed": (100, 100)}
+
+
+def forget_notes(stack: ProductionStack) -> None:
+    """Delete what the deployment's processes remember in Redis (the synchronous run, first reads)."""
+    import redis
+
+    client = redis.Redis(port=stack.redis.port)
+    for key in client.scan_iter("blip2:budget:*:notes:*"):
+        client.delete(key)
+    client.close()
+
+
+def run_scenario(stack: ProductionStack, name: str, offered: bool, number: int, home: Path) -> dict[str, Any]:
+    """
+    One scenario in the running deployment; its numbers.
+
+    :param stack: The deployment.
+    :param name: ``batch`` or ``mixed``.
+    :param offered: Whether the emulator offers the synchronous run.
+    :param number: Names the scenario's images (distinct in the ledger).
+    :param home: Where the batch writes its output.
+    """
+    tasks, batch_images = SCENARIOS[name]
+    forget_notes(stack)
+    stack.emulator.config.sync_run = offered
+    args = argparse.Namespace(
+        tasks=tasks, batch_images=batch_images, triggerers=2, parallelism=8, redis=True, celery_workers=0
+    )
+    result = run_once(stack, args, number, home, batch_requests_per_prediction=1 if offered else 2)
+    ledger = stack.emulator.ledger()
+    predictions = tasks + batch_images
+    span = result.get("requests_span_s") or 0.0
+    result.update(
+        {
+            "scenario": name,
+            "sync_run": "offered" if offered else "refused",
+            "predictions_per_minute": round(predictions / result["wall_s"] * 60, 1),
+            "api_predictions_per_minute": round(predictions / span * 60, 1) if span else None,
+            "runs": ledger.get("runs", 0),
+            "refused_runs": ledger["requests"].get("run", 0) - ledger.get("runs", 0),
+        }
+    )
+    if offered and tasks:
+        mapped = ledger["requests"].get("create", 0) + ledger["requests"].get("get", 0)
+        result["mapped_requests_per_prediction"] = round(mapped / tasks, 2)
+    return result
+
+
+def main() -> None:
+    """Start the deployment, run the four scenarios and print one JSON line each."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenarios", default="batch,mixed", help="comma-separated: batch, mixed")
+    add_json_argument(parser)
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="blip2-sync-run-bench-"))
+    settings = ProductionSettings(parallelism=8, triggerers=2, redis_in_connection=True)
+    started = time.monotonic()
+    results: list[dict[str, Any]] = []
+    try:
+        with production_stack(home, settings) as stack:
+            number = 0
+            for name in args.scenarios.split(","):
+                for offered in (True, False):
+                    results.append(run_scenario(stack, name, offered, number, home))
+                    print(json.dumps(results[-1]), flush=True)
+                    number += 1
+        write_results(args.json, "sync_run", {"scenarios": args.scenarios}, {"runs": results})
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        print(json.dumps({"total_s": round(time.monotonic() - started, 1)}))
+
+
+if __name__ == "__main__":
+    main()
