@@ -418,6 +418,19 @@ class BatchJournal:
         self._part.setdefault("attempts", {})[str(index)] = list(state.attempts[index])
         self._dirty = True
 
+    def forget_attempt(self, state: BatchState, index: int) -> None:
+        """
+        Take back an item's last attempt: it was handed over but never sent.
+
+        :param state: The progress, updated in place.
+        :param index: The item.
+        """
+        numbers = state.attempts.get(index)
+        if numbers:
+            state.attempts[index] = numbers[:-1]
+            self._part.setdefault("attempts", {})[str(index)] = list(state.attempts[index])
+            self._dirty = True
+
     def record_created(self, state: BatchState, index: int, prediction_id: str, deadline: float) -> None:
         """
         Record a new prediction (before anything else happens to it).

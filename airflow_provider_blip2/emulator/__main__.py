@@ -77,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="current",
         help="legacy: 201 on create, completed/failed/canceled, empty error bodies, body-only retry_after",
     )
+    parser.add_argument(
+        "--no-sync-run",
+        dest="sync_run",
+        action="store_false",
+        help="answer POST /v1/prediction/run 400, as for a model without synchronous execution",
+    )
+    parser.add_argument(
+        "--sync-run-max-wait",
+        type=float,
+        default=defaults.sync_run_max_wait,
+        help="seconds a synchronous run waits before answering 'processing' (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default: %(default)s)")
     return parser
 
@@ -104,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         spelling=args.spelling,
         retry_after_in=args.retry_after_in,
         fault_endpoints=tuple(args.fault_endpoints or ()),
+        sync_run=args.sync_run,
+        sync_run_max_wait=args.sync_run_max_wait,
     )
 
 

@@ -20,6 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from airflow_provider_blip2.emulator.config import INJECTED_RETRY_AFTER_SECONDS, EmulatorConfig
 from airflow_provider_blip2.emulator.engine import Emulator, FaultDecision
 from airflow_provider_blip2.emulator.inputs import MODEL_SLUG, InputError, model_record, parse_input
+from airflow_provider_blip2.emulator.state import Prediction
 
 CONTEXT_SCOPE_KEY = "blip2_emulator.context"
 REQUEST_ID_HEADER = b"x-request-id"
@@ -280,13 +281,18 @@ def parse_create_body(body: Any) -> tuple[dict[str, Any], Any]:
     return body, body.get("input")
 
 
-async def create_prediction(request: Request) -> Response:
-    """``POST /v1/prediction/``: validate and create a prediction.
+async def _create(request: Request, label: str) -> tuple[Admission, Prediction]:
+    """Admit, validate and create a prediction: the one path of a create and a synchronous run.
 
     :param request: the request.
+    :param label: ``create`` or ``run``, as counted in the ledger and matched by ``fault_endpoints``.
+    :raises ApiError: 400/404/422 for a bad body, 429 when ``max_in_flight`` is reached, 500 for an
+        injected fault (after creating, for ``fault_created_5xx``).
     """
-    admission = await admit(request, "create")
+    admission = await admit(request, label)
     emulator = _emulator(request)
+    if label == "run" and not emulator.config.sync_run:
+        raise _bad_request(SYNC_RUN_REFUSAL)
     _, raw_input = parse_create_body(await read_json_body(request))
     try:
         model_input = parse_input(raw_input)
@@ -300,13 +306,67 @@ async def create_prediction(request: Request) -> Response:
         )
     provider_fails, answer_5xx = emulator.draw_prediction_faults(model_input)
     prediction = emulator.create(admission.api_key, raw_input, model_input, provider_fails=provider_fails)
-    if answer_5xx and not admission.drop and emulator.config.faults_hit("create"):
+    if answer_5xx and not admission.drop and emulator.config.faults_hit(label):
         emulator.ledger.created_5xx_injected += 1
         raise ApiError(500, {"error": "internal server error"})
+    return admission, prediction
+
+
+async def create_prediction(request: Request) -> Response:
+    """``POST /v1/prediction/``: validate and create a prediction.
+
+    :param request: the request.
+    """
+    _, prediction = await _create(request, "create")
     return JSONResponse(
         {"status": "success", "message": "Prediction created successfully", "predictionID": prediction.id},
-        status_code=201 if emulator.config.legacy else 200,
+        status_code=201 if _emulator(request).config.legacy else 200,
     )
+
+
+#: The 400 of a synchronous run while ``sync_run`` is off (a model without synchronous execution).
+SYNC_RUN_REFUSAL = "Synchronous execution is not enabled for model blip-2: create the prediction and poll it"
+
+
+async def run_prediction(request: Request) -> Response:
+    """``POST /v1/prediction/run``: create a prediction and answer when it has ended.
+
+    A prediction that has not ended within ``sync_run_max_wait`` is answered ``processing`` with
+    its id, for the client to poll.
+
+    :param request: the request.
+    """
+    _, prediction = await _create(request, "run")
+    emulator = _emulator(request)
+    emulator.ledger.runs += 1
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(
+            prediction.ended.wait(), emulator.config.scaled(emulator.config.sync_run_max_wait)
+        )
+    status = prediction.status
+    if emulator.config.legacy:
+        status = LEGACY_STATUSES.get(status, status)
+    if not prediction.terminal:
+        message, error = "Prediction is still running", ""
+    elif prediction.status == "success":
+        message, error = "Prediction completed successfully", ""
+    else:
+        message, error = "Prediction did not succeed", _run_error(prediction)
+    body = {
+        "status": status,
+        "message": message,
+        "predictionID": prediction.id,
+        "output": prediction.output if prediction.terminal else None,
+        "error": error,
+    }
+    return JSONResponse(body)
+
+
+def _run_error(prediction: Prediction) -> str:
+    """The user-facing message of a synchronous run that did not succeed."""
+    envelope = prediction.output if isinstance(prediction.output, dict) else {}
+    message = envelope.get("error_message") or envelope.get("error")
+    return str(message) if message else f"prediction {prediction.status}"
 
 
 def _base_url(request: Request) -> str:
@@ -427,6 +487,8 @@ def create_app(config: EmulatorConfig | None = None) -> EmulatorApp:
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_api_route("/v1/prediction/", create_prediction, methods=["POST"])
     app.add_api_route("/v1/prediction", create_prediction, methods=["POST"])
+    app.add_api_route("/v1/prediction/run", run_prediction, methods=["POST"])
+    app.add_api_route("/v1/prediction/run/", run_prediction, methods=["POST"])
     app.add_api_route("/v1/prediction/{prediction_id}", get_prediction, methods=["GET"])
     app.add_api_route("/v1/prediction/{prediction_id}/cancel", cancel_prediction, methods=["POST"])
     app.add_api_route("/v1/model", get_model, methods=["GET"])

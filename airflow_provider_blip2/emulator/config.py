@@ -20,7 +20,7 @@ _FAULT_FIELDS = (
 
 SPELLINGS = ("current", "legacy")
 RETRY_AFTER_PLACES = ("both", "header", "body")
-ENDPOINTS = ("create", "get", "cancel", "model")
+ENDPOINTS = ("create", "run", "get", "cancel", "model")
 
 
 @dataclass
@@ -59,6 +59,10 @@ class EmulatorConfig:
     :param retry_after_in: where a 429 says how long to wait: ``both`` (a ``Retry-After`` header and
         a body ``retry_after``), ``header`` only or ``body`` only. ``spelling="legacy"`` always
         answers with the body only.
+    :param sync_run: serve ``POST /v1/prediction/run`` (the synchronous run); when off it answers 400
+        as the service does for a model without synchronous execution.
+    :param sync_run_max_wait: seconds (before ``time_scale``) a synchronous run waits for its
+        prediction to end; then it answers with the prediction still ``processing``.
     :param fault_endpoints: the endpoints that injected faults hit (``create``, ``get``, ``cancel``,
         ``model``); empty means all. ``("get",)`` fails reads only. Requests of other endpoints draw
         the same random numbers, so a seed gives the same sequence whatever this is.
@@ -92,6 +96,8 @@ class EmulatorConfig:
     spelling: str = "current"
     retry_after_in: str = "both"
     fault_endpoints: tuple[str, ...] = ()
+    sync_run: bool = True
+    sync_run_max_wait: float = 60.0
 
     def __post_init__(self) -> None:
         """Normalise and validate the settings.
@@ -105,7 +111,7 @@ class EmulatorConfig:
             raise ValueError("api_keys must hold at least one non-empty key")
         if not math.isfinite(self.time_scale) or self.time_scale <= 0:
             raise ValueError("time_scale must be a positive number")
-        for name in ("latency", "slow_seconds", "download_timeout"):
+        for name in ("latency", "slow_seconds", "download_timeout", "sync_run_max_wait"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         for name in ("requests_per_minute", "max_in_flight", "max_image_bytes"):
@@ -143,7 +149,7 @@ class EmulatorConfig:
     def faults_hit(self, endpoint: str) -> bool:
         """Whether injected faults apply to an endpoint.
 
-        :param endpoint: the endpoint label (``create``, ``get``, ``cancel`` or ``model``).
+        :param endpoint: the endpoint label (``create``, ``run``, ``get``, ``cancel`` or ``model``).
         """
         return not self.fault_endpoints or endpoint in self.fault_endpoints
 

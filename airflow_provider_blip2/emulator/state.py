@@ -44,6 +44,7 @@ class Prediction:
     cost: float = 0.0
     provider_fails: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -69,6 +70,7 @@ class Prediction:
         self.output = output
         self.cost = cost
         self.finished_at = now
+        self.ended.set()
         started = self.started_at if self.started_at is not None else now
         self.predict_time = round(max(0.0, now - started), 4)
 
@@ -106,6 +108,7 @@ class Ledger:
     requests: Counter[str] = field(default_factory=Counter)
     responses_by_status: Counter[int] = field(default_factory=Counter)
     creates: int = 0
+    runs: int = 0
     creates_by_input: Counter[str] = field(default_factory=Counter)
     responses_401: int = 0
     responses_429: int = 0
@@ -149,6 +152,7 @@ class Ledger:
             "requests": dict(self.requests),
             "responses_by_status": {str(code): n for code, n in sorted(self.responses_by_status.items())},
             "creates": self.creates,
+            "runs": self.runs,
             "creates_by_input": dict(self.creates_by_input),
             "responses_401": self.responses_401,
             "responses_429": self.responses_429,

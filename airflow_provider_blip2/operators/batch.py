@@ -291,7 +291,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
                 record_run_event(self, journal, state, event, try_number)
             elif event is not None:
                 self._record_event(journal, state, event, try_number)
-            runs = chunk_to_run(self, journal, state)
+            runs = chunk_to_run(self, journal, state, try_number)
             if runs is None:
                 self._create_predictions(journal, state, try_number)
             journal.flush()

@@ -41,7 +41,9 @@ def is_placeholder(prediction_id: str) -> bool:
     return prediction_id.startswith(PLACEHOLDER_PREFIX)
 
 
-def chunk_to_run(op: Blip2BatchPredictionOperator, journal: BatchJournal, state: BatchState) -> Any:
+def chunk_to_run(
+    op: Blip2BatchPredictionOperator, journal: BatchJournal, state: BatchState, try_number: int | None
+) -> Any:
     """
     Hand the next chunk of pending items to synchronous runs: the trigger, or ``None``.
 
@@ -53,6 +55,7 @@ def chunk_to_run(op: Blip2BatchPredictionOperator, journal: BatchJournal, state:
     :param op: The batch operator.
     :param journal: The batch's journal.
     :param state: The batch's progress.
+    :param try_number: This try's number (each item handed over counts an attempt).
     """
     if state.in_flight or not op.hook.sync_run_choice().worth_trying():
         return None
@@ -63,6 +66,7 @@ def chunk_to_run(op: Blip2BatchPredictionOperator, journal: BatchJournal, state:
     chunk = uuid.uuid4().hex[:12]
     deadline = time.time() + op.timeout
     for index in chunk_ids:
+        journal.record_attempt(state, index, try_number)
         journal.record_created(state, index, f"{PLACEHOLDER_PREFIX}{chunk}:{index}", deadline)
     op.log.info("Running %d predictions synchronously (one request each)", len(chunk_ids))
     return _trigger(op, state, chunk, chunk_ids)
@@ -114,18 +118,19 @@ def record_run_event(
     by_id: dict[str, Any] = {}
     for key, payload in (event.get("finished") or {}).items():
         index, outcome = int(key), PredictionOutcome.from_json(payload)
-        journal.record_attempt(state, index, try_number)
         if outcome.prediction_id:
             journal.record_created(state, index, outcome.prediction_id, state.created[index][1])
         by_id[state.created[index][0]] = payload
         if outcome.status == PredictionOutcome.AMBIGUOUS:
             journal.record_ambiguous(state, index)
     for key, (prediction_id, deadline) in (event.get("running") or {}).items():
-        journal.record_attempt(state, int(key), try_number)
         journal.record_created(state, int(key), str(prediction_id), float(deadline))
     for key in event.get("rerun") or []:
         journal.record_ambiguous(state, int(key))
-    journal.release(state, [int(key) for key in event.get("returned") or []])
+    returned = [int(key) for key in event.get("returned") or []]
+    for index in returned:
+        journal.forget_attempt(state, index)  # never sent
+    journal.release(state, returned)
     op._record_event(
         journal, state, {"finished": by_id, "recent_requests": event.get("recent_requests")}, try_number
     )

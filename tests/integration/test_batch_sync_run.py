@@ -112,7 +112,8 @@ def test_a_refusal_while_a_batch_runs_sends_the_rest_the_create_and_poll_way(
     summary, _ = run_batch(operator, DictStore(), interrupt=lambda cycle: refuse_from_the_second_chunk(cycle))
     assert (summary["succeeded"], summary["failed"]) == (15, 0)
     ledger = emulator.ledger()
-    assert ledger["runs"] == 5 and ledger["requests"]["run"] == 6  # one chunk run, one refusal
+    # One chunk ran; the second chunk's runs sent before the first refusal came back were refused too.
+    assert ledger["runs"] == 5 and 1 <= ledger["requests"]["run"] - 5 <= 5
     assert ledger["creates"] == 15 and ledger["requests"]["create"] == 10
 
 
@@ -154,7 +155,8 @@ def test_a_triggerer_restart_runs_again_only_what_was_running_and_counts_it_ambi
     rerun = summary["ambiguous"]
     assert 1 <= rerun <= 10  # at most the runs in flight at the restart
     assert summary["succeeded"] == 30 and ledger["creates"] == 30 + rerun
-    assert max(ledger["creates_by_input"].values()) <= 2
+    lines = _lines(tmp_path / "r.jsonl")
+    assert sum(line["attempts"] for line in lines) == 30  # a rerun is the same attempt, sent again
 
 
 def test_a_new_try_counts_the_runs_a_dead_try_left_unanswered_as_ambiguous(
