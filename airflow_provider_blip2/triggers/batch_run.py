@@ -14,6 +14,7 @@ run, in a thread; they never reach kwargs, the journal or the event.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -156,6 +157,7 @@ class Blip2BatchRunTrigger(BaseTrigger):
                     len(rerun),
                 )
             await self._run_all(hook, journal, [k for k in self.images if k not in journal.finished])
+            await self._price(hook, journal)
             payload = self._payload(journal, rerun, budget.recent_requests())
         finally:
             await hook.aclose()
@@ -223,6 +225,33 @@ class Blip2BatchRunTrigger(BaseTrigger):
             await journal.finish(index, prediction.outcome())
         else:
             await journal.running(index, prediction.id, end_time)
+
+    async def _price(self, hook: Blip2Hook, journal: RunJournal) -> None:
+        """
+        Give the chunk's successes the cost the API reports on a read, when their answers had none.
+
+        The synchronous run's answer carries no metrics: one read of one success tells the
+        model's cost of a prediction, which every success of the chunk without one then carries
+        (one request for the chunk, not one a prediction).
+        """
+        unpriced = [
+            k for k, v in journal.finished.items() if v.succeeded and v.cost is None and v.prediction_id
+        ]
+        if not unpriced:
+            return
+        sample = journal.finished[unpriced[0]]
+        try:
+            read = await hook.aget_prediction(str(sample.prediction_id))
+        except Blip2Error as error:
+            self.log.warning("Could not read the cost of prediction %s: %s", sample.prediction_id, error)
+            return
+        if read.cost is None:
+            return
+        for index in unpriced:
+            outcome = journal.finished[index]
+            predict_time = read.predict_time if index == unpriced[0] else outcome.predict_time
+            journal.finished[index] = dataclasses.replace(outcome, cost=read.cost, predict_time=predict_time)
+        await journal.save()
 
     def _signed_url(self, uri: str) -> str:
         if needs_sealing(uri):  # a URL given with a query: perhaps presigned

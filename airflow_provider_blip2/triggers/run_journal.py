@@ -100,6 +100,10 @@ class RunJournal:
             "running": {k: list(v) for k, v in self.in_flight.items()},
         }
 
+    async def save(self) -> None:
+        """Write the journal (after changes made to it directly)."""
+        await self._save()
+
     async def _save(self) -> None:
         if self.task_instance is None:
             return

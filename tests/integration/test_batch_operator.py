@@ -2,7 +2,10 @@
 The batch operator and trigger in process, against the emulator and the local S3/GCS servers.
 
 The operator runs the way Airflow drives it (see ``tests/batch_driver.py``). Full Airflow runs
-are in ``test_example_dags.py`` and the system tests.
+are in ``test_example_dags.py`` and the system tests. These tests cover the create-and-poll path
+(the connection's ``sync_run`` is ``poll``, as for a model that refuses the synchronous run); the
+synchronous runs are in ``test_batch_sync_run.py``. Starts the emulator over real HTTP on loopback,
+a file server for the images, and the local S3 and GCS servers.
 """
 
 from __future__ import annotations
@@ -39,9 +42,23 @@ def batch_connection(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) 
     """``blip2_default`` with the emulator's own limits (60 per time-scaled minute, 10 in flight)."""
     monkeypatch.setenv(
         "AIRFLOW_CONN_BLIP2_DEFAULT",
-        connection_json(emulator.url, requests_per_minute=60, rate_window=60 * TIME_SCALE),
+        connection_json(emulator.url, requests_per_minute=60, rate_window=60 * TIME_SCALE, sync_run="poll"),
     )
     return emulator
+
+
+@pytest.fixture
+def connect(
+    start_emulator: Callable[..., EmulatorServer], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., EmulatorServer]:
+    """Start an emulator with config overrides and point ``blip2_default`` at it, creating and polling."""
+
+    def start(**overrides: Any) -> EmulatorServer:
+        server = start_emulator(**overrides)
+        monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url, sync_run="poll"))
+        return server
+
+    return start
 
 
 def test_batch_captions_a_list_deferring_between_rounds(

@@ -75,12 +75,16 @@ def test_an_offered_synchronous_run_costs_one_request_a_prediction(
     assert (summary["total"], summary["succeeded"], summary["ambiguous"]) == (24, 24, 0)
     ledger = emulator.ledger()
     assert ledger["requests"].get("run") == 24 and ledger["creates"] == 24
-    assert "get" not in ledger["requests"] and "create" not in ledger["requests"]
+    assert "create" not in ledger["requests"]
+    assert ledger["requests"].get("get") == 1  # the chunk's cost, read once
     assert ledger["responses_429"] == 0 and ledger["peak_in_flight"] <= 10
     assert deferrals == 1  # one chunk of at most a window's requests
     lines = _lines(tmp_path / "r.jsonl")
     assert all(line["status"] == "success" and line["output"] and line["prediction_id"] for line in lines)
     assert [line["attempts"] for line in lines] == [1] * 24
+    price = emulator.config.cost_per_prediction
+    assert [line["cost"] for line in lines] == [price] * 24
+    assert summary["cost"] == pytest.approx(24 * price)
 
 
 def test_a_refused_run_falls_back_to_create_and_poll_once_per_process(

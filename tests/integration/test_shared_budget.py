@@ -265,3 +265,44 @@ def test_a_hook_with_redis_conn_id_shares_the_budget_and_survives_a_missing_conn
     own = Blip2Hook("blip2_shared", requests_per_minute=2).budget()
     assert isinstance(own, SharedBudget)
     assert [scope.requests_per_minute for scope in own.scopes] == [7, 2]
+
+
+def test_notes_are_shared_by_every_process_and_expire(process_budget: Callable[..., SharedBudget]) -> None:
+    first, second = process_budget(), process_budget()
+    assert first.notes.remember("sync_run:blip-2", "probing", 0.5, only_if_absent=True)
+    assert not second.notes.remember("sync_run:blip-2", "probing", 0.5, only_if_absent=True)
+    assert second.notes.recall("sync_run:blip-2") == "probing"
+    first.notes.remember("sync_run:blip-2", "refused", 3600)
+    assert second.notes.recall("sync_run:blip-2") == "refused"
+    second.notes.forget("sync_run:blip-2")
+    assert first.notes.recall("sync_run:blip-2") is None
+    first.notes.remember("first_read:blip-2", "2.5", 0.2)
+    time.sleep(0.3)
+    assert second.notes.recall("first_read:blip-2") is None
+
+
+def test_async_notes_and_slots_share_redis_with_the_sync_ones(
+    process_budget: Callable[..., SharedBudget],
+) -> None:
+    worker, triggerer = process_budget(mc=1), process_budget(mc=1)
+
+    async def in_the_triggerer() -> tuple[float, float, str | None]:
+        granted = await triggerer.areserve_prediction()
+        refused = await triggerer.areserve_prediction()
+        await triggerer.aprediction_created(None)
+        await triggerer.notes.aremember("sync_run:blip-2", "offered", 60)
+        return granted, refused, await triggerer.notes.arecall("sync_run:blip-2")
+
+    granted, refused, note = asyncio.run(in_the_triggerer())
+    assert granted == 0.0 and refused > 0  # one slot in flight for the deployment
+    assert note == "offered" and worker.notes.recall("sync_run:blip-2") == "offered"
+    assert worker.reserve_prediction() == 0.0  # the run's slot was given back
+
+
+def test_notes_fall_back_to_the_process_while_redis_is_down(redis_server: RedisServer) -> None:
+    params = redis_params("127.0.0.1", free_port(), None, None, {})
+    budget = SharedBudget(
+        [BudgetScope("account", 60, 10)], params, window=60.0, fallback=RequestBudget(60, 10), log=LOG
+    )
+    assert budget.notes.remember("sync_run:blip-2", "refused", 60)
+    assert budget.notes.recall("sync_run:blip-2") == "refused"

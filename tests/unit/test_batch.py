@@ -126,6 +126,7 @@ def test_result_lines_summary_and_failed_ratio() -> None:
         "statuses": {"error": 1, "success": 1},
         "retried": 1,
         "attempts": 3,
+        "ambiguous": 0,
         "cost": 0.0015,
         "images": 2,
         "output_uri": "s3://out/r.jsonl",
