@@ -6,6 +6,8 @@ and a local S3 (moto) all listen on 127.0.0.1, and Airflow runs in a throwaway h
 The sample images are uploaded to the local S3 as the day's user uploads and as a product
 catalogue; the moderation and alt-text DAGs then run batch tasks over those prefixes. The emulator
 answers the moderation questions from a script (``MODERATION_ANSWERS``), so the report is known.
+It offers the synchronous run (one request a prediction) to the moderation batch, then refuses it
+(HTTP 400, as for a model without it) to the alt-text batch, which creates and polls instead.
 """
 
 from __future__ import annotations
@@ -65,6 +67,18 @@ def upload_samples(s3: LocalS3, day: str) -> None:
     s3.put_object(UPLOADS_BUCKET, f"uploads/{day}/notes.txt", b"not an image: the listing skips it")
 
 
+def requests_between(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """What the emulator saw between two ledgers: requests by endpoint and creates, as one line."""
+    seen = {
+        name: after["requests"].get(name, 0) - before["requests"].get(name, 0) for name in after["requests"]
+    }
+    runs = after.get("runs", 0) - before.get("runs", 0)
+    refused = seen.get("run", 0) - runs
+    parts = [f"{runs} synchronous runs", f"{refused} refused", f"{seen.get('create', 0)} creates"]
+    parts.append(f"{seen.get('get', 0)} reads")
+    return ", ".join(parts)
+
+
 def run(sandbox: AirflowSandbox, dag_id: str, **kwargs: Any) -> dict[str, str]:
     """Run a DAG with ``airflow dags test``; return its task states."""
     print(f"Running `airflow dags test {dag_id}` ...")
@@ -109,11 +123,16 @@ def main() -> int:
                 sandbox, "example_blip2_caption", conf={"image_urls": [f"{images}/{name}" for name in IMAGES]}
             )
             captions = sandbox.xcom("example_blip2_caption", "report")[0]
+            before = api.ledger()
             run(sandbox, "example_blip2_moderation", logical_date=day)
+            moderation_requests = requests_between(before, api.ledger())
             moderation = sandbox.xcom("example_blip2_moderation", "moderate")[0]
             flags = sandbox.xcom("example_blip2_moderation", "flag")[0]
             quarantined = sandbox.xcom("example_blip2_moderation", "quarantine")[0]
+            api.config.sync_run = False  # the model "refuses" the synchronous run from now on
+            before = api.ledger()
             run(sandbox, "example_blip2_alt_text", logical_date=day)
+            alt_text_requests = requests_between(before, api.ledger())
             alt_text = {
                 name: s3.client()
                 .get_object(Bucket=CATALOGUE_BUCKET, Key=f"products/{name}.alt.txt")["Body"]
@@ -134,8 +153,10 @@ def main() -> int:
     print_table(rows, ["image", "flags"])
     print("quarantined: " + ", ".join(quarantined))
     print(f"the night's cost as the API reported it: {flags['cost']:g} ({flags['predictions']} predictions)")
+    print(f"synchronous run offered: {moderation_requests}")
     print("\nexample_blip2_alt_text: products/<image>.alt.txt written next to each image")
     print_table([{"image": name, "alt text": text} for name, text in alt_text.items()], ["image", "alt text"])
+    print(f"synchronous run refused (HTTP 400), so created and polled: {alt_text_requests}")
     print(
         f"\nThe emulator saw {ledger['creates']} creates, {sum(ledger['requests'].values())} requests and "
         f"{ledger['responses_429']} 429 answers. Outputs marked [emulated] come from the emulator, "

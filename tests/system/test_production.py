@@ -275,3 +275,57 @@ def test_a_pool_counting_deferred_tasks_caps_predictions_in_flight(fresh: Produc
         assert ledger["peak_in_flight"] == 3  # the pool's slots, though 8 workers could run more
     finally:
         deployment.api("DELETE", f"/pools/{POOL}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The synchronous run: a triggerer killed while a batch's runs are under way, and a refusal
+# --------------------------------------------------------------------------------------------------
+def batch_summary(stack: ProductionStack, dag_id: str, run_id: str) -> dict[str, object]:
+    """The batch task's summary (its XCom ``return_value``)."""
+    path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/batch/xcomEntries/return_value"
+    return dict(stack.deployment.api("GET", path)["value"])
+
+
+def test_a_killed_triggerer_sends_again_only_the_runs_under_way(
+    fresh: ProductionStack, tmp_path: Path
+) -> None:
+    """The run trigger's journal in XCom survives its triggerer: the other one resumes the chunk."""
+    deployment = fresh.deployment
+    fresh.emulator.config.latency = 4.0
+    images = fresh.images("sync-killed", 30)
+    conf = {"images": [], "batch_images": images, "output_uri": str(tmp_path / "batch.jsonl")}
+    run_id = deployment.trigger(SHARED_SCALE_DAG_ID, conf)
+    victim = deployment.wait_for(
+        lambda: next(iter(deployment.deferred_by_triggerer(SHARED_SCALE_DAG_ID, run_id).keys() - {""}), None),
+        timeout=180,
+        what="the batch deferred to a triggerer",
+    )
+    deployment.wait_for(lambda: fresh.emulator.ledger()["runs"] >= 12, timeout=120, what="runs under way")
+    deployment.kill(victim)
+    state = deployment.wait_for_run(SHARED_SCALE_DAG_ID, run_id, timeout=600)
+    assert state == "success", fresh.explain()
+    summary = batch_summary(fresh, SHARED_SCALE_DAG_ID, run_id)
+    ledger = fresh.emulator.ledger()
+    rerun = int(summary["ambiguous"])  # type: ignore[call-overload]
+    # Killed with a second wave of 4 s runs under way: those, and only those, were sent again.
+    assert summary["succeeded"] == 30 and 1 <= rerun <= 10, summary
+    assert ledger["creates"] == 30 + rerun and ledger["runs"] == 30 + rerun, ledger
+
+
+def test_a_refused_synchronous_run_is_asked_once_by_the_whole_deployment(
+    fresh: ProductionStack, tmp_path: Path
+) -> None:
+    """With the budget in Redis, the refusal one batch met is known to the next one's processes."""
+    fresh.emulator.config.sync_run = False
+    try:
+        for number in range(2):
+            images = fresh.images(f"sync-refused-{number}", 6)
+            conf = {"images": [], "batch_images": images, "output_uri": str(tmp_path / f"b{number}.jsonl")}
+            run_id = fresh.deployment.trigger(SHARED_SCALE_DAG_ID, conf)
+            state = fresh.deployment.wait_for_run(SHARED_SCALE_DAG_ID, run_id, timeout=600)
+            assert state == "success", fresh.explain()
+            assert batch_summary(fresh, SHARED_SCALE_DAG_ID, run_id)["succeeded"] == 6
+        ledger = fresh.emulator.ledger()
+        assert ledger["requests"]["run"] == 1 and ledger["creates"] == 12, ledger
+    finally:
+        fresh.emulator.config.sync_run = True
