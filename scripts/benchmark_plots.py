@@ -323,6 +323,44 @@ def plot_scale(documents: list[dict[str, Any]]) -> Figure:
     return figure
 
 
+def plot_sync_run(documents: list[dict[str, Any]]) -> Figure:
+    """
+    The synchronous run offered and refused: requests a prediction and wall time against the minimum.
+
+    :param documents: The ``sync_run`` results; every scenario of every one is drawn.
+    """
+    runs = [run for document in documents for run in document["results"]["runs"]]
+    labels = [
+        f"{'200-image batch' if run['scenario'] == 'batch' else '100 mapped + 100-image batch'}\n"
+        f"synchronous run {run['sync_run']}: run {run['run']}"
+        for run in runs
+    ]
+    figure = Figure(figsize=(7.5, 1.4 + 1.0 * len(runs)))
+    requests_axes, ratio_axes = figure.subplots(1, 2, sharey=True)
+    positions = list(range(len(runs)))
+    bars = requests_axes.barh(positions, [run["requests_per_prediction"] for run in runs], color=MEASURED)
+    bar_labels(
+        requests_axes,
+        bars,
+        [f"{run['requests_per_prediction']:.2f}; {run['share_429']:.1%} 429" for run in runs],
+    )
+    requests_axes.set_yticks(positions, labels)
+    requests_axes.invert_yaxis()
+    requests_axes.set_xlabel("requests per prediction (429 share)")
+    requests_axes.set_xlim(0, max(run["requests_per_prediction"] for run in runs) * 1.8)
+    bars = ratio_axes.barh(positions, [run["ratio"] for run in runs], color=MEASURED)
+    bar_labels(
+        ratio_axes,
+        bars,
+        [f"{run['wall_s']:g} s; {run['predictions_per_minute']:g}/min" for run in runs],
+    )
+    ratio_axes.axvline(1.0, color=MINIMUM, linestyle="--")
+    ratio_axes.set_xlabel("wall time / minimum (1 request a run, 2 a poll)")
+    ratio_axes.set_xlim(0, max(run["ratio"] for run in runs) * 1.9)
+    figure.suptitle("The synchronous run: PostgreSQL, 8 task processes, 2 triggerers, Redis budget")
+    return figure
+
+
 #: Plot file name -> (benchmark, drawing function).
 PLOTS: dict[str, tuple[str, Callable[[list[dict[str, Any]]], Figure]]] = {
     "import-time.svg": ("import_time", plot_import_time),
@@ -331,6 +369,7 @@ PLOTS: dict[str, tuple[str, Callable[[list[dict[str, Any]]], Figure]]] = {
     "batch-deployment.svg": ("batch_deployment", plot_batch_deployment),
     "triggerer-load.svg": ("triggerer_load", plot_triggerer_load),
     "scale.svg": ("scale", plot_scale),
+    "sync-run.svg": ("sync_run", plot_sync_run),
 }
 
 

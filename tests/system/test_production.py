@@ -307,9 +307,10 @@ def test_a_killed_triggerer_sends_again_only_the_runs_under_way(
     summary = batch_summary(fresh, SHARED_SCALE_DAG_ID, run_id)
     ledger = fresh.emulator.ledger()
     rerun = int(summary["ambiguous"])  # type: ignore[call-overload]
-    # Killed with a second wave of 4 s runs under way: those, and only those, were sent again.
+    # Killed with a second wave of 4 s runs under way: those, and only those, were sent again. Each
+    # counts as ambiguous, though one recorded as started may have died before it was sent.
     assert summary["succeeded"] == 30 and 1 <= rerun <= 10, summary
-    assert ledger["creates"] == 30 + rerun and ledger["runs"] == 30 + rerun, ledger
+    assert 30 < ledger["creates"] <= 30 + rerun and ledger["runs"] == ledger["creates"], ledger
 
 
 def test_a_refused_synchronous_run_is_asked_once_by_the_whole_deployment(
