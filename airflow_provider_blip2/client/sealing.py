@@ -32,14 +32,16 @@ def _fernet(api_key: str) -> object:
     return Fernet(base64.urlsafe_b64encode(digest))
 
 
-def seal(uri: str, api_key: str) -> str:
+def seal(uri: str, api_key: str, *, always: bool = False) -> str:
     """
     The URI as a trigger may carry it: sealed when it may hold a secret, else as it is.
 
     :param uri: The image URI.
     :param api_key: The connection's API key.
+    :param always: Seal it whatever it looks like (an uploaded copy's public URL, which anyone
+        who has it may read while it is kept).
     """
-    if not needs_sealing(uri):
+    if not (always or needs_sealing(uri)):
         return uri
     token = _fernet(api_key).encrypt(uri.encode())  # type: ignore[attr-defined]
     return SEALED_PREFIX + token.decode()

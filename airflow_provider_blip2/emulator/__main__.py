@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.sync_run_max_wait,
         help="seconds a synchronous run waits before answering 'processing' (default: %(default)s)",
     )
+    parser.add_argument(
+        "--fetch-only-uploads",
+        action="store_true",
+        help="download no image URL but the emulator's own uploads (a service on a private network)",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default: %(default)s)")
     return parser
 
@@ -118,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         fault_endpoints=tuple(args.fault_endpoints or ()),
         sync_run=args.sync_run,
         sync_run_max_wait=args.sync_run_max_wait,
+        fetch_only_uploads=args.fetch_only_uploads,
     )
 
 

@@ -21,6 +21,7 @@ from airflow_provider_blip2.emulator.config import INJECTED_RETRY_AFTER_SECONDS,
 from airflow_provider_blip2.emulator.engine import Emulator, FaultDecision
 from airflow_provider_blip2.emulator.inputs import MODEL_SLUG, InputError, model_record, parse_input
 from airflow_provider_blip2.emulator.state import Prediction
+from airflow_provider_blip2.emulator.uploads import add_upload_routes
 
 CONTEXT_SCOPE_KEY = "blip2_emulator.context"
 REQUEST_ID_HEADER = b"x-request-id"
@@ -492,6 +493,7 @@ def create_app(config: EmulatorConfig | None = None) -> EmulatorApp:
     app.add_api_route("/v1/prediction/{prediction_id}", get_prediction, methods=["GET"])
     app.add_api_route("/v1/prediction/{prediction_id}/cancel", cancel_prediction, methods=["POST"])
     app.add_api_route("/v1/model", get_model, methods=["GET"])
+    add_upload_routes(app)
     app.add_api_route("/_emulator/ledger", get_ledger, methods=["GET"])
     app.add_api_route("/_emulator/reset", reset_state, methods=["POST"])
     return app

@@ -20,7 +20,7 @@ _FAULT_FIELDS = (
 
 SPELLINGS = ("current", "legacy")
 RETRY_AFTER_PLACES = ("both", "header", "body")
-ENDPOINTS = ("create", "run", "get", "cancel", "model")
+ENDPOINTS = ("create", "run", "get", "cancel", "model", "presign")
 
 
 @dataclass
@@ -63,6 +63,9 @@ class EmulatorConfig:
         as the service does for a model without synchronous execution.
     :param sync_run_max_wait: seconds (before ``time_scale``) a synchronous run waits for its
         prediction to end; then it answers with the prediction still ``processing``.
+    :param fetch_only_uploads: download no image URL but the emulator's own uploaded copies (a
+        service on a network that reaches nothing else): any other image fails with
+        ``INPUT_DOWNLOAD_ERROR``.
     :param fault_endpoints: the endpoints that injected faults hit (``create``, ``get``, ``cancel``,
         ``model``); empty means all. ``("get",)`` fails reads only. Requests of other endpoints draw
         the same random numbers, so a seed gives the same sequence whatever this is.
@@ -98,6 +101,7 @@ class EmulatorConfig:
     fault_endpoints: tuple[str, ...] = ()
     sync_run: bool = True
     sync_run_max_wait: float = 60.0
+    fetch_only_uploads: bool = False
 
     def __post_init__(self) -> None:
         """Normalise and validate the settings.

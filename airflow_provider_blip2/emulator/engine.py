@@ -20,6 +20,7 @@ from airflow_provider_blip2.emulator.imaging import (
     download_image,
     emulated_output,
     inspect_image,
+    unreachable,
 )
 from airflow_provider_blip2.emulator.inputs import ModelInput
 from airflow_provider_blip2.emulator.state import (
@@ -31,6 +32,7 @@ from airflow_provider_blip2.emulator.state import (
     Prediction,
     RateLimiter,
 )
+from airflow_provider_blip2.emulator.uploads import UploadStore
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class Emulator:
         self.limiter = RateLimiter()
         self._rng = random.Random(config.seed)
         self._downloads: httpx.AsyncHTTPTransport | None = None
+        self.uploads = UploadStore(config.time_scale)
 
     # ---- faults -------------------------------------------------------------------------------------
 
@@ -214,9 +217,16 @@ class Emulator:
         model_input = prediction.model_input
         name = model_input.image_name
         prediction.log(f"downloading image '{name}'")
-        data = await download_image(
-            self._transport(), model_input.image, self.config.max_image_bytes, self.config.download_timeout
-        )
+        data = self.uploads.copy_of(model_input.image)
+        if data is None and self.config.fetch_only_uploads:
+            raise unreachable(name)
+        if data is None:
+            data = await download_image(
+                self._transport(),
+                model_input.image,
+                self.config.max_image_bytes,
+                self.config.download_timeout,
+            )
         prediction.log(f"downloaded {len(data)} bytes")
         facts = await asyncio.to_thread(inspect_image, data, name)
         prediction.log(f"decoded {facts.format} image {facts.size}, sha256 {facts.sha256[:12]}")
@@ -260,7 +270,7 @@ class Emulator:
 
     def snapshot(self) -> dict[str, Any]:
         """Return the ledger as the JSON of ``GET /_emulator/ledger``."""
-        return self.ledger.snapshot(self.in_flight())
+        return {**self.ledger.snapshot(self.in_flight()), "uploads": self.uploads.snapshot()}
 
     def reset(self) -> None:
         """Forget every prediction, counter and rate window, and re-seed the fault generator."""
@@ -269,6 +279,7 @@ class Emulator:
                 prediction.task.cancel()
         self.predictions.clear()
         self.ledger = Ledger()
+        self.uploads = UploadStore(self.config.time_scale)
         self.limiter.clear()
         self._rng = random.Random(self.config.seed)
 

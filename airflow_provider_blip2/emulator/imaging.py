@@ -176,6 +176,14 @@ async def _follow(
     raise _download_failure(name, f"more than {MAX_REDIRECTS} redirects")
 
 
+def unreachable(name: str) -> PredictionFailure:
+    """The failure of an image URL a service on a private network cannot reach (only its uploads).
+
+    :param name: the image's file name.
+    """
+    return _download_failure(name, "the service reaches no image URL but its own uploaded copies")
+
+
 def _download_failure(name: str, detail: str) -> PredictionFailure:
     return PredictionFailure(
         INPUT_DOWNLOAD_ERROR,

@@ -9,6 +9,7 @@ package's; :class:`~airflow_provider_blip2.hooks.blip2.Blip2Hook` adds the API's
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -19,7 +20,7 @@ from requests.adapters import HTTPAdapter
 from airflow_provider_blip2.client.budget import Budget, budget_for, wait_async, wait_sync
 from airflow_provider_blip2.client.errors import Blip2Error, Blip2InputError
 from airflow_provider_blip2.client.retry import RetryPolicy, final_error
-from airflow_provider_blip2.client.settings import ClientSettings
+from airflow_provider_blip2.client.settings import CONNECTION_FIELDS, UI_FIELD_BEHAVIOUR, ClientSettings
 from airflow_provider_blip2.client.shared_budget import (
     BudgetScope,
     RedisParams,
@@ -27,6 +28,7 @@ from airflow_provider_blip2.client.shared_budget import (
     redis_params,
     shared_budget_for,
 )
+from airflow_provider_blip2.client.uploads import Blip2UploadError
 from airflow_provider_blip2.client.wire import (
     ApiRequest,
     ApiResponse,
@@ -35,6 +37,9 @@ from airflow_provider_blip2.client.wire import (
     transport_error,
 )
 from airflow_provider_blip2.hooks.event_loop import aconnection, arequest
+
+#: Seconds an image upload's PUT may take at least (files go up to 100 MB).
+UPLOAD_TIMEOUT = 300.0
 
 
 class Blip2ConnectionHook(BaseHook):
@@ -67,6 +72,45 @@ class Blip2ConnectionHook(BaseHook):
         self._connection_settings: ClientSettings | None = None
         self._budget: Budget | None = None
         self._session: requests.Session | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Connection form (Airflow 2.x UI; Airflow 3.2+ reads the declarative metadata in provider info)
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Extra fields of the connection form in the Airflow 2 UI."""
+        from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
+        from flask_babel import lazy_gettext
+        from wtforms import IntegerField, StringField
+        from wtforms.validators import NumberRange, Optional
+
+        widgets: dict[str, Any] = {}
+        for field in CONNECTION_FIELDS:
+            if field.type == "integer":
+                widgets[field.name] = IntegerField(
+                    lazy_gettext(field.label),
+                    widget=BS3TextFieldWidget(),
+                    validators=[Optional(), NumberRange(min=field.minimum)],
+                    default=field.default,
+                    description=field.description,
+                )
+            else:
+                widgets[field.name] = StringField(
+                    lazy_gettext(field.label),
+                    widget=BS3TextFieldWidget(),
+                    default=field.default,
+                    description=field.description,
+                )
+        return widgets
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Hidden, relabelled and pre-filled fields of the connection form in the Airflow 2 UI."""
+        return {
+            "hidden_fields": list(UI_FIELD_BEHAVIOUR["hidden-fields"]),
+            "relabeling": dict(UI_FIELD_BEHAVIOUR["relabeling"]),
+            "placeholders": dict(UI_FIELD_BEHAVIOUR["placeholders"]),
+        }
 
     # ----------------------------------------------------------------------------------------------
     # Settings
@@ -224,6 +268,25 @@ class Blip2ConnectionHook(BaseHook):
             self._session.mount("http://", HTTPAdapter(max_retries=0))
             self._session.mount("https://", HTTPAdapter(max_retries=0))
         return self._session
+
+    def _put_file(self, url: str, headers: dict[str, str], path: Path) -> int:
+        """
+        PUT a file to a presigned URL (object storage, outside the API's budget); its status code.
+
+        The file is streamed from disk, never read into memory whole. urllib3 does not retry it.
+
+        :param url: The presigned URL (a secret: it is masked, and never in a message).
+        :param headers: The headers it is signed for, with Content-Type and Content-Length.
+        :param path: The file.
+        """
+        timeout = max(self.settings.request_timeout, UPLOAD_TIMEOUT)
+        try:
+            with path.open("rb") as stream:
+                answer = self.get_conn().put(url, data=stream, headers=headers, timeout=timeout)
+        except requests.RequestException as error:
+            raise Blip2UploadError(f"image upload: {type(error).__name__} while sending the file") from None
+        answer.close()
+        return answer.status_code
 
     def _send_once(self, settings: ClientSettings, request: ApiRequest) -> ApiResponse:
         try:

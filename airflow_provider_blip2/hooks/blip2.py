@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from airflow_provider_blip2.client.budget import wait_async, wait_sync
@@ -20,13 +21,17 @@ from airflow_provider_blip2.client.models import Prediction, PredictionOutcome, 
 from airflow_provider_blip2.client.polling import PredictionWatch
 from airflow_provider_blip2.client.retry import TEST_CONNECTION_RETRY_POLICY
 from airflow_provider_blip2.client.settings import (
-    CONNECTION_FIELDS,
     DEFAULT_BASE_URL,
-    UI_FIELD_BEHAVIOUR,
     ClientSettings,
 )
 from airflow_provider_blip2.client.sync_run import SyncRunChoice
 from airflow_provider_blip2.client.timing import FirstReadTiming
+from airflow_provider_blip2.client.uploads import (
+    Blip2UploadError,
+    PresignedUpload,
+    parse_presign_response,
+    presign_request,
+)
 from airflow_provider_blip2.client.wire import (
     ApiRequest,
     ApiResponse,
@@ -42,6 +47,7 @@ from airflow_provider_blip2.client.wire import (
     run_prediction_request,
 )
 from airflow_provider_blip2.hooks.base import Blip2ConnectionHook
+from airflow_provider_blip2.storage.masking import mask_signed_url
 
 #: Seconds a create waits out 429 answers by default (nothing is created by a 429).
 CREATE_PATIENCE = 600.0
@@ -71,45 +77,6 @@ class Blip2Hook(Blip2ConnectionHook):
     default_conn_name = "blip2_default"
     conn_type = "blip2"
     hook_name = "BLIP-2 (Eachlabs)"
-
-    # ----------------------------------------------------------------------------------------------
-    # Connection form (Airflow 2.x UI; Airflow 3.2+ reads the declarative metadata in provider info)
-    # ----------------------------------------------------------------------------------------------
-    @classmethod
-    def get_connection_form_widgets(cls) -> dict[str, Any]:
-        """Extra fields of the connection form in the Airflow 2 UI."""
-        from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
-        from flask_babel import lazy_gettext
-        from wtforms import IntegerField, StringField
-        from wtforms.validators import NumberRange, Optional
-
-        widgets: dict[str, Any] = {}
-        for field in CONNECTION_FIELDS:
-            if field.type == "integer":
-                widgets[field.name] = IntegerField(
-                    lazy_gettext(field.label),
-                    widget=BS3TextFieldWidget(),
-                    validators=[Optional(), NumberRange(min=field.minimum)],
-                    default=field.default,
-                    description=field.description,
-                )
-            else:
-                widgets[field.name] = StringField(
-                    lazy_gettext(field.label),
-                    widget=BS3TextFieldWidget(),
-                    default=field.default,
-                    description=field.description,
-                )
-        return widgets
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Hidden, relabelled and pre-filled fields of the connection form in the Airflow 2 UI."""
-        return {
-            "hidden_fields": list(UI_FIELD_BEHAVIOUR["hidden-fields"]),
-            "relabeling": dict(UI_FIELD_BEHAVIOUR["relabeling"]),
-            "placeholders": dict(UI_FIELD_BEHAVIOUR["placeholders"]),
-        }
 
     # ----------------------------------------------------------------------------------------------
     # Sync API
@@ -226,6 +193,41 @@ class Blip2Hook(Blip2ConnectionHook):
             await budget.aprediction_created(_still_running(prediction))
             await choice.aanswered(offered=offered)
         return prediction
+
+    def upload_file(self, path: Path, *, content_type: str, size: int, retention: int) -> PresignedUpload:
+        """
+        Upload an image file through the API's upload endpoint; its ``public_url`` is the image.
+
+        The presign is an API request (within the budget); the PUT goes to object storage, streamed
+        from the file. A PUT refused as not matching its signature (HTTP 403) is tried once more
+        with a new presign. The presigned and public URLs are masked in logs.
+
+        :param path: The file, checked by :func:`~airflow_provider_blip2.client.uploads.check_image_file`.
+        :param content_type: Its Content-Type.
+        :param size: Its size in bytes.
+        :param retention: Seconds the service keeps the copy.
+        :raises Blip2UploadError: when the PUT fails, or is refused twice.
+        """
+        for attempt in (1, 2):
+            response = self._send(presign_request(content_type, retention))
+            upload = parse_presign_response(response, retention=retention, now=time.time())
+            mask_signed_url(upload.presigned_url)
+            mask_signed_url(upload.public_url)
+            status = self._put_file(upload.presigned_url, upload.put_headers(content_type, size), path)
+            if 200 <= status < 300:
+                self.log.info(
+                    "Uploaded %s (%d bytes, kept %d s) as upload %s", path.name, size, retention, upload.id
+                )
+                return upload
+            if status != 403 or attempt == 2:
+                break
+            self.log.warning(
+                "The upload of %s was refused (HTTP 403: signature or headers); presigning again", path.name
+            )
+        raise Blip2UploadError(
+            f"image upload of {path.name} refused (HTTP {status}): the storage did not accept the file "
+            "with the headers it was signed for" + (" twice" if status == 403 else "")
+        )
 
     def get_prediction(self, prediction_id: str) -> Prediction:
         """

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_blip2.client.errors import Blip2Error
 from airflow_provider_blip2.client.models import RETRY_FAILURES, RETRY_TRANSIENT
+from airflow_provider_blip2.client.uploads import IMAGE_TRANSFERS, retention_seconds
 from airflow_provider_blip2.storage import ObjectStorage
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ URL_QUEUEING_ALLOWANCE = 3600.0
 #: scheduling; a prediction takes about 2 s, so most end before a deferral would pay off, and a
 #: fast trigger is what Airflow 3.3's stale executor event (apache/airflow#67287) fails.
 DEFER_AFTER_SECONDS = 10.0
+#: A URL standing for the image while the other inputs are validated, before any request.
+VALIDATION_IMAGE_URL = "https://images.invalid/check.jpg"
 
 
 class Blip2TaskMixin:
@@ -69,6 +72,21 @@ def check_defer_after(defer_after: float) -> None:
         raise ValueError(
             f"defer_after must be a number of seconds, 0 or more (0 defers at once), got {defer_after!r}"
         )
+
+
+def check_image_transfer(image_transfer: str, upload_retention: float | None) -> None:
+    """
+    Refuse an unknown ``image_transfer`` or a retention the API does not accept, at parse time.
+
+    :param image_transfer: ``auto``, ``url`` or ``upload``.
+    :param upload_retention: Seconds the service keeps an uploaded copy, or ``None``.
+    """
+    if image_transfer not in IMAGE_TRANSFERS:
+        raise ValueError(
+            f"image_transfer must be one of {', '.join(IMAGE_TRANSFERS)}, got {image_transfer!r}"
+        )
+    if upload_retention is not None:
+        retention_seconds(0, upload_retention)
 
 
 def check_retry_parameters(max_attempts: int, retry_failures: str = RETRY_TRANSIENT) -> None:

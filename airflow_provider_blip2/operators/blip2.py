@@ -16,6 +16,7 @@ from airflow.providers.common.compat.sdk import (
     mask_secret,
 )
 
+from airflow_provider_blip2.batch import image_key
 from airflow_provider_blip2.client.errors import Blip2InputError, Blip2NotFoundError
 from airflow_provider_blip2.client.inputs import PredictionInput
 from airflow_provider_blip2.client.models import (
@@ -24,16 +25,27 @@ from airflow_provider_blip2.client.models import (
     PredictionStatus,
     create_again_within_try,
 )
+from airflow_provider_blip2.client.uploads import (
+    TRANSFER_AUTO,
+    TRANSFER_UPLOAD,
+    Blip2UploadError,
+    transfer_for,
+)
 from airflow_provider_blip2.links.blip2 import PREDICTION_URL_XCOM_KEY, Blip2PredictionLink
 from airflow_provider_blip2.operators.base import (
     DEFER_AFTER_SECONDS,
+    VALIDATION_IMAGE_URL,
     Blip2TaskMixin,
     check_defer_after,
+    check_image_transfer,
     check_retry_parameters,
     url_expiry,
 )
 from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
+from airflow_provider_blip2.operators.uploads import ImageUploader, UploadedImage
 from airflow_provider_blip2.storage import StorageError, is_remote_object
+from airflow_provider_blip2.storage.masking import mask_signed_url
+from airflow_provider_blip2.storage.staging import ImageFetchError
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -54,6 +66,8 @@ PREDICTION_ID_XCOM_KEY = "prediction_id"
 #: XCom keys of what the API reported for the finished prediction (all attempts of the try).
 COST_XCOM_KEY = "cost"
 PREDICT_TIME_XCOM_KEY = "predict_time"
+#: The task state store's key of the image's uploaded copy (a retry reuses it while it is kept).
+UPLOAD_STATE_KEY = "blip2_upload"
 # Status reported for a stored prediction id the API does not know: a retry then creates a new one.
 PREDICTION_NOT_FOUND = "not found"
 
@@ -82,9 +96,10 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
 
     Image URLs are masked in logs and rendered fields; they may be presigned.
 
-    :param image: A jpeg, png or webp image: an http(s) URL the service can download, or
-        ``s3://bucket/key`` / ``gs://bucket/object``, sent as a presigned (signed) URL made on the
-        worker after checking the object exists. (templated)
+    :param image: A jpeg, png or webp image: an http(s) URL the service can download,
+        ``s3://bucket/key`` / ``gs://bucket/object`` (sent as a presigned (signed) URL made on the
+        worker after checking the object exists), or a local path or ``file://`` URI on the worker
+        (uploaded, see ``image_transfer``). (templated)
     :param question: Question to ask; ``None`` asks "What is this a picture of?", an empty string
         captions. (templated)
     :param context: Earlier Q&A, ``Question: {q} Answer: {a}.`` joined by spaces, prepended to the
@@ -104,6 +119,12 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
     :param gcp_conn_id: The Google Cloud connection for ``gs://`` images (needs the ``[google]`` extra).
     :param url_expiry: Lifetime in seconds of a signed image URL; default ``timeout`` plus an hour
         of queueing.
+    :param image_transfer: How the image reaches the service: ``url`` (its URL, signed for
+        ``s3://`` and ``gs://``), ``upload`` (the worker reads it, from a local path, ``file://``,
+        ``http(s)://``, ``s3://`` or ``gs://``, and uploads it through the API's upload endpoint),
+        or ``auto`` (the default: upload local paths and ``file://``, a URL otherwise).
+    :param upload_retention: Seconds the service keeps an uploaded copy; default the ``timeout``
+        plus 15 minutes (at least 60 s, the API's minimum).
     :param max_attempts: Predictions per try at most: one the service ended with a retryable error
         (its envelope says ``retryable``, or a code such as ``PROVIDER_FAILED``) is created again
         while fewer were made (1: never). ``timeout`` applies to each.
@@ -132,9 +153,14 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         gcp_conn_id: str = "google_cloud_default",
         url_expiry: float | None = None,
         max_attempts: int = 2,
+        image_transfer: str = TRANSFER_AUTO,
+        upload_retention: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        check_image_transfer(image_transfer, upload_retention)
+        self.image_transfer = image_transfer
+        self.upload_retention = upload_retention
         self.image = image
         self.aws_conn_id = aws_conn_id
         self.gcp_conn_id = gcp_conn_id
@@ -181,30 +207,76 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         """Create the prediction (or reattach to the previous try's) and wait for its output."""
         return self.execute_resumable(context)
 
-    def prediction_input(self) -> PredictionInput:
-        """Validate the inputs; bad input fails the task without retries."""
+    def prediction_input(self, context: Context | None = None) -> PredictionInput:
+        """
+        Validate the inputs, then make the image's URL (signing it, or uploading the image).
+
+        Bad input fails the task without retries, before any request; an upload that failed (its
+        source unreadable, the PUT refused) fails the try, so that a retry may upload it again.
+
+        :param context: The task context (its state store keeps an uploaded copy for a retry).
+        """
         try:
-            image_url = self.image
-            if isinstance(image_url, str) and is_remote_object(image_url):
-                self.storage.check_exists(image_url)
-                image_url = self.storage.signed_url(
-                    image_url, expires_in=url_expiry(self.url_expiry, self.timeout)
-                )
-            return self.hook.prediction_input(
-                image_url,
-                question=self.question,
-                context=self.context,
-                caption=self.caption,
-                temperature=self.temperature,
-                use_nucleus_sampling=self.use_nucleus_sampling,
-            )
+            self._validate_inputs()
+            return self._inputs_for(self._image_url(context))
+        except (Blip2UploadError, ImageFetchError) as error:
+            raise AirflowException(f"Could not upload the image of task {self.task_id}: {error}") from error
         except (Blip2InputError, StorageError, ValueError) as error:
             raise AirflowFailException(f"Invalid BLIP-2 input for task {self.task_id}: {error}") from error
+
+    def _inputs_for(self, image_url: str) -> PredictionInput:
+        return self.hook.prediction_input(
+            image_url,
+            question=self.question,
+            context=self.context,
+            caption=self.caption,
+            temperature=self.temperature,
+            use_nucleus_sampling=self.use_nucleus_sampling,
+        )
+
+    def _validate_inputs(self) -> None:
+        """Check every input but the image's URL, and how the image is sent, before any request."""
+        if isinstance(self.image, str):
+            transfer_for(self.image_transfer, self.image)
+            self._inputs_for(VALIDATION_IMAGE_URL)
+
+    def _image_url(self, context: Context | None) -> str:
+        image = self.image
+        if not isinstance(image, str):
+            return image
+        if transfer_for(self.image_transfer, image) == TRANSFER_UPLOAD:
+            return self._uploaded_copy(context).public_url
+        if is_remote_object(image):
+            self.storage.check_exists(image)
+            return self.storage.signed_url(image, expires_in=url_expiry(self.url_expiry, self.timeout))
+        return image
+
+    def _uploaded_copy(self, context: Context | None) -> UploadedImage:
+        """The image's uploaded copy: the one an earlier try made while it is kept, else a new one."""
+        store: Any = context.get("task_state_store") if context else None  # type: ignore[call-overload]
+        api_key = self.hook.settings.api_key
+        kept = store.get(UPLOAD_STATE_KEY) if store is not None else None
+        if isinstance(kept, dict) and kept.get("image") == image_key(self.image):
+            copy = UploadedImage.from_json(kept.get("copy"), api_key)
+            if copy is not None and copy.usable_for(self.timeout):
+                mask_signed_url(copy.public_url)
+                self.log.info(
+                    "Reusing the uploaded copy of an earlier try (kept %.0f s more)",
+                    copy.expires_at - time.time(),
+                )
+                return copy
+        uploader = ImageUploader(
+            self.hook, self.storage, timeout=self.timeout, retention=self.upload_retention
+        )
+        copy = uploader.upload(self.image)
+        if store is not None:
+            store.set(UPLOAD_STATE_KEY, {"image": image_key(self.image), "copy": copy.to_json(api_key)})
+        return copy
 
     def submit_job(self, context: Context) -> str:
         """Create the prediction and push its id and link to XCom."""
         self.prediction_id = self.hook.submit_prediction(
-            self.prediction_input(), patient_until=time.time() + self.timeout
+            self.prediction_input(context), patient_until=time.time() + self.timeout
         )
         self._created = (self.prediction_id, time.time())
         self._push_prediction(context, self.prediction_id)

@@ -1,0 +1,113 @@
+"""
+The operators' uploads of images that no URL reaches (their ``image_transfer``).
+
+:class:`ImageUploader` stages an image on the worker
+(:func:`~airflow_provider_blip2.storage.staging.stage_image`), uploads it through the hook and
+gives back an :class:`UploadedImage`: the copy's public URL and when it expires. Operators keep
+that in their durable state, sealed with the API key
+(:mod:`~airflow_provider_blip2.client.sealing`), so that a retried task or a resumed batch reuses a
+copy still kept long enough for a prediction, and uploads again only when it may be gone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_blip2.client.sealing import seal, unseal
+from airflow_provider_blip2.client.uploads import Blip2UploadError, retention_seconds
+from airflow_provider_blip2.storage.errors import StorageError
+from airflow_provider_blip2.storage.staging import stage_image
+
+if TYPE_CHECKING:
+    from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+    from airflow_provider_blip2.storage import ObjectStorage
+
+#: Uploads a batch runs at once (each reads a file and PUTs it to object storage).
+UPLOAD_CONCURRENCY = 4
+#: Seconds of a copy's retention that must be left beyond a prediction's timeout to reuse it.
+REUSE_MARGIN = 60.0
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    """
+    An image's uploaded copy.
+
+    :param public_url: Where the service reads it (anyone who has it may, while it is kept).
+    :param expires_at: Unix time its retention ends.
+    """
+
+    public_url: str = field(repr=False)
+    expires_at: float
+
+    def usable_for(self, timeout: float, *, now: float | None = None) -> bool:
+        """Whether a prediction of at most ``timeout`` seconds started now can still read it."""
+        return self.expires_at > (time.time() if now is None else now) + timeout + REUSE_MARGIN
+
+    def to_json(self, api_key: str) -> list[Any]:
+        """The copy as durable state keeps it: the URL sealed with the API key, and its expiry."""
+        return [seal(self.public_url, api_key, always=True), self.expires_at]
+
+    @classmethod
+    def from_json(cls, value: Any, api_key: str) -> UploadedImage | None:
+        """Inverse of :meth:`to_json`; ``None`` for anything else (or a seal of another key)."""
+        try:
+            return cls(unseal(str(value[0]), api_key), float(value[1]))
+        except (TypeError, ValueError, IndexError, KeyError):
+            return None
+
+
+class ImageUploader:
+    """
+    Uploads an operator's images through its hook.
+
+    :param hook: The operator's hook.
+    :param storage: Reads ``s3://`` and ``gs://`` images.
+    :param timeout: The prediction timeout (the retention is based on it).
+    :param retention: The operator's ``upload_retention``, or ``None``.
+    """
+
+    def __init__(
+        self, hook: Blip2Hook, storage: ObjectStorage, *, timeout: float, retention: float | None
+    ) -> None:
+        self.hook = hook
+        self.storage = storage
+        self.timeout = timeout
+        self.retention = retention_seconds(timeout, retention)
+
+    def upload(self, uri: str, *, field_name: str = "image") -> UploadedImage:
+        """
+        Stage one image and upload it.
+
+        :param uri: The image as given.
+        :param field_name: The operator's field, for messages.
+        """
+        staged = stage_image(uri, self.storage.read_bytes, field_name=field_name)
+        try:
+            upload = self.hook.upload_file(
+                staged.path, content_type=staged.content_type, size=staged.size, retention=self.retention
+            )
+        finally:
+            staged.discard()
+        return UploadedImage(upload.public_url, upload.expires_at)
+
+    def upload_many(self, uris: Mapping[int, str]) -> dict[int, UploadedImage | Exception]:
+        """
+        Upload several images, :data:`UPLOAD_CONCURRENCY` at once; an image that fails gives its error.
+
+        :param uris: Item index -> image.
+        """
+
+        def one(uri: str) -> UploadedImage | Exception:
+            try:
+                return self.upload(uri, field_name="images")
+            except (StorageError, Blip2UploadError) as error:
+                return error
+
+        with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY, thread_name_prefix="blip2-upload") as pool:
+            results = dict(zip(uris, pool.map(one, uris.values()), strict=True))
+        return results
