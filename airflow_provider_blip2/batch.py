@@ -115,6 +115,8 @@ class BatchState:
         the item again), when the API reported one.
     :param ambiguous: Item index -> how many of its predictions may have been created (and paid)
         without an answer: creates that failed after they were sent, runs a restart interrupted.
+    :param uploads: Image -> its uploaded copy (``[sealed public URL, expiry]``), for images sent
+        through the upload endpoint; a later try reuses a copy while it is kept.
     """
 
     items: list[BatchItem]
@@ -124,6 +126,7 @@ class BatchState:
     attempts: dict[int, list[int | None]] = field(default_factory=dict)
     spent: dict[int, float] = field(default_factory=dict)
     ambiguous: dict[int, int] = field(default_factory=dict)
+    uploads: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def in_flight(self) -> dict[int, tuple[str, float]]:
@@ -201,6 +204,8 @@ class BatchState:
             self.spent[int(index)] = float(cost)
         for index, count in part.get("ambiguous", {}).items():
             self.ambiguous[int(index)] = int(count)
+        for image, copy in part.get("uploads", {}).items():
+            self.uploads[str(image)] = list(copy)
         for index, (prediction_id, deadline) in part.get("created", {}).items():
             self.created[int(index)] = (str(prediction_id), float(deadline))
         for index, result in part.get("finished", {}).items():
@@ -212,6 +217,7 @@ class BatchState:
             "attempts": {str(i): list(numbers) for i, numbers in self.attempts.items()},
             "spent": {str(i): cost for i, cost in self.spent.items()},
             "ambiguous": {str(i): count for i, count in self.ambiguous.items()},
+            "uploads": dict(self.uploads),
             "created": {str(i): [pid, deadline] for i, (pid, deadline) in self.created.items()},
             "finished": {str(i): result.to_json() for i, result in self.finished.items()},
         }
@@ -457,6 +463,18 @@ class BatchJournal:
             self._dirty = True
         if any(result.prediction_id is None for result in results.values()):
             self._write_part()
+
+    def record_upload(self, state: BatchState, image: str, copy: list[Any]) -> None:
+        """
+        Record an image's uploaded copy (written with the next write, before its prediction is).
+
+        :param state: The progress, updated in place.
+        :param image: The image's key.
+        :param copy: ``[sealed public URL, expiry]``.
+        """
+        state.uploads[image] = list(copy)
+        self._part.setdefault("uploads", {})[image] = list(copy)
+        self._dirty = True
 
     def record_ambiguous(self, state: BatchState, index: int) -> None:
         """

@@ -66,6 +66,8 @@ class EmulatorConfig:
     :param fetch_only_uploads: download no image URL but the emulator's own uploaded copies (a
         service on a network that reaches nothing else): any other image fails with
         ``INPUT_DOWNLOAD_ERROR``.
+    :param refuse_puts: answer this many upload PUTs first with a 403 signature error, whatever
+        they send (a signature the storage no longer accepts).
     :param fault_endpoints: the endpoints that injected faults hit (``create``, ``get``, ``cancel``,
         ``model``); empty means all. ``("get",)`` fails reads only. Requests of other endpoints draw
         the same random numbers, so a seed gives the same sequence whatever this is.
@@ -102,6 +104,7 @@ class EmulatorConfig:
     sync_run: bool = True
     sync_run_max_wait: float = 60.0
     fetch_only_uploads: bool = False
+    refuse_puts: int = 0
 
     def __post_init__(self) -> None:
         """Normalise and validate the settings.

@@ -183,10 +183,14 @@ async def put_upload(request: Request) -> Response:
 
     :param request: the request.
     """
+    from airflow_provider_blip2.emulator.app import _emulator
+
     store = _store(request)
     upload = store.uploads.get(request.path_params["upload_id"])
     if upload is None:
         return _refused(store, "unknown upload")
+    if store.puts_refused < _emulator(request).config.refuse_puts:
+        return _refused(store, "the signature does not match (injected)")
     expected = store.signature(upload.id, upload.content_type)
     if not hmac.compare_digest(request.query_params.get("X-Amz-Signature", ""), expected):
         return _refused(store, "the signature does not match")

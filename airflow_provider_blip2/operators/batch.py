@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from collections.abc import Sequence
 from functools import cached_property
@@ -39,10 +40,18 @@ from airflow_provider_blip2.client.models import (
     create_again_within_try,
     predict_again_on_new_try,
 )
+from airflow_provider_blip2.client.uploads import (
+    TRANSFER_AUTO,
+    Blip2UploadError,
+    check_image_file,
+    local_path,
+    transfer_for,
+)
 from airflow_provider_blip2.operators.base import (
     DEFER_AFTER_SECONDS,
     Blip2TaskMixin,
     check_defer_after,
+    check_image_transfer,
     check_retry_parameters,
     url_expiry,
 )
@@ -51,6 +60,7 @@ from airflow_provider_blip2.operators.batch_run import (
     fail_interrupted_runs,
     record_run_event,
 )
+from airflow_provider_blip2.operators.uploads import UploadedImage, batch_uploads, needs_upload
 from airflow_provider_blip2.storage import SigningError, StorageError, is_remote_object
 
 if TYPE_CHECKING:
@@ -99,8 +109,9 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     ``s3://`` and ``gs://`` images are sent as presigned/signed URLs made on the worker just before
     each create; they are masked in logs and never stored in XCom, rendered fields or trigger kwargs.
 
-    :param images: A prefix ``s3://bucket/path/`` or ``gs://bucket/path/`` (listed recursively and
-        filtered by ``image_patterns``), or a list of ``s3://``, ``gs://`` or ``https://`` image URIs.
+    :param images: A prefix ``s3://bucket/path/`` or ``gs://bucket/path/``, or a local directory
+        (listed recursively and filtered by ``image_patterns``), or a list of ``s3://``, ``gs://``,
+        ``https://`` or ``file://`` image URIs and local paths (uploaded, see ``image_transfer``).
         (templated)
     :param output_uri: Where to write the JSON lines: ``s3://``, ``gs://`` or a local path. (templated)
     :param question: The one question to ask of every image; ``None`` asks "What is this a picture of?".
@@ -131,6 +142,12 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     :param poll_interval: Seconds between two polls of the same prediction.
     :param timeout: Seconds one prediction may take before it is cancelled and recorded as failed.
     :param url_expiry: Lifetime in seconds of the signed URLs; default ``timeout`` plus an hour of queueing.
+    :param image_transfer: How images reach the service: ``url`` (their URLs, signed for ``s3://``
+        and ``gs://``), ``upload`` (the worker reads each, from a local path, ``file://``,
+        ``http(s)://``, ``s3://`` or ``gs://``, and uploads it through the API's upload endpoint),
+        or ``auto`` (the default: upload local paths and ``file://``, a URL otherwise).
+    :param upload_retention: Seconds the service keeps an uploaded copy; default the ``timeout``
+        plus 15 minutes (at least 60 s, the API's minimum).
     """
 
     template_fields: Sequence[str] = ("images", "output_uri", "question", "questions", "context")
@@ -161,9 +178,14 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         poll_interval: float = 2.0,
         timeout: float = 600.0,
         url_expiry: float | None = None,
+        image_transfer: str = TRANSFER_AUTO,
+        upload_retention: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        check_image_transfer(image_transfer, upload_retention)
+        self.image_transfer = image_transfer
+        self.upload_retention = upload_retention
         self.images = images
         self.output_uri = output_uri
         self.question = question
@@ -333,15 +355,18 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         try:
             self.storage.check_writable(self.output_uri)
             uris: list[str] = []
-            for entry in _image_list(self.images):
-                if is_remote_object(entry) and (isinstance(self.images, str) or entry.endswith("/")):
-                    listed = self.storage.list_images(entry, self.image_patterns)
+            for entry in _image_list(self.images, self.image_transfer):
+                if _is_prefix(entry, listing_one=isinstance(self.images, str)):
+                    listed = _list_prefix(self, entry)
                     self.log.info("Found %d images under %s", len(listed), entry)
                     uris += listed
                 else:
                     uris.append(entry)
             uris = list(dict.fromkeys(uris))
             self.storage.check_all_exist([uri for uri in uris if is_remote_object(uri)])
+            for uri in uris:
+                if (path := local_path(uri)) is not None:
+                    check_image_file(path, field_name="images")
             keys = [image_key(uri) for uri in uris]
             items = build_items(keys, questions=self.questions, question=self.question, caption=self.caption)
             for item in {(item.question,): item for item in items}.values():
@@ -389,11 +414,15 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         pending = state.pending()
         if self.hook.sync_run_choice().worth_trying():
             pending = []  # they wait for a chunk of synchronous runs, once nothing is in flight
-        for index in pending[: max(0, free)]:
+        chosen = pending[: max(0, free)]
+        uploads = batch_uploads(
+            self, journal, state, [i for i in chosen if needs_upload(self, state.items[i].image)]
+        )
+        for index in chosen:
             item = state.items[index]
             journal.record_attempt(state, index, try_number)
             try:
-                url = self.storage.signed_url(self._image_url(item.image), expires_in=expires_in)
+                url = _uploaded_or_signed(self, uploads.get(index), item.image, expires_in)
                 prediction_id = self.hook.submit_prediction(
                     self._prediction_input(item, url), patient_until=time.time() + self.timeout
                 )
@@ -406,7 +435,13 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
                 journal.record_ambiguous(state, index)
                 journal.record_finished(state, {index: outcome})
                 continue
-            except (StorageError, Blip2InputError, Blip2BadRequestError, Blip2UnprocessableError) as error:
+            except (
+                StorageError,
+                Blip2UploadError,
+                Blip2InputError,
+                Blip2BadRequestError,
+                Blip2UnprocessableError,
+            ) as error:
                 journal.record_finished(state, {index: PredictionOutcome("error", error=str(error))})
                 continue
             journal.record_created(state, index, prediction_id, time.time() + self.timeout)
@@ -584,15 +619,49 @@ def _file_name(image: str) -> str:
     return image.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _image_list(images: Any) -> list[str]:
-    """Validate a list of image URIs (or one URL), keeping the first of duplicates."""
+def _uploaded_or_signed(
+    op: Blip2BatchPredictionOperator, upload: UploadedImage | Exception | None, image: str, expires_in: float
+) -> str:
+    """An item's image URL: its uploaded copy's (raising the upload's error), else signed or as given."""
+    if isinstance(upload, Exception):
+        raise upload
+    if upload is not None:
+        return upload.public_url
+    return op.storage.signed_url(op._image_url(image), expires_in=expires_in)
+
+
+def _image_list(images: Any, image_transfer: str = "auto") -> list[str]:
+    """Validate a list of image URIs (or one URL or path), keeping the first of duplicates."""
     values = [images] if isinstance(images, str) else list(images or [])
     uris: dict[str, None] = {}
     for value in values:
-        if not isinstance(value, str) or not value.startswith(("https://", "http://", "s3://", "gs://")):
-            raise ValueError(f"images: {value!r} is not an https://, http://, s3:// or gs:// URI")
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"images: {value!r} is not an image URI or path")
+        if "://" in value and not value.startswith(("https://", "http://", "s3://", "gs://", "file://")):
+            raise ValueError(
+                f"images: {value!r} is not an https://, http://, s3://, gs:// or file:// URI, or a path"
+            )
+        transfer_for(image_transfer, value, field_name="images")
         uris.setdefault(value, None)
     return list(uris)
+
+
+def _is_prefix(entry: str, *, listing_one: bool) -> bool:
+    """Whether an entry of ``images`` is a folder to list: a bucket prefix, or a local directory."""
+    path = local_path(entry)
+    if path is not None:
+        return path.is_dir()
+    return is_remote_object(entry) and (listing_one or entry.endswith("/"))
+
+
+def _list_prefix(op: Blip2BatchPredictionOperator, entry: str) -> list[str]:
+    """The images under a prefix or in a local directory (recursively), matching ``image_patterns``."""
+    path = local_path(entry)
+    if path is None:
+        return op.storage.list_images(entry, op.image_patterns)
+    patterns = [pattern.lower() for pattern in op.image_patterns]
+    files = (p for p in sorted(path.rglob("*")) if p.is_file())
+    return [str(p) for p in files if any(fnmatch.fnmatch(p.name.lower(), pattern) for pattern in patterns)]
 
 
 def _first_event(trigger: BaseTrigger) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from airflow.providers.common.compat.sdk import AirflowException
 from airflow_provider_blip2.batch import BatchJournal, BatchState
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.sealing import seal
+from airflow_provider_blip2.operators.uploads import batch_uploads, needs_upload
 
 if TYPE_CHECKING:
     from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
@@ -59,31 +60,68 @@ def chunk_to_run(
     """
     if state.in_flight or not op.hook.sync_run_choice().worth_trying():
         return None
-    settings = op.hook.settings
-    chunk_ids = state.pending()[: settings.requests_per_minute]
-    if not chunk_ids:
-        return None
+    images: dict[str, str] = {}
+    while not images:  # a chunk whose every upload failed is recorded; the next one is tried
+        pending = state.pending()
+        if not pending:
+            return None
+        uploading = any(needs_upload(op, state.items[i].image) for i in pending)
+        # Each upload's presign is a request too: half a window's predictions when uploading.
+        size = max(1, op.hook.settings.requests_per_minute // (2 if uploading else 1))
+        images = _chunk_images(op, journal, state, pending[:size], try_number)
     chunk = uuid.uuid4().hex[:12]
     deadline = time.time() + op.timeout
-    for index in chunk_ids:
+    for key in images:
+        index = int(key)
         journal.record_attempt(state, index, try_number)
         journal.record_created(state, index, f"{PLACEHOLDER_PREFIX}{chunk}:{index}", deadline)
-    op.log.info("Running %d predictions synchronously (one request each)", len(chunk_ids))
-    return _trigger(op, state, chunk, chunk_ids)
+    op.log.info("Running %d predictions synchronously (one request each)", len(images))
+    return _trigger(op, state, chunk, images)
+
+
+def _chunk_images(
+    op: Blip2BatchPredictionOperator,
+    journal: BatchJournal,
+    state: BatchState,
+    indexes: list[int],
+    try_number: int | None,
+) -> dict[str, str]:
+    """
+    Item index -> the image as the run trigger gets it; items whose upload failed are recorded.
+
+    Uploaded copies' URLs are always sealed (anyone who has one may read the copy); s3:// and gs://
+    URIs are signed by the trigger; http(s) URLs are sealed when they have a query.
+    """
+    api_key = op.hook.settings.api_key
+    uploads = batch_uploads(
+        op, journal, state, [i for i in indexes if needs_upload(op, state.items[i].image)]
+    )
+    images: dict[str, str] = {}
+    for index in indexes:
+        upload = uploads.get(index)
+        if isinstance(upload, Exception):
+            journal.record_attempt(state, index, try_number)
+            journal.record_finished(
+                state, {index: PredictionOutcome(PredictionOutcome.ERROR, error=str(upload))}
+            )
+        elif upload is not None:
+            images[str(index)] = seal(upload.public_url, api_key, always=True)
+        else:
+            images[str(index)] = seal(op._image_url(state.items[index].image), api_key)
+    return images
 
 
 def _trigger(
-    op: Blip2BatchPredictionOperator, state: BatchState, chunk: str, indexes: list[int]
+    op: Blip2BatchPredictionOperator, state: BatchState, chunk: str, images: dict[str, str]
 ) -> Blip2BatchRunTrigger:
     from airflow_provider_blip2.operators.base import url_expiry
     from airflow_provider_blip2.triggers.batch_run import Blip2BatchRunTrigger
     from airflow_provider_blip2.triggers.blip2 import BATCH_DEFERRAL_SETTLE_SECONDS
 
-    api_key = op.hook.settings.api_key
     return Blip2BatchRunTrigger(
         chunk=chunk,
-        images={str(i): seal(op._image_url(state.items[i].image), api_key) for i in indexes},
-        questions={str(i): state.items[i].question for i in indexes},
+        images=images,
+        questions={key: state.items[int(key)].question for key in images},
         blip2_conn_id=op.blip2_conn_id,
         timeout=op.timeout,
         url_expiry=url_expiry(op.url_expiry, op.timeout),

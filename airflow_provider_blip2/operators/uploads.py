@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_provider_blip2.client.sealing import seal, unseal
 from airflow_provider_blip2.client.uploads import Blip2UploadError, retention_seconds
 from airflow_provider_blip2.storage.errors import StorageError
+from airflow_provider_blip2.storage.masking import mask_signed_url
 from airflow_provider_blip2.storage.staging import stage_image
 
 if TYPE_CHECKING:
@@ -111,3 +112,51 @@ class ImageUploader:
         with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY, thread_name_prefix="blip2-upload") as pool:
             results = dict(zip(uris, pool.map(one, uris.values()), strict=True))
         return results
+
+
+def needs_upload(op: Any, image: str) -> bool:
+    """
+    Whether a batch's image goes through the upload endpoint (by the operator's ``image_transfer``).
+
+    :param op: The batch operator.
+    :param image: The image's key in the journal.
+    """
+    from airflow_provider_blip2.client.uploads import TRANSFER_UPLOAD, transfer_for
+
+    return transfer_for(op.image_transfer, op._image_url(image), field_name="images") == TRANSFER_UPLOAD
+
+
+def batch_uploads(
+    op: Any, journal: Any, state: Any, indexes: list[int]
+) -> dict[int, UploadedImage | Exception]:
+    """
+    The uploaded copies a batch's items are predicted with (for items whose image is uploaded).
+
+    Each image is uploaded once (an image asked several questions shares its copy),
+    :data:`UPLOAD_CONCURRENCY` at once, and its copy recorded in the journal; a copy an earlier
+    cycle or try recorded is reused while a prediction can still read it. An image that could not
+    be read or uploaded gives its error, for its items to record.
+
+    :param op: The batch operator.
+    :param journal: The batch's journal.
+    :param state: The batch's progress.
+    :param indexes: Items about to be predicted whose image is uploaded (:func:`needs_upload`).
+    """
+    api_key = op.hook.settings.api_key
+    copies: dict[str, UploadedImage | Exception] = {}
+    for index in indexes:
+        key = state.items[index].image
+        kept = UploadedImage.from_json(state.uploads[key], api_key) if key in state.uploads else None
+        if kept is not None and kept.usable_for(op.timeout):
+            mask_signed_url(kept.public_url)
+            copies[key] = kept
+    missing = {state.items[i].image: op._image_url(state.items[i].image) for i in indexes}
+    missing = {key: uri for key, uri in missing.items() if key not in copies}
+    if missing:
+        uploader = ImageUploader(op.hook, op.storage, timeout=op.timeout, retention=op.upload_retention)
+        results = uploader.upload_many(dict(enumerate(missing.values())))
+        for key, result in zip(missing, results.values(), strict=True):
+            copies[key] = result
+            if isinstance(result, UploadedImage):
+                journal.record_upload(state, key, result.to_json(api_key))
+    return {index: copies[state.items[index].image] for index in indexes}

@@ -31,11 +31,12 @@ from airflow_provider_blip2.client.errors import (
 )
 from airflow_provider_blip2.client.inputs import build_prediction_input
 from airflow_provider_blip2.client.models import PredictionOutcome
-from airflow_provider_blip2.client.sealing import needs_sealing, unseal
+from airflow_provider_blip2.client.sealing import SEALED_PREFIX, unseal
 from airflow_provider_blip2.client.settings import SYNC_RUN_ALWAYS
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from airflow_provider_blip2.storage import ObjectStorage, SigningError, StorageError
 from airflow_provider_blip2.storage.masking import mask_signed_url
+from airflow_provider_blip2.storage.uris import is_http
 from airflow_provider_blip2.triggers.blip2 import cancel_for_kill, settle, started
 from airflow_provider_blip2.triggers.run_journal import RunJournal
 
@@ -182,9 +183,8 @@ class Blip2BatchRunTrigger(BaseTrigger):
             return
         end_time = time.time() + self.timeout
         try:
-            api_key = (await hook.aget_settings()).api_key
             inputs = build_prediction_input(
-                await asyncio.to_thread(self._signed_url, unseal(self.images[index], api_key)),
+                await asyncio.to_thread(self._signed_url, await self._unsealed(hook, index)),
                 question=None if self.questions[index] == "" else self.questions[index],
                 caption=self.questions[index] == "",
                 context=self.context,
@@ -253,9 +253,17 @@ class Blip2BatchRunTrigger(BaseTrigger):
             journal.finished[index] = dataclasses.replace(outcome, cost=read.cost, predict_time=predict_time)
         await journal.save()
 
+    async def _unsealed(self, hook: Blip2Hook, index: str) -> str:
+        """An item's image URI, unsealed (and then masked: a presigned URL or an uploaded copy's)."""
+        value = self.images[index]
+        if not value.startswith(SEALED_PREFIX):
+            return value
+        uri = unseal(value, (await hook.aget_settings()).api_key)
+        mask_signed_url(uri)
+        return uri
+
     def _signed_url(self, uri: str) -> str:
-        if needs_sealing(uri):  # a URL given with a query: perhaps presigned
-            mask_signed_url(uri)
+        if is_http(uri):
             return uri
         if self._storage is None:
             self._storage = ObjectStorage(aws_conn_id=self.aws_conn_id, gcp_conn_id=self.gcp_conn_id)
