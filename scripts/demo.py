@@ -7,7 +7,9 @@ The sample images are uploaded to the local S3 as the day's user uploads and as 
 catalogue; the moderation and alt-text DAGs then run batch tasks over those prefixes. The emulator
 answers the moderation questions from a script (``MODERATION_ANSWERS``), so the report is known.
 It offers the synchronous run (one request a prediction) to the moderation batch, then refuses it
-(HTTP 400, as for a model without it) to the alt-text batch, which creates and polls instead.
+(HTTP 400, as for a model without it) to the alt-text batch, which creates and polls instead. Last,
+the local moderation DAG moderates the sample images as files on the worker's disk, uploaded
+through the upload endpoint, while the emulator reaches no image URL but its own uploaded copies.
 """
 
 from __future__ import annotations
@@ -79,6 +81,15 @@ def requests_between(before: dict[str, Any], after: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def uploads_between(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """What the emulator's upload endpoint saw between two ledgers, as one line."""
+    seen = {name: after["uploads"][name] - before["uploads"][name] for name in ("presigns", "puts", "reads")}
+    return (
+        f"{seen['presigns']} presigns, {seen['puts']} signed PUTs, {seen['reads']} predictions read an "
+        f"uploaded copy; longest retention asked {after['uploads']['max_retention_s']:g} s"
+    )
+
+
 def run(sandbox: AirflowSandbox, dag_id: str, **kwargs: Any) -> dict[str, str]:
     """Run a DAG with ``airflow dags test``; return its task states."""
     print(f"Running `airflow dags test {dag_id}` ...")
@@ -133,6 +144,13 @@ def main() -> int:
             before = api.ledger()
             run(sandbox, "example_blip2_alt_text", logical_date=day)
             alt_text_requests = requests_between(before, api.ledger())
+            api.config.sync_run = True
+            api.config.fetch_only_uploads = True  # a service that reaches no image URL but its uploads
+            before = api.ledger()
+            local_answers = args.home.parent / "local-moderation.jsonl"
+            run(sandbox, "example_blip2_local_moderation", conf={"output": str(local_answers)})
+            local_flags = sandbox.xcom("example_blip2_local_moderation", "flag")[0]
+            local_uploads = uploads_between(before, api.ledger())
             alt_text = {
                 name: s3.client()
                 .get_object(Bucket=CATALOGUE_BUCKET, Key=f"products/{name}.alt.txt")["Body"]
@@ -157,6 +175,12 @@ def main() -> int:
     print("\nexample_blip2_alt_text: products/<image>.alt.txt written next to each image")
     print_table([{"image": name, "alt text": text} for name, text in alt_text.items()], ["image", "alt text"])
     print(f"synchronous run refused (HTTP 400), so created and polled: {alt_text_requests}")
+    print(f"\nexample_blip2_local_moderation: {local_flags['checked']} files from {EXAMPLE_DAGS / 'data'}")
+    print_table(
+        [{"file": name, "flags": ", ".join(reasons)} for name, reasons in local_flags["flagged"].items()],
+        ["file", "flags"],
+    )
+    print(f"uploaded through the upload endpoint: {local_uploads}")
     print(
         f"\nThe emulator saw {ledger['creates']} creates, {sum(ledger['requests'].values())} requests and "
         f"{ledger['responses_429']} 429 answers. Outputs marked [emulated] come from the emulator, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,11 @@ MODERATION_ANSWERS = {
 }
 
 
+#: The local moderation example's folder (the sample images) and where it writes its answers.
+IMAGE_FOLDER = EXAMPLE_DAGS / "data"
+LOCAL_OUTPUT = Path(tempfile.gettempdir()) / "blip2-example-local-moderation.jsonl"
+
+
 def run_conf(dag_id: str, image_url: Callable[[str], str]) -> dict[str, Any]:
     """The conf each example DAG is run with."""
     confs: dict[str, dict[str, Any]] = {
@@ -72,6 +78,7 @@ def run_conf(dag_id: str, image_url: Callable[[str], str]) -> dict[str, Any]:
             "bucket": S3_SAMPLES["example_blip2_alt_text"][0],
             "catalogue": "products",
         },
+        "example_blip2_local_moderation": {"folder": str(IMAGE_FOLDER), "output": str(LOCAL_OUTPUT)},
     }
     assert dag_id in confs, f"add a run conf for the new example DAG {dag_id}"
     return confs[dag_id]
@@ -195,6 +202,15 @@ def test_example_dag_runs_end_to_end(
                 f"moderation/{DAY}/answers.jsonl",
             )
             assert output["outputFacets"]["outputStatistics"]["rowCount"] == 3 * len(SAMPLES)
+    if dag_id == "example_blip2_local_moderation":
+        assert ledger["uploads"]["presigns"] == ledger["uploads"]["puts"] == len(SAMPLES)
+        assert ledger["uploads"]["reads"] == 3 * len(SAMPLES)  # every prediction read its uploaded copy
+        (flags,) = sandbox.xcom(dag_id, "flag")
+        assert flags == {
+            "flagged": {"rocket.webp": ["weapon"]},
+            "checked": len(SAMPLES),
+            "predictions": 3 * len(SAMPLES),
+        }
     if dag_id == "example_blip2_alt_text":
         assert s3 is not None
         assert ledger["creates"] == len(SAMPLES)

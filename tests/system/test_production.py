@@ -330,3 +330,37 @@ def test_a_refused_synchronous_run_is_asked_once_by_the_whole_deployment(
         assert ledger["requests"]["run"] == 1 and ledger["creates"] == 12, ledger
     finally:
         fresh.emulator.config.sync_run = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Images no URL reaches: a service that fetches nothing but its own uploads
+# --------------------------------------------------------------------------------------------------
+UPLOADS_DAG_ID = "system_blip2_production_uploads"
+
+
+def test_images_no_url_reaches_are_uploaded_by_mapped_tasks_and_a_batch(
+    fresh: ProductionStack, tmp_path: Path
+) -> None:
+    """40 mapped uploads of http images only workers reach, and a batch over the same as file:// paths."""
+    fresh.emulator.config.fetch_only_uploads = True
+    try:
+        mapped = fresh.images("uploaded", 40)
+        files = [f"file://{fresh.images_dir / url.rsplit('/', 1)[1]}" for url in mapped]
+        conf = {"images": mapped, "batch_images": files, "output_uri": str(tmp_path / "batch.jsonl")}
+        run_id = fresh.deployment.trigger(UPLOADS_DAG_ID, conf)
+        state = fresh.deployment.wait_for_run(UPLOADS_DAG_ID, run_id, timeout=900)
+        assert state == "success", fresh.explain()
+        summary = fresh.deployment.run_summary(UPLOADS_DAG_ID, run_id)
+        assert summary.states == {"success": 40 + 2}, summary
+        lines = [json.loads(line) for line in (tmp_path / "batch.jsonl").read_text().splitlines()]
+        assert [line["status"] for line in lines] == ["success"] * 40
+        ledger = fresh.emulator.ledger()
+        assert ledger["creates"] == 80 and ledger["uploads"]["puts"] == 80, ledger
+        assert ledger["uploads"]["reads"] == 80 and ledger["uploads"]["puts_refused"] == 0
+        assert ledger["uploads"]["max_retention_s"] <= 86400
+        task_logs = [p for p in fresh.deployment.written_files() if f"dag_id={UPLOADS_DAG_ID}" in str(p)]
+        logs = "\n".join(path.read_text(errors="replace") for path in task_logs if path.is_file())
+        assert task_logs and "Uploaded" in logs, task_logs
+        assert "/_storage/uploads/" not in logs and "X-Amz-Signature" not in logs  # no presigned URL
+    finally:
+        fresh.emulator.config.fetch_only_uploads = False

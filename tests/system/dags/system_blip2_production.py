@@ -70,3 +70,34 @@ for dag_id, with_batch, conn_id, pool, defer_after in DAGS:
                 blip2_conn_id=conn_id,
                 **RETRY,
             )
+
+# The images no URL reaches: mapped tasks upload http(s) images only the workers reach, and a batch
+# uploads local files (file:// paths), both on the blip2_shared connection (its budget in Redis).
+with DAG(
+    dag_id="system_blip2_production_uploads",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_tasks=64,
+    render_template_as_native_obj=True,
+):
+    images = task(task_id="images")(run_conf_images)()
+    Blip2PredictionOperator.partial(
+        task_id="caption",
+        caption=True,
+        deferrable=True,
+        timeout=600,
+        blip2_conn_id="blip2_shared",
+        image_transfer="upload",
+        **RETRY,
+    ).expand(image=images)
+    Blip2BatchPredictionOperator(
+        task_id="batch",
+        images="{{ dag_run.conf['batch_images'] }}",
+        caption=True,
+        output_uri="{{ dag_run.conf['output_uri'] }}",
+        deferrable=True,
+        timeout=1800,
+        blip2_conn_id="blip2_shared",
+        **RETRY,
+    )
