@@ -192,7 +192,8 @@ def run_once(
         "admitted_requests_per_prediction": round((requests - ledger["responses_429"]) / predictions, 2),
         "share_429": round(ledger["responses_429"] / responses, 3) if responses else 0.0,
         "responses_5xx_injected": ledger["responses_5xx_injected"],
-        "failed_tasks": summary.total - summary.states.get("success", 0),
+        # A mapped task over no images is skipped, not failed.
+        "failed_tasks": sum(n for name, n in summary.states.items() if name in ("failed", "upstream_failed")),
         "tries_gt_1": len(summary.retried),
         "retried": summary.retried[:10],
         "batch_failed": batch_failures(stack, run_id),

@@ -361,6 +361,45 @@ def plot_sync_run(documents: list[dict[str, Any]]) -> Figure:
     return figure
 
 
+def plot_uploads(documents: list[dict[str, Any]]) -> Figure:
+    """
+    Uploaded images: requests per prediction against the least, and wall time against the minimum.
+
+    :param documents: The ``uploads`` results; every scenario of every one is drawn.
+    """
+    runs = [run for document in documents for run in document["results"]["runs"]]
+    labels = [
+        f"{run['images']} {'mapped tasks' if run['scenario'] == 'mapped' else 'files in a batch'}: "
+        f"run {run['run']}"
+        for run in runs
+    ]
+    figure = Figure(figsize=(7.5, 1.4 + 1.0 * len(runs)))
+    requests_axes, ratio_axes = figure.subplots(1, 2, sharey=True)
+    positions = list(range(len(runs)))
+    bars = requests_axes.barh(positions, [run["requests_per_prediction"] for run in runs], color=MEASURED)
+    bar_labels(
+        requests_axes,
+        bars,
+        [
+            f"{run['requests_per_prediction']:.2f} (least {run['least_requests_per_prediction']})"
+            for run in runs
+        ],
+    )
+    requests_axes.set_yticks(positions, labels)
+    requests_axes.invert_yaxis()
+    requests_axes.set_xlabel("requests per prediction")
+    requests_axes.set_xlim(0, max(run["requests_per_prediction"] for run in runs) * 1.8)
+    bars = ratio_axes.barh(positions, [run["ratio"] for run in runs], color=MEASURED)
+    bar_labels(
+        ratio_axes, bars, [f"{run['wall_s']:g} s; {run['predictions_per_minute']:g}/min" for run in runs]
+    )
+    ratio_axes.axvline(1.0, color=MINIMUM, linestyle="--")
+    ratio_axes.set_xlabel("wall time / minimum for those requests")
+    ratio_axes.set_xlim(0, max(run["ratio"] for run in runs) * 1.9)
+    figure.suptitle("Uploaded images: a service that reaches no URL, PostgreSQL, 2 triggerers, Redis")
+    return figure
+
+
 #: Plot file name -> (benchmark, drawing function).
 PLOTS: dict[str, tuple[str, Callable[[list[dict[str, Any]]], Figure]]] = {
     "import-time.svg": ("import_time", plot_import_time),
@@ -370,6 +409,7 @@ PLOTS: dict[str, tuple[str, Callable[[list[dict[str, Any]]], Figure]]] = {
     "triggerer-load.svg": ("triggerer_load", plot_triggerer_load),
     "scale.svg": ("scale", plot_scale),
     "sync-run.svg": ("sync_run", plot_sync_run),
+    "uploads.svg": ("uploads", plot_uploads),
 }
 
 
