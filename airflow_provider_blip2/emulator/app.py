@@ -20,7 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from airflow_provider_blip2.emulator.config import INJECTED_RETRY_AFTER_SECONDS, EmulatorConfig
 from airflow_provider_blip2.emulator.engine import Emulator, FaultDecision
 from airflow_provider_blip2.emulator.inputs import MODEL_SLUG, InputError, model_record, parse_input
-from airflow_provider_blip2.emulator.state import Prediction
+from airflow_provider_blip2.emulator.state import STATUS_PROCESSING, STATUS_SUCCESS, Prediction
 from airflow_provider_blip2.emulator.uploads import add_upload_routes
 
 CONTEXT_SCOPE_KEY = "blip2_emulator.context"
@@ -287,8 +287,9 @@ async def _create(request: Request, label: str) -> tuple[Admission, Prediction]:
 
     :param request: the request.
     :param label: ``create`` or ``run``, as counted in the ledger and matched by ``fault_endpoints``.
-    :raises ApiError: 400/404/422 for a bad body, 429 when ``max_in_flight`` is reached, 500 for an
-        injected fault (after creating, for ``fault_created_5xx``).
+    :raises ApiError: 400/404/422 for a bad body (or a run while ``sync_run`` is off), 429 when
+        ``max_in_flight`` is reached, 500 for an injected fault (after creating, for
+        ``fault_created_5xx``).
     """
     admission = await admit(request, label)
     emulator = _emulator(request)
@@ -307,6 +308,8 @@ async def _create(request: Request, label: str) -> tuple[Admission, Prediction]:
         )
     provider_fails, answer_5xx = emulator.draw_prediction_faults(model_input)
     prediction = emulator.create(admission.api_key, raw_input, model_input, provider_fails=provider_fails)
+    if label == "run":
+        emulator.ledger.runs += 1
     if answer_5xx and not admission.drop and emulator.config.faults_hit(label):
         emulator.ledger.created_5xx_injected += 1
         raise ApiError(500, {"error": "internal server error"})
@@ -328,43 +331,48 @@ async def create_prediction(request: Request) -> Response:
 #: The 400 of a synchronous run while ``sync_run`` is off (a model without synchronous execution).
 SYNC_RUN_REFUSAL = "Synchronous execution is not enabled for model blip-2: create the prediction and poll it"
 
+_RUN_MESSAGES = {
+    "success": "Prediction completed successfully",
+    "error": "Prediction failed",
+    "cancelled": "Prediction was cancelled",
+}
+
 
 async def run_prediction(request: Request) -> Response:
     """``POST /v1/prediction/run``: create a prediction and answer when it has ended.
 
     A prediction that has not ended within ``sync_run_max_wait`` is answered ``processing`` with
-    its id, for the client to poll.
+    its id, for the client to poll. A drop fault drops the connection once the prediction ended.
 
     :param request: the request.
     """
     _, prediction = await _create(request, "run")
     emulator = _emulator(request)
-    emulator.ledger.runs += 1
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(
-            prediction.ended.wait(), emulator.config.scaled(emulator.config.sync_run_max_wait)
-        )
-    status = prediction.status
-    if emulator.config.legacy:
-        status = LEGACY_STATUSES.get(status, status)
-    if not prediction.terminal:
-        message, error = "Prediction is still running", ""
-    elif prediction.status == "success":
-        message, error = "Prediction completed successfully", ""
-    else:
-        message, error = "Prediction did not succeed", _run_error(prediction)
-    body = {
-        "status": status,
-        "message": message,
+    await emulator.wait_ended(prediction, emulator.config.scaled(emulator.config.sync_run_max_wait))
+    return JSONResponse(run_answer(prediction, emulator.config.legacy))
+
+
+def run_answer(prediction: Prediction, legacy: bool = False) -> dict[str, Any]:
+    """Render the answer of a synchronous run.
+
+    :param prediction: the prediction the run created, ended or still running.
+    :param legacy: spell the status as the older docs do (``completed``, ``failed``, ``canceled``).
+    """
+    status = prediction.status if prediction.terminal else STATUS_PROCESSING
+    return {
+        "status": LEGACY_STATUSES.get(status, status) if legacy else status,
+        "message": _RUN_MESSAGES.get(status, "Prediction is still running"),
         "predictionID": prediction.id,
         "output": prediction.output if prediction.terminal else None,
-        "error": error,
+        "error": "" if status in (STATUS_SUCCESS, STATUS_PROCESSING) else _run_error(prediction),
     }
-    return JSONResponse(body)
 
 
 def _run_error(prediction: Prediction) -> str:
-    """The user-facing message of a synchronous run that did not succeed."""
+    """The user-facing message of a synchronous run that did not succeed.
+
+    :param prediction: the ended prediction.
+    """
     envelope = prediction.output if isinstance(prediction.output, dict) else {}
     message = envelope.get("error_message") or envelope.get("error")
     return str(message) if message else f"prediction {prediction.status}"

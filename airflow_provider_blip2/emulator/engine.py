@@ -179,6 +179,25 @@ class Emulator:
         prediction.task = asyncio.get_running_loop().create_task(self._run(prediction))
         return prediction
 
+    async def wait_ended(self, prediction: Prediction, timeout: float) -> bool:
+        """Wait until a prediction has ended (finished, cancelled, or stopped by a reset).
+
+        The prediction itself is never cancelled by the wait, whatever happens to the waiter.
+
+        :param prediction: the prediction.
+        :param timeout: seconds to wait at most (already scaled).
+        :return: whether the prediction is terminal.
+        """
+        waiter = asyncio.ensure_future(prediction.ended.wait())
+        watched: set[asyncio.Future[Any]] = {waiter}
+        if prediction.task is not None:
+            watched.add(prediction.task)
+        try:
+            await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        return prediction.terminal
+
     def cancel(self, prediction: Prediction) -> bool:
         """Cancel a running prediction.
 
