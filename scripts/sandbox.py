@@ -171,3 +171,18 @@ class AirflowSandbox:
     def written_files(self) -> list[Path]:
         """Every file Airflow wrote in this home: logs, the database, config."""
         return [path for path in self.home.rglob("*") if path.is_file()]
+
+    def written_contents(self) -> dict[Path, bytes]:
+        """The bytes of every file Airflow wrote in this home, read now.
+
+        A file that goes while the home is read (SQLite removes its ``-wal`` and ``-shm`` files when
+        the last connection closes, after copying them into the database) is left out: what it held
+        is in the database file, which is read after it.
+        """
+        contents: dict[Path, bytes] = {}
+        for path in sorted(self.written_files(), key=lambda path: path == self.database):
+            try:
+                contents[path] = path.read_bytes()
+            except FileNotFoundError:
+                continue
+        return contents

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -151,10 +152,15 @@ def test_unreachable_redis_falls_back_and_says_so_once(caplog: pytest.LogCapture
 # Separate processes against the emulator: the hook picks the shared budget from the connection
 # --------------------------------------------------------------------------------------------------
 CREATOR = """
-import json, sys
+import json, sys, time
+from pathlib import Path
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from tests.conftest import FAST_RETRIES
 hook = Blip2Hook(retry_policy=FAST_RETRIES)
+barrier, index, count = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+(barrier / index).touch()
+while len(list(barrier.iterdir())) < count:  # start together: the budgets are tested when they overlap
+    time.sleep(0.01)
 outcomes = [
     hook.wait_for_prediction(hook.create_prediction(url, caption=True), poll_interval=0.05, timeout=60)
     for url in json.loads(sys.argv[1])
@@ -165,19 +171,24 @@ print(json.dumps([o.status for o in outcomes]))
 # created all of its predictions first could hold slots the others wait for, and they for its.
 
 
-def run_processes(emulator: EmulatorServer, connection: str, images: list[list[str]]) -> list[list[str]]:
-    """Run one creating process per image list at once; return each one's outcome statuses."""
+def run_processes(
+    emulator: EmulatorServer, connection: str, images: list[list[str]], barrier: Path
+) -> list[list[str]]:
+    """Run one creating process per image list, all starting at once; return each one's outcome statuses.
+
+    :param barrier: an empty directory; each process marks itself ready there and starts when all are.
+    """
     env = {**os.environ, "AIRFLOW_CONN_BLIP2_DEFAULT": connection, "PYTHONPATH": str(REPO_ROOT)}
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", CREATOR, json.dumps(urls)],
+            [sys.executable, "-c", CREATOR, json.dumps(urls), str(barrier), str(index), str(len(images))],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
             cwd=REPO_ROOT,
         )
-        for urls in images
+        for index, urls in enumerate(images)
     ]
     results = []
     for process in processes:
@@ -196,6 +207,7 @@ def test_processes_with_a_shared_budget_draw_no_429(
     image_url: Callable[[str], str],
     monkeypatch: pytest.MonkeyPatch,
     shared: bool,
+    tmp_path: Path,
 ) -> None:
     # 20 requests per emulated minute (1.2 s here), 4 processes, each within the limit on its own.
     time_scale = 0.02
@@ -208,14 +220,15 @@ def test_processes_with_a_shared_budget_draw_no_429(
             json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": redis_server.port}),
         )
     images = [[image_url("chelsea.jpg") + f"?p={p}&n={n}" for n in range(4)] for p in range(4)]
-    results = run_processes(server, connection_json(server.url, **extra), images)
+    results = run_processes(server, connection_json(server.url, **extra), images, tmp_path)
     assert results == [["success"] * 4] * 4
     ledger = server.ledger()
     assert ledger["creates"] == 16
     if shared:
         assert ledger["responses_429"] == 0
     else:
-        assert ledger["responses_429"] > 0  # four budgets of 20 each against one limit of 20
+        # Four budgets of 20 each against one limit of 20, spent at once: 32 requests within one window.
+        assert ledger["responses_429"] > 0
 
 
 def test_api_key_reaches_no_redis_key(redis_server: RedisServer, redis: RedisParams) -> None:

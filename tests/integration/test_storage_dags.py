@@ -113,7 +113,7 @@ def test_s3_and_gcs_images_in_airflow_leave_no_signed_url_behind(
     # fields, XCom, trigger rows) nor its output holds one.
     output = (result.stdout + result.stderr).encode()
     assert b"Created BLIP-2 prediction" in output
-    leaks = [str(path) for path in sandbox.written_files() if SIGNATURE.search(path.read_bytes())]
+    leaks = [str(path) for path, data in sandbox.written_contents().items() if SIGNATURE.search(data)]
     if SIGNATURE.search(output):
         leaks.append("dags test output")
     assert leaks == []

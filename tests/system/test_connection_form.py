@@ -187,9 +187,14 @@ def test_add_a_blip2_connection_in_the_form_save_it_and_test_it(
     dialog.get_by_role("button", name="Extra Fields", exact=True).click()
     for field in CONNECTION_FIELDS:
         row = form_field(dialog, field.label)
-        box = row.locator("input")
-        expect(box).to_have_attribute("name", f"element_{field.name}")
-        expect(box).to_have_value("" if field.default is None else str(field.default))
+        # The form's value lives in the input named after the field: a text box, or for a field
+        # with choices the hidden input behind a combobox.
+        value = row.locator(f'input[name="element_{field.name}"]')
+        expect(value).to_have_value("" if field.default is None else str(field.default))
+        if field.choices is None:
+            expect(row.locator("input")).to_have_count(1)
+        else:
+            expect(row.get_by_role("combobox")).to_have_count(1)
         expect(row).to_contain_text(field.description)
     page.set_viewport_size({"width": VIEWPORT["width"], "height": 1300})
     page.screenshot(path=screenshot_dir / "connection-form-extra.png")

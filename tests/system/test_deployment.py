@@ -95,7 +95,9 @@ def test_deferred_prediction_succeeds_and_leaks_nothing(
     assert str(xcom["value"]).startswith("[emulated]")
     ti = deployment.task_instance(DEFERRABLE, run_id, "ask")
     assert image not in json.dumps(ti), "the rendered image URL must be masked"
-    leaks = [str(p) for p in deployment.written_files() if API_KEY.encode() in p.read_bytes()]
+    leaks = [
+        str(path) for path, data in deployment.sandbox.written_contents().items() if API_KEY.encode() in data
+    ]
     assert leaks == []
 
 
@@ -179,9 +181,14 @@ def test_batch_survives_triggerer_restarts_without_creating_again(
     assert summary["value"]["succeeded"] == len(images)
 
 
-def test_batch_retry_after_a_worker_crash_creates_nothing_again(
+def test_batch_retry_after_a_worker_crash_pays_again_at_most_the_runs_under_way(
     deployment: AirflowDeployment, fresh_emulator: EmulatorServer, image_server: str, tmp_path: Path
 ) -> None:
+    """The batch runs synchronously on the worker (the default); SIGKILL mid-chunk, then the retry.
+
+    The runs under way die with the worker, their answers unread: the retry counts each as ambiguous
+    and predicts it again. Nothing that had answered is sent again.
+    """
     fresh_emulator.config.latency = 8.0
     images = [f"{image_server}/rocket.webp?n={n}" for n in range(14)]
     output = tmp_path / "captions.jsonl"
@@ -195,11 +202,19 @@ def test_batch_retry_after_a_worker_crash_creates_nothing_again(
         what="the task's pid",
     )
     os.kill(int(pid), signal.SIGKILL)
+    created_before_the_kill = fresh_emulator.ledger()["creates"]
 
     assert deployment.wait_for_run(BATCH_ON_WORKER, run_id, timeout=300) == "success", explain(deployment)
     assert deployment.task_instance(BATCH_ON_WORKER, run_id, "batch")["try_number"] == 2
     ledger = fresh_emulator.ledger()
-    assert ledger["creates"] == len(images)
+    assert ledger["requests"].get("run", 0) >= len(images)  # the synchronous run, not create + poll
+    paid_twice = ledger["creates"] - len(images)
+    assert 0 < paid_twice <= created_before_the_kill
+    summary = deployment.api(
+        "GET", f"/dags/{BATCH_ON_WORKER}/dagRuns/{run_id}/taskInstances/batch/xcomEntries/return_value"
+    )["value"]
+    assert paid_twice <= summary["ambiguous"] <= len(images)
+    assert summary["succeeded"] == len(images)
     assert len(output.read_text().splitlines()) == len(images)
 
 
