@@ -135,10 +135,35 @@ class ProductionStack:
             name: int(by_input.get(f"{name}|caption", 0)) for name in (u.rsplit("/", 1)[-1] for u in urls)
         }
 
-    def explain(self, tail: int = 4000) -> str:
-        """The end of every component's log and the emulator's ledger, for failure messages."""
+    def explain(self, tail: int = 4000, *, dag_id: str | None = None, run_id: str | None = None) -> str:
+        """
+        The end of every component's log and the emulator's ledger, for failure messages.
+
+        :param tail: Characters of each log's end.
+        :param dag_id: With ``run_id``: also the run's unsuccessful tasks and the end of their logs.
+        :param run_id: The run.
+        """
         logs = "\n".join(f"===== {name}\n{text[-tail:]}" for name, text in self.deployment.logs().items())
-        return f"{logs}\n===== emulator ledger\n{self.emulator.ledger()}"
+        tasks = self._unsuccessful_tasks(dag_id, run_id, tail) if dag_id and run_id else ""
+        return f"{logs}\n===== emulator ledger\n{self.emulator.ledger()}{tasks}"
+
+    def _unsuccessful_tasks(self, dag_id: str, run_id: str, tail: int) -> str:
+        """The run's task instances that did not succeed, each with the end of its last try's log."""
+        parts = []
+        for ti in self.deployment.task_instances(dag_id, run_id):
+            if ti["state"] == "success":
+                continue
+            map_index = ti.get("map_index", -1)
+            parts.append(f"\n===== task {ti['task_id']}[{map_index}]: {ti['state']}, try {ti['try_number']}")
+            folder = f"dag_id={dag_id}/run_id={run_id}/task_id={ti['task_id']}"
+            logs = sorted(
+                path
+                for path in self.deployment.written_files()
+                if folder in str(path) and (map_index < 0 or f"map_index={map_index}" in str(path))
+            )
+            if logs:
+                parts.append(logs[-1].read_text(errors="replace")[-tail:])
+        return "\n".join(parts)
 
 
 def numbered_images(directory: Path, prefix: str, count: int) -> list[str]:

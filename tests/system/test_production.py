@@ -99,7 +99,7 @@ def run_to_the_end(stack: ProductionStack, images: list[str], *, kill_after_defe
             what=f"{victim} to count as dead",
         )
     state = deployment.wait_for_run(DAG_ID, run_id, timeout=480)
-    assert state == "success", stack.explain()
+    assert state == "success", stack.explain(dag_id=DAG_ID, run_id=run_id)
     return run_id
 
 
@@ -191,7 +191,7 @@ def run_mapped_and_batch(stack: ProductionStack, dag_id: str, tmp_path: Path) ->
     conf = {"images": mapped, "batch_images": batch, "output_uri": str(tmp_path / "batch.jsonl")}
     run_id = stack.deployment.trigger(dag_id, conf)
     state = stack.deployment.wait_for_run(dag_id, run_id, timeout=600)
-    assert state == "success", stack.explain()
+    assert state == "success", stack.explain(dag_id=dag_id, run_id=run_id)
     summary = stack.deployment.run_summary(dag_id, run_id)
     assert summary.states == {"success": MAPPED + 2}, summary
     lines = [json.loads(line) for line in (tmp_path / "batch.jsonl").read_text().splitlines()]
@@ -221,7 +221,8 @@ def test_without_redis_every_task_still_succeeds_and_creates_once(
     """Each process believes it has 60 requests a minute where the API allows 30: 429s, no failure."""
     fresh.emulator.config.requests_per_minute = SHARED_REQUESTS_PER_MINUTE
     run_mapped_and_batch(fresh, SCALE_DAG_ID, tmp_path)
-    assert fresh.emulator.ledger()["responses_429"] > 0  # the limit was really exceeded
+    ledger = fresh.emulator.ledger()
+    assert ledger["responses_429"] > 0, ledger  # the limit was really exceeded
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,7 +252,7 @@ def test_a_stalled_triggerer_cancels_nothing_when_it_wakes(fresh: ProductionStac
     finally:
         deployment.resume(victim)
     state = deployment.wait_for_run(DAG_ID, run_id, timeout=480)
-    assert state == "success", fresh.explain()
+    assert state == "success", fresh.explain(dag_id=DAG_ID, run_id=run_id)
     assert_every_task_succeeded_and_one_create_per_image(fresh, run_id, images)
     ledger = fresh.emulator.ledger()
     assert ledger["statuses"]["cancelled"] == 0
@@ -267,7 +268,7 @@ def test_a_pool_counting_deferred_tasks_caps_predictions_in_flight(fresh: Produc
         images = fresh.images("pooled", 6)
         run_id = deployment.trigger(POOL_DAG_ID, {"images": images})
         state = deployment.wait_for_run(POOL_DAG_ID, run_id, timeout=480)
-        assert state == "success", fresh.explain()
+        assert state == "success", fresh.explain(dag_id=POOL_DAG_ID, run_id=run_id)
         summary = deployment.run_summary(POOL_DAG_ID, run_id)
         assert summary.states == {"success": len(images) + 1}, summary
         ledger = fresh.emulator.ledger()
@@ -303,7 +304,7 @@ def test_a_killed_triggerer_sends_again_only_the_runs_under_way(
     deployment.wait_for(lambda: fresh.emulator.ledger()["runs"] >= 12, timeout=120, what="runs under way")
     deployment.kill(victim)
     state = deployment.wait_for_run(SHARED_SCALE_DAG_ID, run_id, timeout=600)
-    assert state == "success", fresh.explain()
+    assert state == "success", fresh.explain(dag_id=SHARED_SCALE_DAG_ID, run_id=run_id)
     summary = batch_summary(fresh, SHARED_SCALE_DAG_ID, run_id)
     ledger = fresh.emulator.ledger()
     rerun = int(summary["ambiguous"])  # type: ignore[call-overload]
@@ -324,7 +325,7 @@ def test_a_refused_synchronous_run_is_asked_once_by_the_whole_deployment(
             conf = {"images": [], "batch_images": images, "output_uri": str(tmp_path / f"b{number}.jsonl")}
             run_id = fresh.deployment.trigger(SHARED_SCALE_DAG_ID, conf)
             state = fresh.deployment.wait_for_run(SHARED_SCALE_DAG_ID, run_id, timeout=600)
-            assert state == "success", fresh.explain()
+            assert state == "success", fresh.explain(dag_id=SHARED_SCALE_DAG_ID, run_id=run_id)
             assert batch_summary(fresh, SHARED_SCALE_DAG_ID, run_id)["succeeded"] == 6
         ledger = fresh.emulator.ledger()
         assert ledger["requests"]["run"] == 1 and ledger["creates"] == 12, ledger
@@ -349,7 +350,7 @@ def test_images_no_url_reaches_are_uploaded_by_mapped_tasks_and_a_batch(
         conf = {"images": mapped, "batch_images": files, "output_uri": str(tmp_path / "batch.jsonl")}
         run_id = fresh.deployment.trigger(UPLOADS_DAG_ID, conf)
         state = fresh.deployment.wait_for_run(UPLOADS_DAG_ID, run_id, timeout=900)
-        assert state == "success", fresh.explain()
+        assert state == "success", fresh.explain(dag_id=UPLOADS_DAG_ID, run_id=run_id)
         summary = fresh.deployment.run_summary(UPLOADS_DAG_ID, run_id)
         assert summary.states == {"success": 40 + 2}, summary
         lines = [json.loads(line) for line in (tmp_path / "batch.jsonl").read_text().splitlines()]
