@@ -14,7 +14,6 @@ fails because of it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -22,12 +21,12 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_blip2.client import budget_scripts as scripts
 from airflow_provider_blip2.client.budget import Pace, RequestBudget
 from airflow_provider_blip2.client.notes import SharedNotes
+from airflow_provider_blip2.client.redis_scope import BudgetScope, RedisParams
 
 #: Seconds an unanswered request counts, at most, before it is counted as answered.
 OPEN_REQUEST_TTL = 300.0
@@ -44,39 +43,6 @@ _TOKEN_LOCAL = "local"
 
 def _nothing() -> None:
     return None
-
-
-@dataclass(frozen=True)
-class BudgetScope:
-    """
-    One set of limits counted in Redis.
-
-    :param name: Key prefix of its sorted sets.
-    :param requests_per_minute: Requests allowed in any window.
-    :param max_concurrency: Predictions allowed in flight.
-    """
-
-    name: str
-    requests_per_minute: int
-    max_concurrency: int
-
-
-@dataclass(frozen=True)
-class RedisParams:
-    """
-    How to reach Redis: the keyword arguments of ``redis.Redis`` and ``redis.asyncio.Redis``.
-
-    :param kwargs: ``host``, ``port``, ``db``, ``username``, ``password`` and the ``ssl*`` options.
-    """
-
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def key(self) -> tuple[tuple[str, str], ...]:
-        """A hashable identity (the password only as a digest)."""
-        items = {k: str(v) for k, v in self.kwargs.items() if k != "password"}
-        items["password"] = hashlib.sha256(str(self.kwargs.get("password")).encode()).hexdigest()[:12]
-        return tuple(sorted(items.items()))
 
 
 class SharedBudget:
@@ -371,39 +337,3 @@ def shared_budget_for(
         if budget is None:
             budget = _SHARED[key] = SharedBudget(scopes, redis, window=window, fallback=fallback, log=log)
         return budget
-
-
-def account_scope_name(base_url: str, api_key: str) -> str:
-    """
-    The Redis name of an API key's limits: every connection with the same key shares them.
-
-    :param base_url: The API's base URL.
-    :param api_key: The key (only a digest of it is used).
-    """
-    return hashlib.sha256(f"{base_url}\n{api_key}".encode()).hexdigest()[:16]
-
-
-_SSL_OPTIONS = ("ssl", "ssl_cert_reqs", "ssl_ca_certs", "ssl_keyfile", "ssl_certfile", "ssl_check_hostname")
-
-
-def redis_params(
-    host: str | None, port: int | None, login: str | None, password: str | None, extra: dict[str, Any]
-) -> RedisParams:
-    """
-    How to reach Redis, from the fields of an Airflow ``redis`` connection (as its RedisHook reads them).
-
-    :param host: Host name.
-    :param port: Port (default 6379).
-    :param login: User name, if any.
-    :param password: Password, if any.
-    :param extra: The connection's extra: ``db`` and the ``ssl*`` options.
-    """
-    kwargs: dict[str, Any] = {
-        "host": host or "localhost",
-        "port": int(port or 6379),
-        "db": int(extra.get("db") or 0),
-        "username": login or None,
-        "password": None if str(password).lower() in ("none", "false", "") else password,
-    }
-    kwargs.update({name: value for name, value in extra.items() if name in _SSL_OPTIONS})
-    return RedisParams(kwargs)

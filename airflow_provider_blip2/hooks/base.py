@@ -18,21 +18,35 @@ from airflow.providers.common.compat.sdk import BaseHook
 from requests.adapters import HTTPAdapter
 
 from airflow_provider_blip2.client.budget import Budget, budget_for, wait_async, wait_sync
-from airflow_provider_blip2.client.errors import Blip2Error, Blip2InputError
-from airflow_provider_blip2.client.retry import RetryPolicy, final_error
-from airflow_provider_blip2.client.settings import CONNECTION_FIELDS, UI_FIELD_BEHAVIOUR, ClientSettings
-from airflow_provider_blip2.client.shared_budget import (
+from airflow_provider_blip2.client.errors import (
+    Blip2AuthenticationError,
+    Blip2Error,
+    Blip2InputError,
+    Blip2NotFoundError,
+    Blip2TransportError,
+)
+from airflow_provider_blip2.client.redis_scope import (
     BudgetScope,
     RedisParams,
     account_scope_name,
     redis_params,
-    shared_budget_for,
 )
+from airflow_provider_blip2.client.retry import TEST_CONNECTION_RETRY_POLICY, RetryPolicy, final_error
+from airflow_provider_blip2.client.settings import (
+    CONNECTION_FIELDS,
+    DEFAULT_BASE_URL,
+    UI_FIELD_BEHAVIOUR,
+    ClientSettings,
+)
+from airflow_provider_blip2.client.shared_budget import shared_budget_for
 from airflow_provider_blip2.client.uploads import Blip2UploadError
 from airflow_provider_blip2.client.wire import (
     ApiRequest,
     ApiResponse,
     check_response,
+    get_model_request,
+    get_prediction_request,
+    parse_model_response,
     request_arguments,
     transport_error,
 )
@@ -40,6 +54,8 @@ from airflow_provider_blip2.hooks.event_loop import aconnection, arequest
 
 #: Seconds an image upload's PUT may take at least (files go up to 100 MB).
 UPLOAD_TIMEOUT = 300.0
+# An id no prediction has: reading it tells a valid key (404) from an invalid one (401).
+_PROBE_PREDICTION_ID = "00000000-0000-4000-8000-000000000000"
 
 
 class Blip2ConnectionHook(BaseHook):
@@ -260,6 +276,42 @@ class Blip2ConnectionHook(BaseHook):
             # reference cycle per request, which only the cyclic collector frees. In a triggerer,
             # hundreds of reads a second make that collector run its full, loop-stalling passes.
             retrying.iter_state.reset()
+
+    def get_model(self) -> dict[str, Any]:
+        """Return the model's public record, with its input schema (``request_schema``)."""
+        return parse_model_response(self._send(get_model_request(self.settings.model)))
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check the host, the model and the API key against the server; say what is wrong."""
+        try:
+            settings = self.settings
+        except Blip2InputError as error:
+            return False, f"The connection is misconfigured: {error}"
+        probe = type(self)(self.blip2_conn_id, retry_policy=TEST_CONNECTION_RETRY_POLICY)
+        probe._settings = settings
+        where = settings.base_url
+        try:
+            probe.get_model()
+        except Blip2TransportError as error:
+            return False, f"Cannot reach the API at {where}: {error.message}"
+        except Blip2NotFoundError:
+            return False, (
+                f"No Eachlabs API, or no model {settings.model!r}, at {where}: check the host "
+                f"(the public API is {DEFAULT_BASE_URL}) and the connection's model field"
+            )
+        except Blip2AuthenticationError:
+            return False, "The API key was refused (HTTP 401): set a valid key as the connection's API Key"
+        except Blip2Error as error:
+            return False, f"The API at {where} answered with an error: {error}"
+        try:
+            probe._send(get_prediction_request(_PROBE_PREDICTION_ID))
+        except Blip2NotFoundError:
+            pass
+        except Blip2AuthenticationError:
+            return False, "The API key was refused (HTTP 401): set a valid key as the connection's API Key"
+        except Blip2Error as error:
+            return False, f"The API at {where} answered with an error while checking the key: {error}"
+        return True, f"Connected to {where}: the API key is valid, model {settings.model!r} exists"
 
     def get_conn(self) -> requests.Session:
         """The HTTP session of the sync calls (retries are the hook's, not urllib3's)."""

@@ -8,20 +8,13 @@ from typing import Any
 
 from airflow_provider_blip2.client.budget import wait_async, wait_sync
 from airflow_provider_blip2.client.errors import (
-    Blip2AuthenticationError,
-    Blip2Error,
-    Blip2InputError,
-    Blip2NotFoundError,
     Blip2PredictionFailedError,
     Blip2SyncRunUnavailableError,
-    Blip2TransportError,
 )
 from airflow_provider_blip2.client.inputs import PredictionInput, build_prediction_input
 from airflow_provider_blip2.client.models import Prediction, PredictionOutcome, parse_prediction
 from airflow_provider_blip2.client.polling import PredictionWatch
-from airflow_provider_blip2.client.retry import TEST_CONNECTION_RETRY_POLICY
 from airflow_provider_blip2.client.settings import (
-    DEFAULT_BASE_URL,
     ClientSettings,
 )
 from airflow_provider_blip2.client.sync_run import SyncRunChoice
@@ -38,10 +31,8 @@ from airflow_provider_blip2.client.wire import (
     build_create_body,
     cancel_prediction_request,
     create_prediction_request,
-    get_model_request,
     get_prediction_request,
     parse_create_response,
-    parse_model_response,
     parse_run_response,
     prediction_link,
     run_prediction_request,
@@ -51,8 +42,6 @@ from airflow_provider_blip2.storage.masking import mask_signed_url
 
 #: Seconds a create waits out 429 answers by default (nothing is created by a 429).
 CREATE_PATIENCE = 600.0
-# An id no prediction has: reading it tells a valid key (404) from an invalid one (401).
-_PROBE_PREDICTION_ID = "00000000-0000-4000-8000-000000000000"
 
 
 class Blip2Hook(Blip2ConnectionHook):
@@ -352,42 +341,6 @@ class Blip2Hook(Blip2ConnectionHook):
                 outcome.failure_message(), prediction_id=prediction_id, error_code=outcome.error_code
             )
         return outcome
-
-    def get_model(self) -> dict[str, Any]:
-        """Return the model's public record, with its input schema (``request_schema``)."""
-        return parse_model_response(self._send(get_model_request(self.settings.model)))
-
-    def test_connection(self) -> tuple[bool, str]:
-        """Check the host, the model and the API key against the server; say what is wrong."""
-        try:
-            settings = self.settings
-        except Blip2InputError as error:
-            return False, f"The connection is misconfigured: {error}"
-        probe = type(self)(self.blip2_conn_id, retry_policy=TEST_CONNECTION_RETRY_POLICY)
-        probe._settings = settings
-        where = settings.base_url
-        try:
-            probe.get_model()
-        except Blip2TransportError as error:
-            return False, f"Cannot reach the API at {where}: {error.message}"
-        except Blip2NotFoundError:
-            return False, (
-                f"No Eachlabs API, or no model {settings.model!r}, at {where}: check the host "
-                f"(the public API is {DEFAULT_BASE_URL}) and the connection's model field"
-            )
-        except Blip2AuthenticationError:
-            return False, "The API key was refused (HTTP 401): set a valid key as the connection's API Key"
-        except Blip2Error as error:
-            return False, f"The API at {where} answered with an error: {error}"
-        try:
-            probe._send(get_prediction_request(_PROBE_PREDICTION_ID))
-        except Blip2NotFoundError:
-            pass
-        except Blip2AuthenticationError:
-            return False, "The API key was refused (HTTP 401): set a valid key as the connection's API Key"
-        except Blip2Error as error:
-            return False, f"The API at {where} answered with an error while checking the key: {error}"
-        return True, f"Connected to {where}: the API key is valid, model {settings.model!r} exists"
 
     # ----------------------------------------------------------------------------------------------
     # Async API (for triggers)

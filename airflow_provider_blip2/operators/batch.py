@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from collections.abc import Sequence
 from functools import cached_property
@@ -20,48 +19,35 @@ from airflow_provider_blip2.batch import (
     BatchItem,
     BatchJournal,
     BatchState,
-    build_items,
     describe_failures,
     failed_ratio_exceeded,
     image_key,
 )
-from airflow_provider_blip2.client.errors import (
-    Blip2AmbiguousCreateError,
-    Blip2BadRequestError,
-    Blip2Error,
-    Blip2InputError,
-    Blip2UnprocessableError,
-)
 from airflow_provider_blip2.client.inputs import PredictionInput
-from airflow_provider_blip2.client.models import (
-    RETRY_TRANSIENT,
-    PredictionOutcome,
-    PredictionStatus,
-    create_again_within_try,
-    predict_again_on_new_try,
-)
-from airflow_provider_blip2.client.uploads import (
-    TRANSFER_AUTO,
-    Blip2UploadError,
-    check_image_file,
-    local_path,
-    transfer_for,
-)
+from airflow_provider_blip2.client.models import RETRY_TRANSIENT
+from airflow_provider_blip2.client.uploads import TRANSFER_AUTO
 from airflow_provider_blip2.operators.base import (
     DEFER_AFTER_SECONDS,
     Blip2TaskMixin,
     check_defer_after,
     check_image_transfer,
     check_retry_parameters,
-    url_expiry,
 )
-from airflow_provider_blip2.operators.batch_run import (
-    chunk_to_run,
-    fail_interrupted_runs,
-    record_run_event,
+from airflow_provider_blip2.operators.batch_images import image_list, resolve_items
+from airflow_provider_blip2.operators.batch_poll import (
+    create_predictions,
+    first_event,
+    poll_trigger,
+    record_poll_event,
 )
-from airflow_provider_blip2.operators.uploads import UploadedImage, batch_uploads, needs_upload
-from airflow_provider_blip2.storage import SigningError, StorageError, is_remote_object
+from airflow_provider_blip2.operators.batch_run import chunk_to_run, record_run_event
+from airflow_provider_blip2.operators.batch_tries import (
+    forget_progress,
+    open_journal,
+    predict_again,
+    retries_left,
+    try_number,
+)
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -69,7 +55,6 @@ if TYPE_CHECKING:
     from airflow.triggers.base import BaseTrigger
 
     from airflow_provider_blip2.hooks.blip2 import Blip2Hook
-    from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
 
 
 class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
@@ -244,51 +229,15 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     # ------------------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
         """List the images (or resume the stored batch), then run it."""
-        journal = self._journal(context)
+        journal = open_journal(self, context)
         state = journal.load()
         if state is None:
             state = journal.start(self._items())
             self.log.info("Starting a batch of %d predictions", len(state.items))
         else:
             self.log.info("Resuming the stored batch: %s", state.progress_line())
-            self._predict_again(journal, state)
+            predict_again(self, journal, state)
         return self._run(context, journal, state, None)
-
-    def _predict_again(self, journal: BatchJournal, state: BatchState) -> None:
-        """
-        On a new try, release the items it predicts again (``retry_failures``); keep the others.
-
-        Predictions still in flight are kept and waited for, except those cancelled in flight (a
-        user cleared or failed the deferred task, and its trigger cancelled them). Finished items
-        are predicted again when the retry rule says a new try can change how they ended.
-        """
-        journal.begin_cycle(state)
-        fail_interrupted_runs(journal, state)
-        cancelled = []
-        for index, (prediction_id, _deadline) in state.in_flight.items():
-            try:
-                status = self.hook.get_prediction(prediction_id).status
-            except Blip2Error as error:
-                self.log.warning("Could not read prediction %s: %s", prediction_id, error)
-                continue
-            outcome = PredictionOutcome(PredictionOutcome.CANCELLED, prediction_id=prediction_id)
-            if status is PredictionStatus.CANCELLED and predict_again_on_new_try(
-                outcome, self.retry_failures
-            ):
-                self.log.info(
-                    "Prediction %s was cancelled in flight; its image is predicted again", prediction_id
-                )
-                cancelled.append(index)
-        again = state.to_predict_again(self.retry_failures)
-        if again:
-            self.log.info(
-                "This try predicts again %d items that failed in an earlier try (%s); "
-                "it keeps the other %d results",
-                len(again),
-                describe_failures([state.finished[index] for index in again]),
-                len(state.finished) - len(again),
-            )
-        journal.release(state, cancelled + again)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """
@@ -297,7 +246,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         :param context: The task context.
         :param event: The trigger's payload.
         """
-        journal = self._journal(context)
+        journal = open_journal(self, context)
         state = journal.load()
         if state is None:
             raise AirflowException("The batch's progress is missing (task state store, or XCom before 3.3)")
@@ -306,16 +255,16 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     def _run(
         self, context: Context, journal: BatchJournal, state: BatchState, event: dict[str, Any] | None
     ) -> dict[str, Any]:
-        try_number = _try_number(context)
+        number = try_number(context)
         while True:
             journal.begin_cycle(state)
             if event is not None and event.get("run"):
-                record_run_event(self, journal, state, event, try_number)
+                record_run_event(self, journal, state, event, number)
             elif event is not None:
-                self._record_event(journal, state, event, try_number)
-            runs = chunk_to_run(self, journal, state, try_number)
+                record_poll_event(self, journal, state, event, number)
+            runs = chunk_to_run(self, journal, state, number)
             if runs is None:
-                self._create_predictions(journal, state, try_number)
+                create_predictions(self, journal, state, number)
             journal.flush()
             self.log.info("Batch progress: %s", state.progress_line())
             if state.done:
@@ -328,7 +277,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     def _wait_for_runs(self, trigger: BaseTrigger) -> dict[str, Any]:
         """Run a chunk of synchronous runs: in the triggerer when deferrable, else here."""
         if not self.deferrable:
-            return _first_event(trigger)
+            return first_event(trigger)
         self.defer(trigger=trigger, method_name="execute_complete")
 
     def _wait_on_worker(self, state: BatchState, polled: dict[str, float]) -> dict[str, Any]:
@@ -339,43 +288,19 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         :param polled: When the last trigger read each prediction still running.
         """
         if not self.deferrable:
-            return _first_event(self._trigger(state, polled))
+            return first_event(poll_trigger(self, state, polled))
         if self.defer_after > 0:
-            event = _first_event(self._trigger(state, polled, return_by=time.time() + self.defer_after))
+            event = first_event(poll_trigger(self, state, polled, return_by=time.time() + self.defer_after))
             if event.get("finished"):
                 return event
             self.hook.budget().note_requests(event.get("recent_requests") or [])
             polled = event.get("polled") or polled
         self.log.info("No prediction ended within %g s; deferring", self.defer_after)
-        self.defer(trigger=self._trigger(state, polled, deferred=True), method_name="execute_complete")
+        self.defer(trigger=poll_trigger(self, state, polled, deferred=True), method_name="execute_complete")
 
     def _items(self) -> list[BatchItem]:
         """Resolve ``images`` to the batch's items, failing before any create on bad input."""
-
-        try:
-            self.storage.check_writable(self.output_uri)
-            uris: list[str] = []
-            for entry in _image_list(self.images, self.image_transfer):
-                if _is_prefix(entry, listing_one=isinstance(self.images, str)):
-                    listed = _list_prefix(self, entry)
-                    self.log.info("Found %d images under %s", len(listed), entry)
-                    uris += listed
-                else:
-                    uris.append(entry)
-            uris = list(dict.fromkeys(uris))
-            self.storage.check_all_exist([uri for uri in uris if is_remote_object(uri)])
-            for uri in uris:
-                if (path := local_path(uri)) is not None:
-                    check_image_file(path, field_name="images")
-            keys = [image_key(uri) for uri in uris]
-            items = build_items(keys, questions=self.questions, question=self.question, caption=self.caption)
-            for item in {(item.question,): item for item in items}.values():
-                self._prediction_input(item, "https://images.invalid/check.jpg")
-        except (StorageError, Blip2InputError, ValueError) as error:
-            raise AirflowFailException(f"Invalid batch for task {self.task_id}: {error}") from error
-        if not items:
-            self.log.warning("No images to predict: %s matched nothing", self.images)
-        return items
+        return resolve_items(self)
 
     def _image_url(self, key: str) -> str:
         """
@@ -387,7 +312,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         if "?<redacted" not in key:
             return key
         if self._urls_by_key is None:
-            self._urls_by_key = {image_key(url): url for url in _image_list(self.images)}
+            self._urls_by_key = {image_key(url): url for url in image_list(self.images)}
         url = self._urls_by_key.get(key)
         if url is None:
             raise AirflowFailException(
@@ -407,133 +332,6 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             use_nucleus_sampling=self.use_nucleus_sampling,
         )
 
-    def _create_predictions(self, journal: BatchJournal, state: BatchState, try_number: int | None) -> None:
-        """Create predictions for pending items while slots are free; record each at once."""
-        free = self.hook.settings.max_concurrency - len(state.in_flight)
-        expires_in = url_expiry(self.url_expiry, self.timeout)
-        pending = state.pending()
-        if self.hook.sync_run_choice().worth_trying():
-            pending = []  # they wait for a chunk of synchronous runs, once nothing is in flight
-        chosen = pending[: max(0, free)]
-        uploads = batch_uploads(
-            self, journal, state, [i for i in chosen if needs_upload(self, state.items[i].image)]
-        )
-        for index in chosen:
-            item = state.items[index]
-            journal.record_attempt(state, index, try_number)
-            try:
-                url = _uploaded_or_signed(self, uploads.get(index), item.image, expires_in)
-                prediction_id = self.hook.submit_prediction(
-                    self._prediction_input(item, url), patient_until=time.time() + self.timeout
-                )
-            except SigningError as error:
-                raise AirflowFailException(str(error)) from error
-            except Blip2AmbiguousCreateError as error:
-                # It may exist and cost money: not created again in this try; a new try may.
-                self.log.warning("%s (%s): %s", _file_name(item.image), item.label, error)
-                outcome = PredictionOutcome(PredictionOutcome.AMBIGUOUS, error=str(error))
-                journal.record_ambiguous(state, index)
-                journal.record_finished(state, {index: outcome})
-                continue
-            except (
-                StorageError,
-                Blip2UploadError,
-                Blip2InputError,
-                Blip2BadRequestError,
-                Blip2UnprocessableError,
-            ) as error:
-                journal.record_finished(state, {index: PredictionOutcome("error", error=str(error))})
-                continue
-            journal.record_created(state, index, prediction_id, time.time() + self.timeout)
-
-    def _record_event(
-        self, journal: BatchJournal, state: BatchState, event: dict[str, Any], try_number: int | None
-    ) -> None:
-
-        budget = self.hook.budget()
-        budget.note_requests(event.get("recent_requests") or [])
-        results = {}
-        again = []
-        for prediction_id, payload in (event.get("finished") or {}).items():
-            index = state.index_of(prediction_id)
-            if index is None:
-                continue
-            result = PredictionOutcome.from_json(payload)
-            budget.prediction_finished(prediction_id)
-            if result.status == "timeout":
-                self._cancel_quietly(prediction_id)
-                result = PredictionOutcome(
-                    "timeout",
-                    error=f"did not finish within {self.timeout:g} s; it was cancelled",
-                    prediction_id=prediction_id,
-                )
-            item = state.items[index]
-            attempts = state.attempts_in_try(index, try_number)
-            if create_again_within_try(result, attempts_this_try=attempts, max_attempts=self.max_attempts):
-                self.log.warning(
-                    "%s (%s): %s; predicting it again (attempt %d of %d)",
-                    _file_name(item.image),
-                    item.label,
-                    result.failure_message(),
-                    attempts + 1,
-                    self.max_attempts,
-                )
-                again.append(index)
-            elif result.failed:
-                self.log.warning("%s (%s): %s", _file_name(item.image), item.label, result.error)
-            results[index] = result
-        journal.record_finished(state, results)
-        journal.release(state, again)
-
-    def _trigger(
-        self,
-        state: BatchState,
-        polled: dict[str, float],
-        *,
-        deferred: bool = False,
-        return_by: float | None = None,
-    ) -> Blip2BatchPredictionTrigger:
-        """
-        The trigger for the in-flight predictions.
-
-        :param state: The batch.
-        :param polled: When the last trigger read each prediction still running.
-        :param deferred: It runs in the triggerer (else here, on the worker).
-        :param return_by: Unix time at which a trigger run here hands back what ended, even nothing.
-        """
-        from airflow_provider_blip2.triggers.blip2 import (
-            BATCH_DEFERRAL_SETTLE_SECONDS,
-            Blip2BatchPredictionTrigger,
-        )
-
-        in_flight = state.in_flight
-        # First read a poll interval after the create, or after the previous trigger's last read.
-        poll_from = {
-            pid: max(deadline - self.timeout, float(polled.get(pid, 0.0))) + self.poll_interval
-            for pid, deadline in in_flight.values()
-        }
-        if not state.pending():
-            resume_after = len(in_flight)
-        elif deferred:
-            # Come back when half the slots are free: each round trip through the scheduler costs
-            # seconds in which no request is sent, so it must refill several slots at once.
-            resume_after = max(1, self.hook.settings.max_concurrency // 2)
-        else:
-            resume_after = 1
-        self._waiting_for = [pid for pid, _deadline in in_flight.values()]
-        return Blip2BatchPredictionTrigger(
-            predictions=dict(in_flight.values()),
-            poll_from=poll_from,
-            blip2_conn_id=self.blip2_conn_id,
-            poll_interval=self.poll_interval,
-            resume_after=resume_after,
-            recent_requests=self.hook.budget().recent_requests(),
-            requests_per_minute=self.requests_per_minute,
-            max_concurrency=self.max_concurrency,
-            not_before=time.time() + BATCH_DEFERRAL_SETTLE_SECONDS if deferred else None,
-            return_by=return_by,
-        )
-
     def _finish(self, context: Context, state: BatchState) -> dict[str, Any]:
         """Write the results, return the summary; fail if too many predictions failed."""
         self.storage.write_bytes(
@@ -543,7 +341,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         summary = state.summary(self.output_uri)
         self.log.info("Batch finished: %s", summary)
         again = state.to_predict_again(self.retry_failures)
-        if again and _retries_left(context):
+        if again and retries_left(context):
             raise AirflowException(
                 f"{len(again)} of {summary['total']} predictions failed in a way a new try can fix "
                 f"({describe_failures([state.finished[index] for index in again])}): the next try "
@@ -556,16 +354,8 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
                 f"max_failed_ratio={self.max_failed_ratio:g} allows; results in {self.output_uri}"
             )
         if not summary["failed"]:
-            _forget_progress(context)
+            forget_progress(context)
         return summary
-
-    def _journal(self, context: Context) -> BatchJournal:
-
-        store: Any = context.get("task_state_store")  # type: ignore[call-overload]
-        if store is None:
-            self.log.warning("No task state store (Airflow < 3.3): progress lasts one try, not retries")
-            store = _XComStore(context)
-        return BatchJournal(store)
 
     def on_kill(self) -> None:
         """Cancel the predictions this try waits for on the worker (``deferrable=False``)."""
@@ -592,106 +382,3 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         if output is not None and self._output_rows is not None:
             outputs.append((output[0], output[1], self._output_rows))
         return operator_lineage(inputs=batch_images(self.images), outputs=outputs)
-
-
-def _try_number(context: Context) -> int | None:
-    """This try's number, when the task instance tells it."""
-    number = getattr(context.get("ti"), "try_number", None)
-    return number if isinstance(number, int) else None
-
-
-def _retries_left(context: Context) -> bool:
-    """
-    Whether a failure of this try leads to another try that keeps the batch's progress.
-
-    Only with a task state store (Airflow 3.3+): before, a new try starts the batch over. Airflow
-    retries while ``try_number <= max_tries``.
-    """
-    if context.get("task_state_store") is None:  # type: ignore[call-overload]
-        return False
-    max_tries = getattr(context.get("ti"), "max_tries", None)
-    number = _try_number(context)
-    return isinstance(max_tries, int) and number is not None and max_tries > 0 and number <= max_tries
-
-
-def _file_name(image: str) -> str:
-    """How log lines name an image: its file name (a URL's query is redacted in journal keys)."""
-    return image.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _uploaded_or_signed(
-    op: Blip2BatchPredictionOperator, upload: UploadedImage | Exception | None, image: str, expires_in: float
-) -> str:
-    """An item's image URL: its uploaded copy's (raising the upload's error), else signed or as given."""
-    if isinstance(upload, Exception):
-        raise upload
-    if upload is not None:
-        return upload.public_url
-    return op.storage.signed_url(op._image_url(image), expires_in=expires_in)
-
-
-def _image_list(images: Any, image_transfer: str = "auto") -> list[str]:
-    """Validate a list of image URIs (or one URL or path), keeping the first of duplicates."""
-    values = [images] if isinstance(images, str) else list(images or [])
-    uris: dict[str, None] = {}
-    for value in values:
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"images: {value!r} is not an image URI or path")
-        if "://" in value and not value.startswith(("https://", "http://", "s3://", "gs://", "file://")):
-            raise ValueError(
-                f"images: {value!r} is not an https://, http://, s3://, gs:// or file:// URI, or a path"
-            )
-        transfer_for(image_transfer, value, field_name="images")
-        uris.setdefault(value, None)
-    return list(uris)
-
-
-def _is_prefix(entry: str, *, listing_one: bool) -> bool:
-    """Whether an entry of ``images`` is a folder to list: a bucket prefix, or a local directory."""
-    path = local_path(entry)
-    if path is not None:
-        return path.is_dir()
-    return is_remote_object(entry) and (listing_one or entry.endswith("/"))
-
-
-def _list_prefix(op: Blip2BatchPredictionOperator, entry: str) -> list[str]:
-    """The images under a prefix or in a local directory (recursively), matching ``image_patterns``."""
-    path = local_path(entry)
-    if path is None:
-        return op.storage.list_images(entry, op.image_patterns)
-    patterns = [pattern.lower() for pattern in op.image_patterns]
-    files = (p for p in sorted(path.rglob("*")) if p.is_file())
-    return [str(p) for p in files if any(fnmatch.fnmatch(p.name.lower(), pattern) for pattern in patterns)]
-
-
-def _first_event(trigger: BaseTrigger) -> dict[str, Any]:
-    """Run a trigger on the worker and return its event's payload."""
-    import asyncio
-
-    async def first() -> dict[str, Any]:
-        async for event in trigger.run():
-            return dict(event.payload)
-        raise AirflowException(f"{type(trigger).__name__} ended without an event")
-
-    return asyncio.run(first())
-
-
-class _XComStore:
-    """The journal's store before Airflow 3.3: this task instance's XCom (kept across deferrals)."""
-
-    def __init__(self, context: Context) -> None:
-        self.ti = context["ti"]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self.ti.xcom_pull(task_ids=self.ti.task_id, key=key, map_indexes=self.ti.map_index)
-        return default if value is None else value
-
-    def set(self, key: str, value: Any) -> None:
-        self.ti.xcom_push(key=key, value=value)
-
-
-def _forget_progress(context: Context) -> None:
-    """Drop the finished batch's progress, so a cleared task predicts again."""
-    store = context.get("task_state_store")  # type: ignore[call-overload]
-    if store is not None:
-        store.clear()

@@ -22,6 +22,7 @@ from airflow.providers.common.compat.sdk import AirflowException
 from airflow_provider_blip2.batch import BatchJournal, BatchState
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.sealing import seal
+from airflow_provider_blip2.operators.batch_poll import record_poll_event
 from airflow_provider_blip2.operators.uploads import batch_uploads, needs_upload
 
 if TYPE_CHECKING:
@@ -169,8 +170,8 @@ def record_run_event(
     for index in returned:
         journal.forget_attempt(state, index)  # never sent
     journal.release(state, returned)
-    op._record_event(
-        journal, state, {"finished": by_id, "recent_requests": event.get("recent_requests")}, try_number
+    record_poll_event(
+        op, journal, state, {"finished": by_id, "recent_requests": event.get("recent_requests")}, try_number
     )
     if event.get("refused"):
         op.log.info("The model refused the synchronous run: the batch's other items are created and polled")

@@ -16,7 +16,6 @@ from airflow.providers.common.compat.sdk import (
     mask_secret,
 )
 
-from airflow_provider_blip2.batch import image_key
 from airflow_provider_blip2.client.errors import Blip2InputError, Blip2NotFoundError
 from airflow_provider_blip2.client.inputs import PredictionInput
 from airflow_provider_blip2.client.models import (
@@ -42,9 +41,8 @@ from airflow_provider_blip2.operators.base import (
     url_expiry,
 )
 from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
-from airflow_provider_blip2.operators.uploads import ImageUploader, UploadedImage
+from airflow_provider_blip2.operators.uploads import single_upload
 from airflow_provider_blip2.storage import StorageError, is_remote_object
-from airflow_provider_blip2.storage.masking import mask_signed_url
 from airflow_provider_blip2.storage.staging import ImageFetchError
 
 if TYPE_CHECKING:
@@ -66,8 +64,6 @@ PREDICTION_ID_XCOM_KEY = "prediction_id"
 #: XCom keys of what the API reported for the finished prediction (all attempts of the try).
 COST_XCOM_KEY = "cost"
 PREDICT_TIME_XCOM_KEY = "predict_time"
-#: The task state store's key of the image's uploaded copy (a retry reuses it while it is kept).
-UPLOAD_STATE_KEY = "blip2_upload"
 # Status reported for a stored prediction id the API does not know: a retry then creates a new one.
 PREDICTION_NOT_FOUND = "not found"
 
@@ -245,33 +241,11 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         if not isinstance(image, str):
             return image
         if transfer_for(self.image_transfer, image) == TRANSFER_UPLOAD:
-            return self._uploaded_copy(context).public_url
+            return single_upload(self, context).public_url
         if is_remote_object(image):
             self.storage.check_exists(image)
             return self.storage.signed_url(image, expires_in=url_expiry(self.url_expiry, self.timeout))
         return image
-
-    def _uploaded_copy(self, context: Context | None) -> UploadedImage:
-        """The image's uploaded copy: the one an earlier try made while it is kept, else a new one."""
-        store: Any = context.get("task_state_store") if context else None  # type: ignore[call-overload]
-        api_key = self.hook.settings.api_key
-        kept = store.get(UPLOAD_STATE_KEY) if store is not None else None
-        if isinstance(kept, dict) and kept.get("image") == image_key(self.image):
-            copy = UploadedImage.from_json(kept.get("copy"), api_key)
-            if copy is not None and copy.usable_for(self.timeout):
-                mask_signed_url(copy.public_url)
-                self.log.info(
-                    "Reusing the uploaded copy of an earlier try (kept %.0f s more)",
-                    copy.expires_at - time.time(),
-                )
-                return copy
-        uploader = ImageUploader(
-            self.hook, self.storage, timeout=self.timeout, retention=self.upload_retention
-        )
-        copy = uploader.upload(self.image)
-        if store is not None:
-            store.set(UPLOAD_STATE_KEY, {"image": image_key(self.image), "copy": copy.to_json(api_key)})
-        return copy
 
     def submit_job(self, context: Context) -> str:
         """Create the prediction and push its id and link to XCom."""

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_blip2.batch import image_key
 from airflow_provider_blip2.client.sealing import seal, unseal
 from airflow_provider_blip2.client.uploads import Blip2UploadError, retention_seconds
 from airflow_provider_blip2.storage.errors import StorageError
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 UPLOAD_CONCURRENCY = 4
 #: Seconds of a copy's retention that must be left beyond a prediction's timeout to reuse it.
 REUSE_MARGIN = 60.0
+#: The task state store's key of a single prediction's uploaded copy (a retry reuses it while kept).
+UPLOAD_STATE_KEY = "blip2_upload"
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,33 @@ class ImageUploader:
         with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY, thread_name_prefix="blip2-upload") as pool:
             results = dict(zip(uris, pool.map(one, uris.values()), strict=True))
         return results
+
+
+def single_upload(op: Any, context: Any) -> UploadedImage:
+    """
+    The single operator's uploaded copy: the one an earlier try made while it is kept, else a new one.
+
+    :param op: The prediction operator.
+    :param context: The task context (its task state store keeps the copy, sealed), or ``None``.
+    """
+    store: Any = context.get("task_state_store") if context else None
+    api_key = op.hook.settings.api_key
+    kept = store.get(UPLOAD_STATE_KEY) if store is not None else None
+    if isinstance(kept, dict) and kept.get("image") == image_key(op.image):
+        copy = UploadedImage.from_json(kept.get("copy"), api_key)
+        if copy is not None and copy.usable_for(op.timeout):
+            mask_signed_url(copy.public_url)
+            op.log.info(
+                "Reusing the uploaded copy of an earlier try (kept %.0f s more)",
+                copy.expires_at - time.time(),
+            )
+            return copy
+    copy = ImageUploader(op.hook, op.storage, timeout=op.timeout, retention=op.upload_retention).upload(
+        op.image
+    )
+    if store is not None:
+        store.set(UPLOAD_STATE_KEY, {"image": image_key(op.image), "copy": copy.to_json(api_key)})
+    return copy
 
 
 def needs_upload(op: Any, image: str) -> bool:

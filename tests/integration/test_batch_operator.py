@@ -29,6 +29,7 @@ from airflow_provider_blip2.batch import (
     image_key,
 )
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
+from airflow_provider_blip2.operators.batch_tries import open_journal
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator, Blip2PredictionOperator
 from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
 from scripts.sandbox import AirflowSandbox
@@ -181,7 +182,7 @@ def test_batch_retry_reuses_created_predictions_and_results(
 
     class DiesAfterFirstRound(Blip2BatchPredictionOperator):
         def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
-            self._journal(context)  # the worker dies before recording anything
+            open_journal(self, context)  # the worker dies before recording anything
             raise RuntimeError("worker lost")
 
     first = DiesAfterFirstRound(

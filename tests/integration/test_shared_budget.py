@@ -20,12 +20,8 @@ from typing import Any
 import pytest
 
 from airflow_provider_blip2.client.budget import RequestBudget
-from airflow_provider_blip2.client.shared_budget import (
-    BudgetScope,
-    RedisParams,
-    SharedBudget,
-    redis_params,
-)
+from airflow_provider_blip2.client.redis_scope import BudgetScope, RedisParams, redis_params
+from airflow_provider_blip2.client.shared_budget import SharedBudget
 from airflow_provider_blip2.emulator import EmulatorServer
 from scripts.ports import free_port
 from scripts.redis_server import RedisServer, redis_missing_reason
@@ -234,7 +230,7 @@ def test_processes_with_a_shared_budget_draw_no_429(
 def test_api_key_reaches_no_redis_key(redis_server: RedisServer, redis: RedisParams) -> None:
     import redis as redis_py
 
-    from airflow_provider_blip2.client.shared_budget import account_scope_name
+    from airflow_provider_blip2.client.redis_scope import account_scope_name
 
     name = account_scope_name("http://127.0.0.1:1", API_KEY)
     budget = SharedBudget(

@@ -17,11 +17,8 @@ from airflow.providers.common.compat.sdk import AirflowException, AirflowFailExc
 
 from airflow_provider_blip2.client.budget import _BUDGETS
 from airflow_provider_blip2.emulator import EmulatorServer
-from airflow_provider_blip2.operators.blip2 import (
-    UPLOAD_STATE_KEY,
-    Blip2BatchPredictionOperator,
-    Blip2PredictionOperator,
-)
+from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator, Blip2PredictionOperator
+from airflow_provider_blip2.operators.uploads import UPLOAD_STATE_KEY
 from tests.batch_driver import DictStore, FakeTaskInstance, run_batch, run_tries
 from tests.conftest import TIME_SCALE, connection_json
 
