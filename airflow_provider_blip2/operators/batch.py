@@ -52,9 +52,9 @@ from airflow_provider_blip2.operators.batch_tries import (
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
     from airflow.providers.openlineage.extractors import OperatorLineage
-    from airflow.triggers.base import BaseTrigger
 
     from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+    from airflow_provider_blip2.triggers.batch_run import Blip2BatchRunTrigger
 
 
 class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
@@ -270,14 +270,18 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             if state.done:
                 return self._finish(context, state)
             if runs is not None:
-                event = self._wait_for_runs(runs)
+                event = self._wait_for_runs(context, runs)
             else:
                 event = self._wait_on_worker(state, (event or {}).get("polled") or {})
 
-    def _wait_for_runs(self, trigger: BaseTrigger) -> dict[str, Any]:
+    def _wait_for_runs(self, context: Context, trigger: Blip2BatchRunTrigger) -> dict[str, Any]:
         """Run a chunk of synchronous runs: in the triggerer when deferrable, else here."""
         if not self.deferrable:
             return first_event(trigger)
+        from airflow_provider_blip2.triggers.run_journal import XCOM_KEY, RunJournal
+
+        # The chunk's journal starts empty in XCom, where the trigger's first read finds it.
+        context["ti"].xcom_push(key=XCOM_KEY, value=RunJournal(trigger.chunk).to_json())
         self.defer(trigger=trigger, method_name="execute_complete")
 
     def _wait_on_worker(self, state: BatchState, polled: dict[str, float]) -> dict[str, Any]:
