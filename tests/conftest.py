@@ -78,6 +78,14 @@ def image_url(image_server: str) -> Callable[[str], str]:
 
 
 @pytest.fixture
+def fresh_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test starts with no process-wide budgets (a port may be reused by a later emulator)."""
+    from airflow_provider_blip2.client import budget as budget_module
+
+    monkeypatch.setattr(budget_module, "_BUDGETS", {})
+
+
+@pytest.fixture
 def start_emulator() -> Iterator[Callable[..., EmulatorServer]]:
     """Start an emulator with config overrides; every one started is stopped after the test."""
     servers: list[EmulatorServer] = []

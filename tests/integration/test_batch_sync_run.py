@@ -9,7 +9,7 @@ from their kwargs, triggerer restarts, task retries. A triggerer's XCom is a dic
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -17,7 +17,6 @@ from typing import Any, cast
 import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
 
-from airflow_provider_blip2.client.budget import _BUDGETS
 from airflow_provider_blip2.emulator import EmulatorServer
 from airflow_provider_blip2.operators.batch_run import PLACEHOLDER_PREFIX
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
@@ -27,12 +26,9 @@ from tests.conftest import TIME_SCALE, connection_json
 
 
 @pytest.fixture(autouse=True)
-def _fresh_notes() -> Iterator[None]:
+def _fresh_xcom(fresh_budgets: None) -> None:
     """Each test finds out afresh whether the emulator offers the synchronous run."""
-    _BUDGETS.clear()
     FakeXCom.values.clear()
-    yield
-    _BUDGETS.clear()
 
 
 @pytest.fixture

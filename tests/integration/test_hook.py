@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_blip2.client import budget as budget_module
 from airflow_provider_blip2.client.errors import (
     Blip2AmbiguousCreateError,
     Blip2AuthenticationError,
@@ -34,6 +33,8 @@ from airflow_provider_blip2.emulator import EmulatorServer
 from airflow_provider_blip2.hooks import event_loop
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from tests.conftest import API_KEY, FAST_RETRIES, connection_json, requires_airflow_3_3
+
+pytestmark = pytest.mark.usefixtures("fresh_budgets")
 
 POLL = 0.02
 UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -63,12 +64,6 @@ def recording_policy(**overrides: Any) -> RecordingPolicy:
     """A RecordingPolicy with FAST_RETRIES' settings, optionally overridden."""
     settings = {**dataclasses.asdict(FAST_RETRIES), **overrides}
     return RecordingPolicy(**settings)
-
-
-@pytest.fixture(autouse=True)
-def fresh_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test starts with no process-wide budgets (a port may be reused by a later emulator)."""
-    monkeypatch.setattr(budget_module, "_BUDGETS", {})
 
 
 @pytest.fixture

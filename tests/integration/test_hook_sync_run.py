@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from airflow_provider_blip2.client.budget import _BUDGETS
 from airflow_provider_blip2.client.errors import Blip2AmbiguousCreateError, Blip2SyncRunUnavailableError
 from airflow_provider_blip2.client.models import PredictionStatus
 from airflow_provider_blip2.client.timing import FirstReadTiming
@@ -20,12 +19,7 @@ from airflow_provider_blip2.emulator import EmulatorServer
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from tests.conftest import connection_json
 
-
-@pytest.fixture(autouse=True)
-def _fresh_budgets() -> Iterator[None]:
-    _BUDGETS.clear()
-    yield
-    _BUDGETS.clear()
+pytestmark = pytest.mark.usefixtures("fresh_budgets")
 
 
 @pytest.fixture

@@ -8,28 +8,22 @@ worker reaches, and the local S3 server.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException, TaskDeferred
 
-from airflow_provider_blip2.client.budget import _BUDGETS
 from airflow_provider_blip2.emulator import EmulatorServer
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator, Blip2PredictionOperator
 from airflow_provider_blip2.operators.uploads import UPLOAD_STATE_KEY
 from tests.batch_driver import DictStore, FakeTaskInstance, run_batch, run_tries
 from tests.conftest import TIME_SCALE, connection_json
 
+pytestmark = pytest.mark.usefixtures("fresh_budgets")
+
 SAMPLES = ("astronaut.jpg", "chelsea.jpg", "coffee.png", "rocket.webp")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_budgets() -> Iterator[None]:
-    _BUDGETS.clear()
-    yield
-    _BUDGETS.clear()
 
 
 @pytest.fixture
