@@ -13,6 +13,7 @@ import argparse
 import io
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,75 @@ def plot_triggerer_load(documents: list[dict[str, Any]]) -> Figure:
     return figure
 
 
+@dataclass(frozen=True)
+class Panel:
+    """
+    One side of a pair of horizontal bar charts: a value per run.
+
+    :param values: One bar per run.
+    :param labels: The label at the end of each bar.
+    :param xlabel: What the values are.
+    :param xmax: The axis's end (room for the labels).
+    :param color: The bars' colour.
+    :param reference: An x at which to draw the dashed minimum line, if any.
+    """
+
+    values: list[float]
+    labels: list[str]
+    xlabel: str
+    xmax: float
+    color: str = MEASURED
+    reference: float | None = None
+
+
+def paired_bars(runs: list[str], left: Panel, right: Panel, title: str) -> Figure:
+    """
+    Two horizontal bar charts side by side, one row per run, named on the left.
+
+    :param runs: Each run's name.
+    :param left: The left chart.
+    :param right: The right chart.
+    :param title: The figure's title.
+    """
+    figure = Figure(figsize=(7.5, 1.4 + 1.0 * len(runs)))
+    positions = list(range(len(runs)))
+    axes = figure.subplots(1, 2, sharey=True)
+    for ax, panel in zip(axes, (left, right), strict=True):
+        bar_labels(ax, ax.barh(positions, panel.values, color=panel.color), panel.labels)
+        if panel.reference is not None:
+            ax.axvline(panel.reference, color=MINIMUM, linestyle="--")
+        ax.set_xlabel(panel.xlabel)
+        ax.set_xlim(0, panel.xmax)
+    axes[0].set_yticks(positions, runs)
+    axes[0].invert_yaxis()
+    figure.suptitle(title)
+    return figure
+
+
+def ratio_panel(runs: list[dict[str, Any]], labels: list[str], xlabel: str) -> Panel:
+    """
+    Wall time against the minimum, with the dashed line at 1.
+
+    :param runs: The runs, each with its ``ratio``.
+    :param labels: The label at the end of each bar.
+    :param xlabel: What the minimum is.
+    """
+    ratios = [run["ratio"] for run in runs]
+    return Panel(ratios, labels, xlabel, xmax=max(ratios) * 1.9, reference=1.0)
+
+
+def requests_panel(runs: list[dict[str, Any]], labels: list[str], xlabel: str) -> Panel:
+    """
+    Requests per prediction.
+
+    :param runs: The runs, each with its ``requests_per_prediction``.
+    :param labels: The label at the end of each bar.
+    :param xlabel: The axis's name.
+    """
+    values = [run["requests_per_prediction"] for run in runs]
+    return Panel(values, labels, xlabel, xmax=max(values) * 1.8)
+
+
 def plot_scale(documents: list[dict[str, Any]]) -> Figure:
     """
     The production-shaped deployment, with per-process budgets and with the Redis budget, on
@@ -289,7 +359,7 @@ def plot_scale(documents: list[dict[str, Any]]) -> Figure:
     """
     runs = [run for document in documents for run in document["results"]["runs"]]
     workers = [document["parameters"].get("celery_workers", 0) for document in documents]
-    labels = [
+    names = [
         f"{'Redis budget' if run['redis'] else 'per-process budgets'}"
         f"{f', {celery} Celery workers' if celery else ''}\n"
         f"{run['tasks']} tasks + batch of {run['batch_images']}: run {run['run']}"
@@ -297,30 +367,25 @@ def plot_scale(documents: list[dict[str, Any]]) -> Figure:
         for document, celery in zip(documents, workers, strict=True)
         for run in document["results"]["runs"]
     ]
-    figure = Figure(figsize=(7.5, 1.4 + 1.0 * len(runs)))
-    share_axes, ratio_axes = figure.subplots(1, 2, sharey=True)
-    positions = list(range(len(runs)))
-    bars = share_axes.barh(positions, [run["share_429"] for run in runs], color=REJECTED)
-    bar_labels(share_axes, bars, [f"{run['share_429']:.1%}" for run in runs])
-    share_axes.set_yticks(positions, labels)
-    share_axes.invert_yaxis()
-    share_axes.set_xlabel("share of responses answered 429")
-    share_axes.set_xlim(0, max(max(run["share_429"] for run in runs) * 1.5, 0.05))
-    bars = ratio_axes.barh(positions, [run["ratio"] for run in runs], color=MEASURED)
-    bar_labels(
-        ratio_axes,
-        bars,
-        [
-            f"{run['wall_s']:g} s; {run['creates']}/{run['images']} creates"
-            + (f"; {run['window_ratio']:.2f}x the window's" if "window_ratio" in run else "")
-            for run in runs
-        ],
+    shares = [run["share_429"] for run in runs]
+    share = Panel(
+        shares,
+        [f"{value:.1%}" for value in shares],
+        "share of responses answered 429",
+        xmax=max(max(shares) * 1.5, 0.05),
+        color=REJECTED,
     )
-    ratio_axes.axvline(1.0, color=MINIMUM, linestyle="--")
-    ratio_axes.set_xlabel("wall time / minimum the limits allow")
-    ratio_axes.set_xlim(0, max(run["ratio"] for run in runs) * 1.9)
-    figure.suptitle("Mapped tasks beside a batch: PostgreSQL, 8 task processes, 2 triggerers")
-    return figure
+    wall = [
+        f"{run['wall_s']:g} s; {run['creates']}/{run['images']} creates"
+        + (f"; {run['window_ratio']:.2f}x the window's" if "window_ratio" in run else "")
+        for run in runs
+    ]
+    return paired_bars(
+        names,
+        share,
+        ratio_panel(runs, wall, "wall time / minimum the limits allow"),
+        "Mapped tasks beside a batch: PostgreSQL, 8 task processes, 2 triggerers",
+    )
 
 
 def plot_sync_run(documents: list[dict[str, Any]]) -> Figure:
@@ -330,35 +395,19 @@ def plot_sync_run(documents: list[dict[str, Any]]) -> Figure:
     :param documents: The ``sync_run`` results; every scenario of every one is drawn.
     """
     runs = [run for document in documents for run in document["results"]["runs"]]
-    labels = [
+    names = [
         f"{'200-image batch' if run['scenario'] == 'batch' else '100 mapped + 100-image batch'}\n"
         f"synchronous run {run['sync_run']}: run {run['run']}"
         for run in runs
     ]
-    figure = Figure(figsize=(7.5, 1.4 + 1.0 * len(runs)))
-    requests_axes, ratio_axes = figure.subplots(1, 2, sharey=True)
-    positions = list(range(len(runs)))
-    bars = requests_axes.barh(positions, [run["requests_per_prediction"] for run in runs], color=MEASURED)
-    bar_labels(
-        requests_axes,
-        bars,
-        [f"{run['requests_per_prediction']:.2f}; {run['share_429']:.1%} 429" for run in runs],
+    requests = [f"{run['requests_per_prediction']:.2f}; {run['share_429']:.1%} 429" for run in runs]
+    wall = [f"{run['wall_s']:g} s; {run['predictions_per_minute']:g}/min" for run in runs]
+    return paired_bars(
+        names,
+        requests_panel(runs, requests, "requests per prediction (429 share)"),
+        ratio_panel(runs, wall, "wall time / minimum (1 request a run, 2 a poll)"),
+        "The synchronous run: PostgreSQL, 8 task processes, 2 triggerers, Redis budget",
     )
-    requests_axes.set_yticks(positions, labels)
-    requests_axes.invert_yaxis()
-    requests_axes.set_xlabel("requests per prediction (429 share)")
-    requests_axes.set_xlim(0, max(run["requests_per_prediction"] for run in runs) * 1.8)
-    bars = ratio_axes.barh(positions, [run["ratio"] for run in runs], color=MEASURED)
-    bar_labels(
-        ratio_axes,
-        bars,
-        [f"{run['wall_s']:g} s; {run['predictions_per_minute']:g}/min" for run in runs],
-    )
-    ratio_axes.axvline(1.0, color=MINIMUM, linestyle="--")
-    ratio_axes.set_xlabel("wall time / minimum (1 request a run, 2 a poll)")
-    ratio_axes.set_xlim(0, max(run["ratio"] for run in runs) * 1.9)
-    figure.suptitle("The synchronous run: PostgreSQL, 8 task processes, 2 triggerers, Redis budget")
-    return figure
 
 
 def plot_uploads(documents: list[dict[str, Any]]) -> Figure:
@@ -368,36 +417,21 @@ def plot_uploads(documents: list[dict[str, Any]]) -> Figure:
     :param documents: The ``uploads`` results; every scenario of every one is drawn.
     """
     runs = [run for document in documents for run in document["results"]["runs"]]
-    labels = [
+    names = [
         f"{run['images']} {'mapped tasks' if run['scenario'] == 'mapped' else 'files in a batch'}: "
         f"run {run['run']}"
         for run in runs
     ]
-    figure = Figure(figsize=(7.5, 1.4 + 1.0 * len(runs)))
-    requests_axes, ratio_axes = figure.subplots(1, 2, sharey=True)
-    positions = list(range(len(runs)))
-    bars = requests_axes.barh(positions, [run["requests_per_prediction"] for run in runs], color=MEASURED)
-    bar_labels(
-        requests_axes,
-        bars,
-        [
-            f"{run['requests_per_prediction']:.2f} (least {run['least_requests_per_prediction']})"
-            for run in runs
-        ],
+    requests = [
+        f"{run['requests_per_prediction']:.2f} (least {run['least_requests_per_prediction']})" for run in runs
+    ]
+    wall = [f"{run['wall_s']:g} s; {run['predictions_per_minute']:g}/min" for run in runs]
+    return paired_bars(
+        names,
+        requests_panel(runs, requests, "requests per prediction"),
+        ratio_panel(runs, wall, "wall time / minimum for those requests"),
+        "Uploaded images: a service that reaches no URL, PostgreSQL, 2 triggerers, Redis",
     )
-    requests_axes.set_yticks(positions, labels)
-    requests_axes.invert_yaxis()
-    requests_axes.set_xlabel("requests per prediction")
-    requests_axes.set_xlim(0, max(run["requests_per_prediction"] for run in runs) * 1.8)
-    bars = ratio_axes.barh(positions, [run["ratio"] for run in runs], color=MEASURED)
-    bar_labels(
-        ratio_axes, bars, [f"{run['wall_s']:g} s; {run['predictions_per_minute']:g}/min" for run in runs]
-    )
-    ratio_axes.axvline(1.0, color=MINIMUM, linestyle="--")
-    ratio_axes.set_xlabel("wall time / minimum for those requests")
-    ratio_axes.set_xlim(0, max(run["ratio"] for run in runs) * 1.9)
-    figure.suptitle("Uploaded images: a service that reaches no URL, PostgreSQL, 2 triggerers, Redis")
-    return figure
 
 
 #: Plot file name -> (benchmark, drawing function).
