@@ -156,23 +156,12 @@ def run_once(
     stack.emulator.reset()
     tasks = stack.images(f"task{number}", args.tasks)
     batch = stack.images(f"batch{number}", args.batch_images)
-    deployment = stack.deployment
     conf = {"images": tasks, "batch_images": batch, "output_uri": str(home / f"batch-{number}.jsonl")}
-    run_id = deployment.trigger(SCALE_DAG_ID, conf)
-    predictions = len(tasks) + len(batch)
     least = REQUESTS_PER_PREDICTION * len(tasks) + batch_requests_per_prediction * len(batch)
-    minimum = minimum_seconds(predictions, requests=least)
-    window_minimum = window_minimum_seconds(predictions, requests=least)
-    state = deployment.wait_for_run(SCALE_DAG_ID, run_id, timeout=3 * minimum + 900)
-    run = deployment.api("GET", f"/dags/{SCALE_DAG_ID}/dagRuns/{run_id}")
-    run_start = datetime.fromisoformat(run["start_date"]).timestamp()
-    run_end = datetime.fromisoformat(run["end_date"]).timestamp()
-    wall = run_end - run_start
-    summary = deployment.run_summary(SCALE_DAG_ID, run_id)
+    run_id, numbers = measure_run(stack, SCALE_DAG_ID, conf, len(tasks) + len(batch), least)
+    summary = stack.deployment.run_summary(SCALE_DAG_ID, run_id)
     ledger = stack.emulator.ledger()
     creates = stack.creates_per_image(tasks + batch)
-    responses = sum(ledger["responses_by_status"].values())
-    requests = sum(ledger["requests"].values())
     return {
         "tasks": len(tasks),
         "batch_images": len(batch),
@@ -180,17 +169,10 @@ def run_once(
         "parallelism": args.parallelism,
         "redis": args.redis,
         "executor": "CeleryExecutor" if args.celery_workers else "LocalExecutor",
-        "run": state,
-        "wall_s": round(wall, 1),
-        "minimum_s": round(minimum, 1),
-        "ratio": round(wall / minimum, 2),
-        "window_minimum_s": round(window_minimum, 1),
-        "window_ratio": round(wall / window_minimum, 2),
-        **request_span(ledger, run_start, run_end),
-        "requests": requests,
-        "requests_per_prediction": round(requests / predictions, 2),
-        "admitted_requests_per_prediction": round((requests - ledger["responses_429"]) / predictions, 2),
-        "share_429": round(ledger["responses_429"] / responses, 3) if responses else 0.0,
+        **numbers,
+        "admitted_requests_per_prediction": round(
+            (numbers["requests"] - ledger["responses_429"]) / numbers["images"], 2
+        ),
         "responses_5xx_injected": ledger["responses_5xx_injected"],
         # A mapped task over no images is skipped, not failed.
         "failed_tasks": sum(n for name, n in summary.states.items() if name in ("failed", "upstream_failed")),
@@ -199,6 +181,49 @@ def run_once(
         "batch_failed": batch_failures(stack, run_id),
         "max_creates_per_image": max(creates.values(), default=0),
         "creates": ledger["creates"],
+    }
+
+
+def measure_run(
+    stack: ProductionStack, dag_id: str, conf: dict[str, Any], predictions: int, least_requests: int
+) -> tuple[str, dict[str, Any]]:
+    """
+    Trigger one DAG run, wait for it, and measure it against the minimum its requests allow.
+
+    Returns the run's id and its numbers: ``run`` (its state), ``wall_s``, ``minimum_s``,
+    ``ratio``, ``window_minimum_s``, ``window_ratio``, where the time went (:func:`request_span`),
+    ``predictions_per_minute``, ``requests``, ``requests_per_prediction``, ``share_429`` and
+    ``images`` (the predictions).
+
+    :param stack: The running deployment, its emulator's ledger reset for this run.
+    :param dag_id: The DAG.
+    :param conf: The run's conf.
+    :param predictions: How many predictions the run makes.
+    :param least_requests: The fewest requests they need.
+    """
+    minimum = minimum_seconds(predictions, requests=least_requests)
+    window_minimum = window_minimum_seconds(predictions, requests=least_requests)
+    run_id = stack.deployment.trigger(dag_id, conf)
+    state = stack.deployment.wait_for_run(dag_id, run_id, timeout=3 * minimum + 900)
+    run = stack.deployment.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
+    run_start = datetime.fromisoformat(run["start_date"]).timestamp()
+    run_end = datetime.fromisoformat(run["end_date"]).timestamp()
+    wall = run_end - run_start
+    ledger = stack.emulator.ledger()
+    responses = sum(ledger["responses_by_status"].values())
+    requests = sum(ledger["requests"].values())
+    return run_id, {
+        "run": state,
+        "wall_s": round(wall, 1),
+        "minimum_s": round(minimum, 1),
+        "ratio": round(wall / minimum, 2),
+        "window_minimum_s": round(window_minimum, 1),
+        "window_ratio": round(wall / window_minimum, 2),
+        **request_span(ledger, run_start, run_end),
+        "predictions_per_minute": round(predictions / wall * 60, 1),
+        "requests": requests,
+        "requests_per_prediction": round(requests / predictions, 2),
+        "share_429": round(ledger["responses_429"] / responses, 3) if responses else 0.0,
         "images": predictions,
     }
 

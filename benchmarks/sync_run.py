@@ -79,7 +79,6 @@ def run_scenario(stack: ProductionStack, name: str, offered: bool, number: int, 
         {
             "scenario": name,
             "sync_run": "offered" if offered else "refused",
-            "predictions_per_minute": round(predictions / result["wall_s"] * 60, 1),
             "api_predictions_per_minute": round(predictions / span * 60, 1) if span else None,
             "runs": ledger.get("runs", 0),
             "refused_runs": ledger["requests"].get("run", 0) - ledger.get("runs", 0),

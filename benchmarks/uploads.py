@@ -24,12 +24,11 @@ import json
 import shutil
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from benchmarks.results import add_json_argument, write_results
-from benchmarks.scale import minimum_seconds, request_span, window_minimum_seconds
+from benchmarks.scale import measure_run
 from benchmarks.sync_run import forget_notes
 from scripts.production import ProductionSettings, ProductionStack, production_stack
 
@@ -56,35 +55,12 @@ def run_scenario(stack: ProductionStack, name: str, count: int, home: Path) -> d
         "batch_images": files if name == "batch" else [],
         "output_uri": str(home / f"{name}.jsonl"),
     }
-    least = LEAST_REQUESTS[name] * count
-    minimum, window_minimum = (
-        minimum_seconds(count, requests=least),
-        window_minimum_seconds(count, requests=least),
-    )
-    run_id = stack.deployment.trigger(DAG_ID, conf)
-    state = stack.deployment.wait_for_run(DAG_ID, run_id, timeout=3 * minimum + 900)
-    run = stack.deployment.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
-    start = datetime.fromisoformat(run["start_date"]).timestamp()
-    end = datetime.fromisoformat(run["end_date"]).timestamp()
-    wall = end - start
+    _run_id, numbers = measure_run(stack, DAG_ID, conf, count, LEAST_REQUESTS[name] * count)
     ledger = stack.emulator.ledger()
-    requests = sum(ledger["requests"].values())
-    responses = sum(ledger["responses_by_status"].values())
     return {
         "scenario": name,
-        "images": count,
-        "run": state,
-        "wall_s": round(wall, 1),
-        "minimum_s": round(minimum, 1),
-        "ratio": round(wall / minimum, 2),
-        "window_minimum_s": round(window_minimum, 1),
-        "window_ratio": round(wall / window_minimum, 2),
-        **request_span(ledger, start, end),
-        "predictions_per_minute": round(count / wall * 60, 1),
-        "requests": requests,
-        "requests_per_prediction": round(requests / count, 2),
+        **numbers,
         "least_requests_per_prediction": LEAST_REQUESTS[name],
-        "share_429": round(ledger["responses_429"] / responses, 3) if responses else 0.0,
         "creates": ledger["creates"],
         "uploads": ledger["uploads"],
         "requests_by_endpoint": ledger["requests"],
