@@ -128,14 +128,22 @@ def connection_json(
 
 
 @pytest.fixture
+def connection_extra() -> dict[str, Any]:
+    """Extra fields of the connection ``connect`` makes; a test module overrides it to pin some."""
+    return {}
+
+
+@pytest.fixture
 def connect(
-    start_emulator: Callable[..., EmulatorServer], monkeypatch: pytest.MonkeyPatch
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    connection_extra: dict[str, Any],
 ) -> Callable[..., EmulatorServer]:
     """Start an emulator with config overrides and point ``blip2_default`` at it."""
 
     def start(**overrides: Any) -> EmulatorServer:
         server = start_emulator(**overrides)
-        monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url))
+        monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url, **connection_extra))
         return server
 
     return start

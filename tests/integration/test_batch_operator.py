@@ -49,17 +49,9 @@ def batch_connection(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.fixture
-def connect(
-    start_emulator: Callable[..., EmulatorServer], monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., EmulatorServer]:
-    """Start an emulator with config overrides and point ``blip2_default`` at it, creating and polling."""
-
-    def start(**overrides: Any) -> EmulatorServer:
-        server = start_emulator(**overrides)
-        monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", connection_json(server.url, sync_run="poll"))
-        return server
-
-    return start
+def connection_extra() -> dict[str, Any]:
+    """These tests create and poll (the synchronous run has tests of its own)."""
+    return {"sync_run": "poll"}
 
 
 def test_batch_captions_a_list_deferring_between_rounds(
