@@ -19,10 +19,11 @@ ON_KILL_TIMEOUT = 20.0
 #: Seconds after a deferral before which a trigger yields no event. A faster event can let the
 #: scheduler see the worker's exit from ``defer()`` only after it resumed the task, and fail it
 #: ("state mismatch", apache/airflow#67287): the operators pass ``not_before`` = defer time + this.
-DEFERRAL_SETTLE_SECONDS = 5.0
-#: The same for a batch, which goes through the scheduler once per refill rather than once: its
-#: trigger keeps polling while it settles, so the longer wait hands back more ended predictions per
-#: round trip instead of idling.
+#: 5 s was not always enough on a loaded 2-core deployment (the exit reached the scheduler 5.5 s
+#: after a deferral, just after the resumed task was queued).
+DEFERRAL_SETTLE_SECONDS = 10.0
+#: The same for a batch: its trigger keeps polling while it settles, so the wait hands back every
+#: prediction that ended meanwhile in one round trip through the scheduler.
 BATCH_DEFERRAL_SETTLE_SECONDS = 10.0
 DEFERRED = "deferred"
 

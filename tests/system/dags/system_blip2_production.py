@@ -30,15 +30,19 @@ def run_conf_images(dag_run: Any = None) -> list[str]:
     return [str(url) for url in dag_run.conf.get("images", [])]
 
 
-# dag_id, with a batch, connection, pool, defer_after (None: the operators' default).
-DAGS: tuple[tuple[str, bool, str, str, float | None], ...] = (
-    ("system_blip2_production", False, "blip2_default", "default_pool", 0),
-    ("system_blip2_production_scale", True, "blip2_default", "default_pool", None),
-    ("system_blip2_production_scale_shared", True, "blip2_shared", "default_pool", 0),
-    ("system_blip2_production_pool", False, "blip2_default", "blip2_predictions", 0),
-)
+def production_dag(
+    dag_id: str, *, with_batch: bool, conn_id: str, pool: str, defer_after: float | None, **mapped: Any
+) -> DAG:
+    """
+    One of the DAGs: mapped deferrable captions of the conf's ``images``, and perhaps a batch.
 
-for dag_id, with_batch, conn_id, pool, defer_after in DAGS:
+    :param dag_id: The DAG's id.
+    :param with_batch: Also caption the conf's ``batch_images`` in one deferrable batch.
+    :param conn_id: The blip2 connection of every task.
+    :param pool: The mapped tasks' pool.
+    :param defer_after: The mapped tasks' ``defer_after``; ``None`` keeps the operator's default.
+    :param mapped: More arguments of the mapped tasks.
+    """
     waiting = {} if defer_after is None else {"defer_after": defer_after}
     with DAG(
         dag_id=dag_id,
@@ -47,7 +51,7 @@ for dag_id, with_batch, conn_id, pool, defer_after in DAGS:
         catchup=False,
         max_active_tasks=64,
         render_template_as_native_obj=True,
-    ):
+    ) as dag:
         images = task(task_id="images")(run_conf_images)()
         Blip2PredictionOperator.partial(
             task_id="caption",
@@ -57,6 +61,7 @@ for dag_id, with_batch, conn_id, pool, defer_after in DAGS:
             blip2_conn_id=conn_id,
             pool=pool,
             **waiting,
+            **mapped,
             **RETRY,
         ).expand(image=images)
         if with_batch:
@@ -70,34 +75,40 @@ for dag_id, with_batch, conn_id, pool, defer_after in DAGS:
                 blip2_conn_id=conn_id,
                 **RETRY,
             )
+    return dag
 
+
+production_dag(
+    "system_blip2_production", with_batch=False, conn_id="blip2_default", pool="default_pool", defer_after=0
+)
+production_dag(
+    "system_blip2_production_scale",
+    with_batch=True,
+    conn_id="blip2_default",
+    pool="default_pool",
+    defer_after=None,
+)
+production_dag(
+    "system_blip2_production_scale_shared",
+    with_batch=True,
+    conn_id="blip2_shared",
+    pool="default_pool",
+    defer_after=0,
+)
+production_dag(
+    "system_blip2_production_pool",
+    with_batch=False,
+    conn_id="blip2_default",
+    pool="blip2_predictions",
+    defer_after=0,
+)
 # The images no URL reaches: mapped tasks upload http(s) images only the workers reach, and a batch
 # uploads local files (file:// paths), both on the blip2_shared connection (its budget in Redis).
-with DAG(
-    dag_id="system_blip2_production_uploads",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_tasks=64,
-    render_template_as_native_obj=True,
-):
-    images = task(task_id="images")(run_conf_images)()
-    Blip2PredictionOperator.partial(
-        task_id="caption",
-        caption=True,
-        deferrable=True,
-        timeout=600,
-        blip2_conn_id="blip2_shared",
-        image_transfer="upload",
-        **RETRY,
-    ).expand(image=images)
-    Blip2BatchPredictionOperator(
-        task_id="batch",
-        images="{{ dag_run.conf['batch_images'] }}",
-        caption=True,
-        output_uri="{{ dag_run.conf['output_uri'] }}",
-        deferrable=True,
-        timeout=1800,
-        blip2_conn_id="blip2_shared",
-        **RETRY,
-    )
+production_dag(
+    "system_blip2_production_uploads",
+    with_batch=True,
+    conn_id="blip2_shared",
+    pool="default_pool",
+    defer_after=None,
+    image_transfer="upload",
+)
