@@ -27,7 +27,7 @@ from airflow_provider_blip2.client.retry import RetryPolicy
 from airflow_provider_blip2.emulator import EmulatorServer
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
-from airflow_provider_blip2.triggers.blip2 import Blip2PredictionTrigger
+from airflow_provider_blip2.triggers.blip2 import DEFERRAL_SETTLE_SECONDS, Blip2PredictionTrigger
 from tests.conftest import AIRFLOW_VERSION, API_KEY, FAST_RETRIES, connection_json, requires_airflow_3_3
 
 CLASSPATH = "airflow_provider_blip2.triggers.blip2.Blip2PredictionTrigger"
@@ -195,7 +195,7 @@ def test_trigger_built_by_operator_has_no_secret(
     assert set(kwargs) == {"prediction_id", "blip2_conn_id", "poll_interval", "end_time", "not_before"}
     assert all(type(value) in (str, int, float, bool) for value in kwargs.values())
     # No event before the scheduler has seen the worker leave (apache/airflow#67287).
-    assert started + 5 <= kwargs["not_before"] <= time.time() + 5
+    assert started + DEFERRAL_SETTLE_SECONDS <= kwargs["not_before"] <= time.time() + DEFERRAL_SETTLE_SECONDS
     assert kwargs["prediction_id"] == ti.xcom["prediction_id"]
     if Version("3.3") <= AIRFLOW_VERSION:  # the task state store arrived in 3.3
         assert store.data["blip2_prediction_id"] == kwargs["prediction_id"]
