@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from airflow_provider_blip2.batch.items import BatchItem
@@ -46,6 +46,8 @@ class BatchJournal:
         self._part_counted = False
         self._dirty = False
         self._part: dict[str, Any] = {"created": {}, "finished": {}}
+        #: Told of every result recorded (the task's metrics).
+        self.on_finished: Callable[[PredictionOutcome], None] | None = None
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -58,25 +60,65 @@ class BatchJournal:
         state = BatchState(
             items=[BatchItem.from_json(item) for item in header["items"]],
             started_at=float(header["started_at"]),
+            fingerprints=dict(header.get("fingerprints") or {}),
+            unit_cost=header.get("unit_cost"),
         )
+        for index, (cost, result) in (header.get("cached") or {}).items():
+            state.cached[int(index)] = cost
+            state.finished[int(index)] = PredictionOutcome.from_json(result)
         state.merge(self.store.get(self._key("base")) or {})
         for number in range(int(self.store.get(self._key("parts")) or 0)):
             state.merge(self.store.get(self._key(f"part/{number}")) or {})
         return state
 
-    def start(self, items: list[BatchItem], *, now: float | None = None) -> BatchState:
+    def start(
+        self,
+        items: list[BatchItem],
+        *,
+        now: float | None = None,
+        cached: Mapping[int, tuple[float | None, PredictionOutcome]] | None = None,
+        fingerprints: Mapping[str, str] | None = None,
+        unit_cost: float | None = None,
+    ) -> BatchState:
         """
-        Store a new batch's items and return its empty progress.
+        Store a new batch's items, with the results the cache gave, and return its progress.
 
         :param items: The batch's items.
         :param now: Start time (Unix).
+        :param cached: Item index -> (recorded cost, result) of the items the result cache answers.
+        :param fingerprints: Image -> fingerprint, with a result cache.
+        :param unit_cost: What a prediction is taken to cost, when known (from the cache).
         """
-        state = BatchState(items=items, started_at=now or time.time())
-        self.store.set(
-            self._key("items"),
-            {"items": [item.to_json() for item in items], "started_at": state.started_at},
+        cached = dict(cached or {})
+        state = BatchState(
+            items=items,
+            started_at=now or time.time(),
+            fingerprints=dict(fingerprints or {}),
+            unit_cost=unit_cost,
         )
+        for index, (cost, result) in cached.items():
+            state.cached[index] = cost
+            state.finished[index] = result
+        header: dict[str, Any] = {"items": [item.to_json() for item in items], "started_at": state.started_at}
+        if cached:
+            header["cached"] = {str(i): [cost, result.to_json()] for i, (cost, result) in cached.items()}
+        if fingerprints:
+            header["fingerprints"] = dict(fingerprints)
+        if unit_cost is not None:
+            header["unit_cost"] = unit_cost
+        self.store.set(self._key("items"), header)
         return state
+
+    def record_unit_cost(self, state: BatchState, unit_cost: float) -> None:
+        """
+        Record what a prediction is taken to cost (learned by reading one), written at once.
+
+        :param state: The progress, updated in place.
+        :param unit_cost: The cost.
+        """
+        state.unit_cost = unit_cost
+        self._part["unit_cost"] = unit_cost
+        self._write_part()
 
     def begin_cycle(self, state: BatchState) -> None:
         """
@@ -153,6 +195,8 @@ class BatchJournal:
         :param results: Item index -> result.
         """
         for index, result in results.items():
+            if self.on_finished is not None:
+                self.on_finished(result)
             state.finished[index] = result
             self._part["finished"][str(index)] = result.to_json()
             self._dirty = True

@@ -31,6 +31,11 @@ class BatchState:
         without an answer: creates that failed after they were sent, runs a restart interrupted.
     :param uploads: Image -> its uploaded copy (``[sealed public URL, expiry]``), for images sent
         through the upload endpoint; a later try reuses a copy while it is kept.
+    :param cached: Item index -> the cost recorded for its cached result (``None`` when none was),
+        for the items whose result came from the result cache (their results are in ``finished``).
+    :param fingerprints: Image -> its fingerprint when the batch started (with a result cache).
+    :param unit_cost: What one prediction is taken to cost where the API reports no cost (learned
+        from the cache or by reading one prediction), for ``max_cost``.
     """
 
     items: list[BatchItem]
@@ -41,6 +46,9 @@ class BatchState:
     spent: dict[int, float] = field(default_factory=dict)
     ambiguous: dict[int, int] = field(default_factory=dict)
     uploads: dict[str, list[Any]] = field(default_factory=dict)
+    cached: dict[int, float | None] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    unit_cost: float | None = None
 
     @property
     def in_flight(self) -> dict[int, tuple[str, float]]:
@@ -68,7 +76,9 @@ class BatchState:
         return sum(result.failed for result in self.finished.values())
 
     def attempts_of(self, index: int) -> int:
-        """How many times an item was predicted, over all tries."""
+        """How many times an item was predicted, over all tries (a cached result: never)."""
+        if index in self.cached:
+            return 0
         recorded = self.attempts.get(index)
         if recorded:
             return len(recorded)
@@ -83,6 +93,8 @@ class BatchState:
 
     def cost_of(self, index: int) -> float | None:
         """What an item's predictions cost, over all attempts; ``None`` when the API reported nothing."""
+        if index in self.cached:
+            return 0.0
         result = self.finished.get(index)
         candidates = (self.spent.get(index), result.cost if result else None)
         costs = [cost for cost in candidates if cost is not None]
@@ -120,6 +132,8 @@ class BatchState:
             self.ambiguous[int(index)] = int(count)
         for image, copy in part.get("uploads", {}).items():
             self.uploads[str(image)] = list(copy)
+        if part.get("unit_cost") is not None:
+            self.unit_cost = float(part["unit_cost"])
         for index, (prediction_id, deadline) in part.get("created", {}).items():
             self.created[int(index)] = (str(prediction_id), float(deadline))
         for index, result in part.get("finished", {}).items():
@@ -132,38 +146,56 @@ class BatchState:
             "spent": {str(i): cost for i, cost in self.spent.items()},
             "ambiguous": {str(i): count for i, count in self.ambiguous.items()},
             "uploads": dict(self.uploads),
+            "unit_cost": self.unit_cost,
             "created": {str(i): [pid, deadline] for i, (pid, deadline) in self.created.items()},
             "finished": {str(i): result.to_json() for i, result in self.finished.items()},
         }
 
-    def result_lines(self) -> str:
-        """One JSON line per item, in item order (the batch's output file)."""
+    def result_lines(self, unfinished: PredictionOutcome | None = None) -> str:
+        """
+        One JSON line per item, in item order (the batch's output file).
+
+        :param unfinished: What an item without a result reads as (``error``, "no result", by default).
+        """
         lines = []
-        for index, item in enumerate(self.items):
-            result = self.finished.get(index) or PredictionOutcome("error", error="no result")
-            line = {
-                "image": item.image,
-                "label": item.label,
-                "question": item.question or None,
-                "output": result.output,
-                "status": result.status,
-                "error": result.error,
-                "prediction_id": result.prediction_id,
-                "predict_time": result.predict_time,
-                "cost": self.cost_of(index),
-                "attempts": self.attempts_of(index),
-            }
-            lines.append(json.dumps(line, ensure_ascii=False))
+        for index in range(len(self.items)):
+            lines.append(json.dumps(self.result_line(index, unfinished), ensure_ascii=False))
         return "".join(line + "\n" for line in lines)
+
+    def result_line(self, index: int, unfinished: PredictionOutcome | None = None) -> dict[str, Any]:
+        """
+        An item's output line.
+
+        :param index: The item.
+        :param unfinished: What it reads as without a result.
+        """
+        item = self.items[index]
+        result = self.finished.get(index) or unfinished or PredictionOutcome("error", error="no result")
+        return {
+            "image": item.image,
+            "label": item.label,
+            "question": item.question or None,
+            "output": result.output,
+            "status": result.status,
+            "error": result.error,
+            "prediction_id": result.prediction_id,
+            "predict_time": result.predict_time,
+            "cost": self.cost_of(index),
+            "attempts": self.attempts_of(index),
+            "cached": index in self.cached,
+        }
 
     def summary(self, output_uri: str, *, now: float | None = None) -> dict[str, Any]:
         """
         The batch's summary.
 
-        ``total``, ``succeeded``, ``failed``, ``statuses`` (items by status), ``retried`` (items
-        predicted more than once), ``attempts`` (predictions in all), ``ambiguous`` (predictions
-        that may have been created and paid without an answer), ``cost`` (the sum of what the API
-        reported), ``images``, ``output_uri`` and ``elapsed``.
+        ``total``, ``succeeded``, ``failed``, ``skipped`` (items not predicted: the batch stopped
+        at ``max_cost``), ``statuses`` (items by status), ``retried`` (items predicted more than
+        once), ``attempts`` (predictions in all), ``ambiguous`` (predictions that may have been
+        created and paid without an answer), ``cost`` (the sum of what the API reported),
+        ``cached`` (items whose result came from the result cache, at no cost), ``cost_saved``
+        (what their results cost when they were predicted), ``images``, ``output_uri`` and
+        ``elapsed``.
         """
         failed = self.failed_count()
         statuses: dict[str, int] = {}
@@ -175,11 +207,14 @@ class BatchState:
             "total": len(self.items),
             "succeeded": len(self.finished) - failed,
             "failed": failed,
+            "skipped": len(self.items) - len(self.finished),
             "statuses": dict(sorted(statuses.items())),
             "retried": sum(count > 1 for count in attempts),
             "attempts": sum(attempts),
             "ambiguous": sum(self.ambiguous.values()),
             "cost": round(sum(costs), 6),
+            "cached": len(self.cached),
+            "cost_saved": round(sum(cost for cost in self.cached.values() if cost), 6),
             "images": len({item.image for item in self.items}),
             "output_uri": output_uri,
             "elapsed": round((now or time.time()) - self.started_at, 3),

@@ -19,6 +19,7 @@ from requests.adapters import HTTPAdapter
 
 from airflow_provider_blip2.client.budget import Budget, budget_for, wait_async, wait_sync
 from airflow_provider_blip2.client.errors import (
+    Blip2AmbiguousCreateError,
     Blip2AuthenticationError,
     Blip2Error,
     Blip2InputError,
@@ -33,9 +34,7 @@ from airflow_provider_blip2.client.redis_scope import (
 )
 from airflow_provider_blip2.client.retry import TEST_CONNECTION_RETRY_POLICY, RetryPolicy, final_error
 from airflow_provider_blip2.client.settings import (
-    CONNECTION_FIELDS,
     DEFAULT_BASE_URL,
-    UI_FIELD_BEHAVIOUR,
     ClientSettings,
 )
 from airflow_provider_blip2.client.shared_budget import shared_budget_for
@@ -51,6 +50,7 @@ from airflow_provider_blip2.client.wire import (
     transport_error,
 )
 from airflow_provider_blip2.hooks.event_loop import aconnection, arequest
+from airflow_provider_blip2.metrics import Blip2Metrics
 
 #: Seconds an image upload's PUT may take at least (files go up to 100 MB).
 UPLOAD_TIMEOUT = 300.0
@@ -66,6 +66,8 @@ class Blip2ConnectionHook(BaseHook):
     :param retry_policy: How failed requests are retried; the default suits the public API.
     :param requests_per_minute: This hook's own request budget instead of the connection's.
     :param max_concurrency: This hook's own limit of predictions in flight instead of the connection's.
+    :param metrics: Where its 429 answers, creates and ambiguous creates are counted (tagged with
+        the task that uses it); untagged by default.
     """
 
     default_conn_name = "blip2_default"
@@ -77,6 +79,7 @@ class Blip2ConnectionHook(BaseHook):
         retry_policy: RetryPolicy | None = None,
         requests_per_minute: int | None = None,
         max_concurrency: int | None = None,
+        metrics: Blip2Metrics | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -88,45 +91,7 @@ class Blip2ConnectionHook(BaseHook):
         self._connection_settings: ClientSettings | None = None
         self._budget: Budget | None = None
         self._session: requests.Session | None = None
-
-    # ----------------------------------------------------------------------------------------------
-    # Connection form (Airflow 2.x UI; Airflow 3.2+ reads the declarative metadata in provider info)
-    # ----------------------------------------------------------------------------------------------
-    @classmethod
-    def get_connection_form_widgets(cls) -> dict[str, Any]:
-        """Extra fields of the connection form in the Airflow 2 UI."""
-        from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
-        from flask_babel import lazy_gettext
-        from wtforms import IntegerField, StringField
-        from wtforms.validators import NumberRange, Optional
-
-        widgets: dict[str, Any] = {}
-        for field in CONNECTION_FIELDS:
-            if field.type == "integer":
-                widgets[field.name] = IntegerField(
-                    lazy_gettext(field.label),
-                    widget=BS3TextFieldWidget(),
-                    validators=[Optional(), NumberRange(min=field.minimum)],
-                    default=field.default,
-                    description=field.description,
-                )
-            else:
-                widgets[field.name] = StringField(
-                    lazy_gettext(field.label),
-                    widget=BS3TextFieldWidget(),
-                    default=field.default,
-                    description=field.description,
-                )
-        return widgets
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Hidden, relabelled and pre-filled fields of the connection form in the Airflow 2 UI."""
-        return {
-            "hidden_fields": list(UI_FIELD_BEHAVIOUR["hidden-fields"]),
-            "relabeling": dict(UI_FIELD_BEHAVIOUR["relabeling"]),
-            "placeholders": dict(UI_FIELD_BEHAVIOUR["placeholders"]),
-        }
+        self.metrics = metrics or Blip2Metrics()
 
     # ----------------------------------------------------------------------------------------------
     # Settings
@@ -240,6 +205,8 @@ class Blip2ConnectionHook(BaseHook):
                 status = response.status_code
             finally:
                 budget.request_done(rate_limited=status == 429)
+                if status == 429:
+                    self.metrics.rate_limited()
             return check_response(request, response)
 
         arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
@@ -247,7 +214,7 @@ class Blip2ConnectionHook(BaseHook):
         try:
             return retrying(attempt)
         except Blip2Error as error:
-            raise final_error(request, error) from error
+            raise self._final_error(request, error) from error
         finally:
             retrying.iter_state.reset()  # as in _asend
 
@@ -263,6 +230,8 @@ class Blip2ConnectionHook(BaseHook):
                 status = response.status_code
             finally:
                 await budget.arequest_done(rate_limited=status == 429)
+                if status == 429:
+                    self.metrics.rate_limited()
             return check_response(request, response)
 
         arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
@@ -270,12 +239,19 @@ class Blip2ConnectionHook(BaseHook):
         try:
             return await retrying(attempt)
         except Blip2Error as error:
-            raise final_error(request, error) from error
+            raise self._final_error(request, error) from error
         finally:
             # tenacity keeps its next actions, methods of the retrying object, in the object: a
             # reference cycle per request, which only the cyclic collector frees. In a triggerer,
             # hundreds of reads a second make that collector run its full, loop-stalling passes.
             retrying.iter_state.reset()
+
+    def _final_error(self, request: ApiRequest, error: Blip2Error) -> Blip2Error:
+        """The error a request ends with (:func:`final_error`); an ambiguous create is counted."""
+        final = final_error(request, error)
+        if isinstance(final, Blip2AmbiguousCreateError):
+            self.metrics.ambiguous_create()
+        return final
 
     def get_model(self) -> dict[str, Any]:
         """Return the model's public record, with its input schema (``request_schema``)."""

@@ -38,6 +38,7 @@ from airflow_provider_blip2.client.wire import (
     run_prediction_request,
 )
 from airflow_provider_blip2.hooks.base import Blip2ConnectionHook
+from airflow_provider_blip2.hooks.connection_form import connection_form_widgets, ui_field_behaviour
 from airflow_provider_blip2.storage.masking import mask_signed_url
 
 #: Seconds a create waits out 429 answers by default (nothing is created by a 429).
@@ -66,6 +67,16 @@ class Blip2Hook(Blip2ConnectionHook):
     default_conn_name = "blip2_default"
     conn_type = "blip2"
     hook_name = "BLIP-2 (Eachlabs)"
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Extra fields of the connection form in the Airflow 2 UI (read from this class only)."""
+        return connection_form_widgets()
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Hidden, relabelled and pre-filled fields of the Airflow 2 connection form."""
+        return ui_field_behaviour()
 
     # ----------------------------------------------------------------------------------------------
     # Sync API
@@ -109,6 +120,7 @@ class Blip2Hook(Blip2ConnectionHook):
             prediction_id = parse_create_response(response)
         finally:
             budget.prediction_created(prediction_id)
+        self.metrics.created()
         self.log.info("Created BLIP-2 prediction %s (%s)", prediction_id, inputs.describe())
         return prediction_id
 
@@ -147,6 +159,7 @@ class Blip2Hook(Blip2ConnectionHook):
             request = _run_request(settings, inputs, end_time)
             prediction = parse_run_response(self._send(request, patient_until=end_time))
             offered = True
+            self.metrics.created()
         except Blip2SyncRunUnavailableError:
             offered = False
             raise
@@ -175,6 +188,7 @@ class Blip2Hook(Blip2ConnectionHook):
             request = _run_request(settings, inputs, end_time)
             prediction = parse_run_response(await self._asend(request, patient_until=end_time))
             offered = True
+            self.metrics.created()
         except Blip2SyncRunUnavailableError:
             offered = False
             raise

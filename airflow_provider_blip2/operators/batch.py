@@ -19,10 +19,9 @@ from airflow_provider_blip2.batch import (
     BatchItem,
     BatchJournal,
     BatchState,
-    describe_failures,
-    failed_ratio_exceeded,
     image_key,
 )
+from airflow_provider_blip2.batch.spending import capped
 from airflow_provider_blip2.client.inputs import PredictionInput
 from airflow_provider_blip2.client.models import RETRY_TRANSIENT
 from airflow_provider_blip2.client.uploads import TRANSFER_AUTO
@@ -33,7 +32,9 @@ from airflow_provider_blip2.operators.base import (
     check_image_transfer,
     check_retry_parameters,
 )
-from airflow_provider_blip2.operators.batch_images import image_list, resolve_items
+from airflow_provider_blip2.operators.batch_cache import start_batch
+from airflow_provider_blip2.operators.batch_finish import finish_batch
+from airflow_provider_blip2.operators.batch_images import image_list
 from airflow_provider_blip2.operators.batch_poll import (
     create_predictions,
     first_event,
@@ -41,11 +42,13 @@ from airflow_provider_blip2.operators.batch_poll import (
     record_poll_event,
 )
 from airflow_provider_blip2.operators.batch_run import chunk_to_run, record_run_event
+from airflow_provider_blip2.operators.batch_spending import (
+    check_max_cost,
+    learn_unit_cost,
+)
 from airflow_provider_blip2.operators.batch_tries import (
-    forget_progress,
     open_journal,
     predict_again,
-    retries_left,
     try_number,
 )
 
@@ -133,9 +136,25 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         or ``auto`` (the default: upload local paths and ``file://``, a URL otherwise).
     :param upload_retention: Seconds the service keeps an uploaded copy; default the ``timeout``
         plus 15 minutes (at least 60 s, the API's minimum).
+    :param cache_uri: A result cache (``s3://``, ``gs://`` or a local path; the same for every
+        run): an item whose image is unchanged and whose inputs and model are the same as when it
+        succeeded is not predicted again; its cached line is written with ``"cached": true`` and
+        cost 0. Each run adds its new successes. See the docs' "Nightly runs" guide. (templated)
+    :param cache_compact: Rewrite the cache with only this run's items (drop the others).
+    :param max_cost: A spending cap in the API's cost unit: the batch starts no prediction that
+        could take its spend past it, writes what finished (and the cache), then fails naming
+        what was spent and how many items are left. (templated)
     """
 
-    template_fields: Sequence[str] = ("images", "output_uri", "question", "questions", "context")
+    template_fields: Sequence[str] = (
+        "images",
+        "output_uri",
+        "question",
+        "questions",
+        "context",
+        "cache_uri",
+        "max_cost",
+    )
     ui_color = "#d9cdf5"
 
     def __init__(
@@ -165,9 +184,17 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         url_expiry: float | None = None,
         image_transfer: str = TRANSFER_AUTO,
         upload_retention: float | None = None,
+        cache_uri: str | None = None,
+        cache_compact: bool = False,
+        max_cost: float | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.cache_uri = cache_uri
+        self.cache_compact = cache_compact
+        self.max_cost = max_cost
+        # max_cost as a number, once rendered (execute).
+        self.spending_cap: float | None = None
         check_image_transfer(image_transfer, upload_retention)
         self.image_transfer = image_transfer
         self.upload_retention = upload_retention
@@ -208,11 +235,13 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     def hook(self) -> Blip2Hook:
         """The hook of ``blip2_conn_id``, with this task's limits."""
         from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+        from airflow_provider_blip2.metrics import Blip2Metrics
 
         return Blip2Hook(
             blip2_conn_id=self.blip2_conn_id,
             requests_per_minute=self.requests_per_minute,
             max_concurrency=self.max_concurrency,
+            metrics=Blip2Metrics.of(self),
         )
 
     def _do_render_template_fields(self, parent: Any, *args: Any, **kwargs: Any) -> None:
@@ -229,10 +258,11 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     # ------------------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
         """List the images (or resume the stored batch), then run it."""
+        self.spending_cap = check_max_cost(self.max_cost)
         journal = open_journal(self, context)
         state = journal.load()
         if state is None:
-            state = journal.start(self._items())
+            state = start_batch(self, journal)
             self.log.info("Starting a batch of %d predictions", len(state.items))
         else:
             self.log.info("Resuming the stored batch: %s", state.progress_line())
@@ -246,6 +276,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         :param context: The task context.
         :param event: The trigger's payload.
         """
+        self.spending_cap = check_max_cost(self.max_cost)
         journal = open_journal(self, context)
         state = journal.load()
         if state is None:
@@ -262,13 +293,15 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
                 record_run_event(self, journal, state, event, number)
             elif event is not None:
                 record_poll_event(self, journal, state, event, number)
+            if self.spending_cap is not None:
+                learn_unit_cost(self, journal, state, required=True)
             runs = chunk_to_run(self, journal, state, number)
             if runs is None:
                 create_predictions(self, journal, state, number)
             journal.flush()
             self.log.info("Batch progress: %s", state.progress_line())
-            if state.done:
-                return self._finish(context, state)
+            if state.done or capped(state, self.spending_cap):
+                return finish_batch(self, context, journal, state)
             if runs is not None:
                 event = self._wait_for_runs(context, runs)
             else:
@@ -302,10 +335,6 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         self.log.info("No prediction ended within %g s; deferring", self.defer_after)
         self.defer(trigger=poll_trigger(self, state, polled, deferred=True), method_name="execute_complete")
 
-    def _items(self) -> list[BatchItem]:
-        """Resolve ``images`` to the batch's items, failing before any create on bad input."""
-        return resolve_items(self)
-
     def _image_url(self, key: str) -> str:
         """
         The image URI behind a journal key.
@@ -335,31 +364,6 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             temperature=self.temperature,
             use_nucleus_sampling=self.use_nucleus_sampling,
         )
-
-    def _finish(self, context: Context, state: BatchState) -> dict[str, Any]:
-        """Write the results, return the summary; fail if too many predictions failed."""
-        self.storage.write_bytes(
-            self.output_uri, state.result_lines().encode(), content_type="application/x-ndjson"
-        )
-        self._output_rows = len(state.items)
-        summary = state.summary(self.output_uri)
-        self.log.info("Batch finished: %s", summary)
-        again = state.to_predict_again(self.retry_failures)
-        if again and retries_left(context):
-            raise AirflowException(
-                f"{len(again)} of {summary['total']} predictions failed in a way a new try can fix "
-                f"({describe_failures([state.finished[index] for index in again])}): the next try "
-                f"predicts them again and keeps the other {summary['total'] - len(again)} results; "
-                f"results so far in {self.output_uri}"
-            )
-        if failed_ratio_exceeded(state, self.max_failed_ratio):
-            raise AirflowFailException(
-                f"{summary['failed']} of {summary['total']} predictions failed, more than "
-                f"max_failed_ratio={self.max_failed_ratio:g} allows; results in {self.output_uri}"
-            )
-        if not summary["failed"]:
-            forget_progress(context)
-        return summary
 
     def on_kill(self) -> None:
         """Cancel the predictions this try waits for on the worker (``deferrable=False``)."""

@@ -44,7 +44,8 @@ def resolve_items(op: Blip2BatchPredictionOperator) -> list[BatchItem]:
             else:
                 uris.append(entry)
         uris = list(dict.fromkeys(uris))
-        op.storage.check_all_exist([uri for uri in uris if is_remote_object(uri)])
+        if not op.cache_uri:  # with a cache, reading the fingerprints checks them
+            op.storage.check_all_exist([uri for uri in uris if is_remote_object(uri)])
         for uri in uris:
             if (path := local_path(uri)) is not None:
                 check_image_file(path, field_name="images")

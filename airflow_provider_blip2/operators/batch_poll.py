@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
 from airflow_provider_blip2.batch import BatchJournal, BatchState
+from airflow_provider_blip2.batch.spending import affordable
 from airflow_provider_blip2.client.errors import (
     Blip2AmbiguousCreateError,
     Blip2BadRequestError,
@@ -57,7 +58,8 @@ def create_predictions(
         return
     free = op.hook.settings.max_concurrency - len(state.in_flight)
     expires_in = url_expiry(op.url_expiry, op.timeout)
-    chosen = state.pending()[: max(0, free)]
+    limit = affordable(state, op.spending_cap)
+    chosen = state.pending()[: max(0, free if limit is None else min(free, limit))]
     uploads = batch_uploads(op, journal, state, [i for i in chosen if needs_upload(op, state.items[i].image)])
     for index in chosen:
         item = state.items[index]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowException
 
 from airflow_provider_blip2.batch import BatchJournal, BatchState
+from airflow_provider_blip2.batch.spending import affordable
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.sealing import seal
 from airflow_provider_blip2.operators.batch_poll import record_poll_event
@@ -69,6 +70,10 @@ def chunk_to_run(
         uploading = any(needs_upload(op, state.items[i].image) for i in pending)
         # Each upload's presign is a request too: half a window's predictions when uploading.
         size = max(1, op.hook.settings.requests_per_minute // (2 if uploading else 1))
+        limit = affordable(state, op.spending_cap)
+        if limit == 0:
+            return None
+        size = size if limit is None else min(size, limit)
         images = _chunk_images(op, journal, state, pending[:size], try_number)
     chunk = uuid.uuid4().hex[:12]
     deadline = time.time() + op.timeout

@@ -33,7 +33,9 @@ def open_journal(op: Blip2BatchPredictionOperator, context: Context) -> BatchJou
     if store is None:
         op.log.warning("No task state store (Airflow < 3.3): progress lasts one try, not retries")
         store = XComStore(context)
-    return BatchJournal(store)
+    journal = BatchJournal(store)
+    journal.on_finished = op.hook.metrics.ended
+    return journal
 
 
 def predict_again(op: Blip2BatchPredictionOperator, journal: BatchJournal, state: BatchState) -> None:

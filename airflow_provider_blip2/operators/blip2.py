@@ -185,8 +185,9 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
     def hook(self) -> Blip2Hook:
         """The hook of ``blip2_conn_id``."""
         from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+        from airflow_provider_blip2.metrics import Blip2Metrics
 
-        return Blip2Hook(blip2_conn_id=self.blip2_conn_id)
+        return Blip2Hook(blip2_conn_id=self.blip2_conn_id, metrics=Blip2Metrics.of(self))
 
     def _do_render_template_fields(self, parent: Any, *args: Any, **kwargs: Any) -> None:
         """Render the templated fields, then mask the image URL before Airflow stores rendered fields."""
@@ -350,6 +351,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         self, context: Context, outcome: PredictionOutcome, *, attempt: int, spent: float | None
     ) -> str | None:
         """The task's end, the same on the worker and after the trigger: the output, or a failure."""
+        self.hook.metrics.ended(outcome)
         costs = [cost for cost in (spent, outcome.cost) if cost is not None]
         cost = round(sum(costs), 9) if costs else None
         for key, value in ((COST_XCOM_KEY, cost), (PREDICT_TIME_XCOM_KEY, outcome.predict_time)):

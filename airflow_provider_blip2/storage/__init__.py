@@ -157,21 +157,62 @@ class ObjectStorage:
         :raises ObjectNotFoundError: Listing the first :data:`MAX_LISTED_MISSING` missing URIs and how
             many are missing in all.
         """
+        self._probe_all(uris, lambda uri: None if is_http(uri) else self._backend_fingerprint(uri))
+
+    def fingerprints(self, uris: Sequence[str]) -> dict[str, str | None]:
+        """
+        Each image's fingerprint (:mod:`~airflow_provider_blip2.storage.fingerprints`), checking
+        that every object and file exists; :data:`EXISTENCE_CHECK_THREADS` at a time.
+
+        :param uris: ``s3://``, ``gs://`` or ``http(s)://`` URIs, local paths or ``file://`` URIs.
+        :return: URI -> fingerprint; ``None`` for an http(s) URL that cannot be read.
+        :raises ObjectNotFoundError: Listing the first :data:`MAX_LISTED_MISSING` missing objects.
+        """
+        return self._probe_all(uris, self.fingerprint)
+
+    def fingerprint(self, uri: str) -> str | None:
+        """
+        One image's fingerprint: what changes when its content may have changed.
+
+        :param uri: As accepted by :meth:`fingerprints`.
+        :raises ObjectNotFoundError: When the object or file does not exist.
+        """
+        if is_http(uri):
+            from airflow_provider_blip2.storage.fingerprints import http_fingerprint
+
+            return http_fingerprint(uri)
+        return self._backend_fingerprint(uri)
+
+    def _backend_fingerprint(self, uri: str) -> str:
+        return self._backend(uri, "s3://, gs://, http(s):// or a local path").fingerprint(uri)
+
+    def _probe_all(self, uris: Sequence[str], probe: Callable[[str], str | None]) -> dict[str, str | None]:
+        """Run ``probe`` on every URI (remote ones in threads); raise one error naming the missing."""
         unique = list(dict.fromkeys(uris))
         for uri in unique:
-            if not (is_http(uri) or is_local(uri)):
+            if is_remote_object(uri) or not (is_http(uri) or is_local(uri)):
                 # Reject bad URIs before any request, and create the clients outside the threads.
                 scheme, _, _ = object_key(uri)
                 self._client_for(scheme)
+        found: dict[str, str | None] = {}
+        absent: set[str] = set()
 
-        remote = [uri for uri in unique if is_remote_object(uri)]
-        absent: set[str] = {uri for uri in unique if not is_remote_object(uri) and self._is_missing(uri)}
+        def run(uri: str) -> None:
+            try:
+                found[uri] = probe(uri)
+            except ObjectNotFoundError:
+                absent.add(uri)
+
+        for uri in unique:
+            if is_local(uri):
+                run(uri)
+        remote = [uri for uri in unique if not is_local(uri)]
         if remote:
             with ThreadPoolExecutor(max_workers=min(EXISTENCE_CHECK_THREADS, len(remote))) as pool:
-                gone = pool.map(self._is_missing, remote)
-                absent.update(uri for uri, is_missing in zip(remote, gone, strict=True) if is_missing)
+                list(pool.map(run, remote))
         if absent:
             raise _not_found([uri for uri in unique if uri in absent], len(unique))
+        return {uri: found[uri] for uri in unique}
 
     def list_images(self, prefix: str, patterns: Sequence[str] = IMAGE_PATTERNS) -> list[str]:
         """
@@ -262,14 +303,6 @@ class ObjectStorage:
     def _client_for(self, scheme: str) -> Any:
         """The boto3 S3 client or google-cloud-storage client of the scheme's backend, made once."""
         return self._remote(scheme).client()
-
-    def _is_missing(self, uri: str) -> bool:
-        """Whether :meth:`check_exists` finds ``uri`` missing."""
-        try:
-            self.check_exists(uri)
-        except ObjectNotFoundError:
-            return True
-        return False
 
 
 def _is_match(key: str, patterns: Sequence[str]) -> bool:

@@ -17,13 +17,23 @@ from airflow_provider_blip2.storage.errors import missing_extra
 class Backend(ABC):
     """The operations on single objects, which local files, ``s3://`` and ``gs://`` all offer."""
 
-    @abstractmethod
     def check_exists(self, uri: str) -> None:
         """
-        Check that an object exists.
+        Check that an object exists (reading its fingerprint).
 
         :param uri: The object's URI or path.
         :raises ObjectNotFoundError: Naming the URI, and the bucket when it is the bucket that is missing.
+        """
+        self.fingerprint(uri)
+
+    @abstractmethod
+    def fingerprint(self, uri: str) -> str:
+        """
+        What tells this version of an object from another, read from its metadata alone.
+
+        :param uri: The object's URI or path.
+        :return: A string that changes whenever the object's content may have changed.
+        :raises ObjectNotFoundError: When the object or its bucket does not exist.
         """
 
     @abstractmethod

@@ -42,9 +42,11 @@ class GCSBackend(CloudBackend["GCSHook"]):
         except GoogleAPICallError:
             return True
 
-    def check_exists(self, uri: str) -> None:
-        """Reload the blob's metadata."""
-        self._call(uri, self._blob(uri).reload)
+    def fingerprint(self, uri: str) -> str:
+        """Reload the blob's metadata: its generation, ``gs:{generation}`` (new with every write)."""
+        blob = self._blob(uri)
+        self._call(uri, blob.reload)
+        return f"gs:{blob.generation}"
 
     def list_keys(self, bucket: str, prefix: str) -> list[str]:
         """List the blobs under the prefix, all pages."""

@@ -38,10 +38,11 @@ class S3Backend(CloudBackend["S3Hook"]):
             return not (code in ("404", "NoSuchBucket", "NotFound") or status == 404)
         return True
 
-    def check_exists(self, uri: str) -> None:
-        """``HEAD`` the object."""
+    def fingerprint(self, uri: str) -> str:
+        """``HEAD`` the object: its ETag and size, ``s3:{etag}:{size}``."""
         _, bucket, key = object_key(uri)
-        self._call(uri, lambda: self.client().head_object(Bucket=bucket, Key=key))
+        head = self._call(uri, lambda: self.client().head_object(Bucket=bucket, Key=key))
+        return f"s3:{str(head.get('ETag', '')).strip(chr(34))}:{head.get('ContentLength', '')}"
 
     def list_keys(self, bucket: str, prefix: str) -> list[str]:
         """List with ``ListObjectsV2``, page by page."""

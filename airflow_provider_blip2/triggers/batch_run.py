@@ -34,6 +34,7 @@ from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.sealing import SEALED_PREFIX, unseal
 from airflow_provider_blip2.client.settings import SYNC_RUN_ALWAYS
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+from airflow_provider_blip2.metrics import Blip2Metrics
 from airflow_provider_blip2.storage import ObjectStorage, SigningError, StorageError
 from airflow_provider_blip2.storage.masking import mask_signed_url
 from airflow_provider_blip2.storage.uris import is_http
@@ -139,6 +140,7 @@ class Blip2BatchRunTrigger(BaseTrigger):
             blip2_conn_id=self.blip2_conn_id,
             requests_per_minute=self.requests_per_minute,
             max_concurrency=self.max_concurrency,
+            metrics=Blip2Metrics.of(self.task_instance),
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:

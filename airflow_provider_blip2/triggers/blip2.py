@@ -12,6 +12,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.polling import PredictionWatch
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+from airflow_provider_blip2.metrics import Blip2Metrics
 from airflow_provider_blip2.triggers.heap import freeze_heap_once
 
 # Bound on the remote cancel when a user kills the task.
@@ -192,7 +193,7 @@ class Blip2PredictionTrigger(BaseTrigger):
         )
 
     def _hook(self) -> Blip2Hook:
-        return Blip2Hook(blip2_conn_id=self.blip2_conn_id)
+        return Blip2Hook(blip2_conn_id=self.blip2_conn_id, metrics=Blip2Metrics.of(self.task_instance))
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until the prediction is terminal, the deadline passes or a persistent error."""
@@ -300,6 +301,7 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
             blip2_conn_id=self.blip2_conn_id,
             requests_per_minute=self.requests_per_minute,
             max_concurrency=self.max_concurrency,
+            metrics=Blip2Metrics.of(self.task_instance),
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:

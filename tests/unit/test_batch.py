@@ -114,6 +114,7 @@ def test_result_lines_summary_and_failed_ratio() -> None:
         "predict_time": 1.5,
         "cost": 0.0015,
         "attempts": 2,
+        "cached": False,
     }
     assert "Signature" not in state.result_lines()
     assert lines[1]["image"] == "s3://b/k.png" and lines[1]["status"] == "error"
@@ -123,11 +124,14 @@ def test_result_lines_summary_and_failed_ratio() -> None:
         "total": 2,
         "succeeded": 1,
         "failed": 1,
+        "skipped": 0,
         "statuses": {"error": 1, "success": 1},
         "retried": 1,
         "attempts": 3,
         "ambiguous": 0,
         "cost": 0.0015,
+        "cached": 0,
+        "cost_saved": 0.0,
         "images": 2,
         "output_uri": "s3://out/r.jsonl",
         "elapsed": 12.5,

@@ -1,0 +1,106 @@
+"""
+The batch operator's spending cap (``max_cost``): its value checked, the cost of a prediction
+learned where the API reports none, and how a batch that reached it ends.
+
+What counts as spent, and how many predictions may start, is
+:mod:`~airflow_provider_blip2.batch.spending`'s rule.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import AirflowFailException
+
+from airflow_provider_blip2.batch.spending import spent, unit_cost
+from airflow_provider_blip2.client.errors import Blip2Error
+from airflow_provider_blip2.client.models import PredictionOutcome
+
+if TYPE_CHECKING:
+    from airflow_provider_blip2.batch import BatchJournal, BatchState
+    from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
+
+#: Predictions read at most to learn what one costs.
+COST_READS = 3
+#: The status of an item the batch did not predict because it reached ``max_cost``.
+SKIPPED = "skipped"
+
+
+def check_max_cost(value: Any) -> float | None:
+    """
+    ``max_cost`` as a number (it may be rendered from a template as a string).
+
+    :param value: The operator's rendered ``max_cost``.
+    :raises AirflowFailException: When it is not a number >= 0.
+    """
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not number >= 0:
+        raise AirflowFailException(
+            f"max_cost must be a number >= 0 in the API's cost unit (or None for no cap), got {value!r}"
+        )
+    return number
+
+
+def stopped_at_max_cost(op: Blip2BatchPredictionOperator) -> PredictionOutcome:
+    """
+    What the output says of the items a batch did not predict, having reached ``max_cost``.
+
+    :param op: The batch operator.
+    """
+    return PredictionOutcome(SKIPPED, error=f"not predicted: the batch reached max_cost={op.spending_cap:g}")
+
+
+def max_cost_message(op: Blip2BatchPredictionOperator, state: BatchState, summary: dict[str, Any]) -> str:
+    """
+    The failure of a batch that reached ``max_cost``: the cap, the spend, what is left.
+
+    :param op: The batch operator.
+    :param state: The batch's progress.
+    :param summary: Its summary.
+    """
+    estimate = unit_cost(state)
+    each = f" at about {estimate:g} a prediction" if estimate is not None else ""
+    cache = f" and in the result cache {op.cache_uri}, where the next run goes on" if op.cache_uri else ""
+    return (
+        f"The batch stopped at max_cost={op.spending_cap:g}: it spent {spent(state, estimate):g}{each}, "
+        f"{summary['skipped']} of {summary['total']} items are left unpredicted; every finished result "
+        f"is in {op.output_uri}{cache}"
+    )
+
+
+def learn_unit_cost(
+    op: Blip2BatchPredictionOperator, journal: BatchJournal, state: BatchState, *, required: bool
+) -> None:
+    """
+    Learn what a prediction costs by reading one (a request), when nothing reported it yet.
+
+    Reads this run's ended predictions first, then those of cached results.
+
+    :param op: The batch operator.
+    :param journal: The batch's journal (records what was learned).
+    :param state: The batch's progress.
+    :param required: Fail when no cost can be learned (``max_cost`` cannot be kept otherwise).
+    """
+    if unit_cost(state) is not None:
+        return
+    ran = [r.prediction_id for i, r in state.finished.items() if r.prediction_id and i not in state.cached]
+    cached = [r.prediction_id for i, r in state.finished.items() if r.prediction_id and i in state.cached]
+    for prediction_id in (ran + cached)[:COST_READS]:
+        try:
+            cost = op.hook.get_prediction(str(prediction_id)).cost
+        except Blip2Error as error:
+            op.log.warning("Could not read prediction %s for its cost: %s", prediction_id, error)
+            continue
+        if cost is not None:
+            journal.record_unit_cost(state, float(cost))
+            return
+    if required and ran:
+        raise AirflowFailException(
+            f"max_cost={op.spending_cap:g} cannot be kept: the API reports no cost for this connection's "
+            "predictions; remove max_cost, or cap the batch by the number of its images"
+        )
