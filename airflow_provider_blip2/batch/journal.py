@@ -109,17 +109,6 @@ class BatchJournal:
         self.store.set(self._key("items"), header)
         return state
 
-    def record_unit_cost(self, state: BatchState, unit_cost: float) -> None:
-        """
-        Record what a prediction is taken to cost (learned by reading one), written at once.
-
-        :param state: The progress, updated in place.
-        :param unit_cost: The cost.
-        """
-        state.unit_cost = unit_cost
-        self._part["unit_cost"] = unit_cost
-        self._write_part()
-
     def begin_cycle(self, state: BatchState) -> None:
         """
         Open the part this worker cycle writes to, compacting earlier parts when there are many.

@@ -34,8 +34,8 @@ class BatchState:
     :param cached: Item index -> the cost recorded for its cached result (``None`` when none was),
         for the items whose result came from the result cache (their results are in ``finished``).
     :param fingerprints: Image -> its fingerprint when the batch started (with a result cache).
-    :param unit_cost: What one prediction is taken to cost where the API reports no cost (learned
-        from the cache or by reading one prediction), for ``max_cost``.
+    :param unit_cost: What one prediction is taken to cost before this run reported one (the
+        mean recorded in the result cache), for ``max_cost``.
     """
 
     items: list[BatchItem]
@@ -132,8 +132,6 @@ class BatchState:
             self.ambiguous[int(index)] = int(count)
         for image, copy in part.get("uploads", {}).items():
             self.uploads[str(image)] = list(copy)
-        if part.get("unit_cost") is not None:
-            self.unit_cost = float(part["unit_cost"])
         for index, (prediction_id, deadline) in part.get("created", {}).items():
             self.created[int(index)] = (str(prediction_id), float(deadline))
         for index, result in part.get("finished", {}).items():
@@ -146,7 +144,6 @@ class BatchState:
             "spent": {str(i): cost for i, cost in self.spent.items()},
             "ambiguous": {str(i): count for i, count in self.ambiguous.items()},
             "uploads": dict(self.uploads),
-            "unit_cost": self.unit_cost,
             "created": {str(i): [pid, deadline] for i, (pid, deadline) in self.created.items()},
             "finished": {str(i): result.to_json() for i, result in self.finished.items()},
         }

@@ -43,8 +43,8 @@ from airflow_provider_blip2.operators.batch_poll import (
 )
 from airflow_provider_blip2.operators.batch_run import chunk_to_run, record_run_event
 from airflow_provider_blip2.operators.batch_spending import (
+    check_costs_known,
     check_max_cost,
-    learn_unit_cost,
 )
 from airflow_provider_blip2.operators.batch_tries import (
     open_journal,
@@ -294,14 +294,14 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
             elif event is not None:
                 record_poll_event(self, journal, state, event, number)
             if self.spending_cap is not None:
-                learn_unit_cost(self, journal, state, required=True)
+                check_costs_known(self, state)
             runs = chunk_to_run(self, journal, state, number)
             if runs is None:
                 create_predictions(self, journal, state, number)
             journal.flush()
             self.log.info("Batch progress: %s", state.progress_line())
             if state.done or capped(state, self.spending_cap):
-                return finish_batch(self, context, journal, state)
+                return finish_batch(self, context, state)
             if runs is not None:
                 event = self._wait_for_runs(context, runs)
             else:

@@ -6,23 +6,21 @@ store reports none) and the cache is read: an item whose image and inputs are un
 cached result and is not predicted. When the batch ends (or stops at ``max_cost``), its new
 successes are added to the cache, which is read again and rewritten whole, atomically.
 
-A prediction's cost, where the API reported none (a synchronous run's answer has no metrics), is
-learned by reading one prediction (:func:`~airflow_provider_blip2.operators.batch_spending.learn_unit_cost`)
-to record what a cached result saves.
+Each cached result keeps the cost the API reported for it (synchronous runs get theirs from one
+read a chunk, :class:`~airflow_provider_blip2.triggers.batch_run.Blip2BatchRunTrigger`): what a
+later run saves, and the estimate of a prediction's cost for ``max_cost``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from airflow.providers.common.compat.sdk import AirflowFailException
 
 from airflow_provider_blip2.batch.cache import CachedResult, ResultCache, cache_key, new_entry
-from airflow_provider_blip2.batch.spending import unit_cost
 from airflow_provider_blip2.client.errors import Blip2InputError
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.operators.batch_images import CHECK_URL, resolve_items
-from airflow_provider_blip2.operators.batch_spending import learn_unit_cost
 from airflow_provider_blip2.storage import ObjectNotFoundError, StorageError
 
 if TYPE_CHECKING:
@@ -149,14 +147,11 @@ def _outcome(entry: CachedResult) -> PredictionOutcome:
     )
 
 
-def save_to_cache(op: Blip2BatchPredictionOperator, journal: BatchJournal, state: BatchState) -> None:
+def save_to_cache(op: Blip2BatchPredictionOperator, state: BatchState) -> None:
     """
     Add the batch's new successes to the cache, read again and rewritten whole (atomically).
 
-    A success's recorded cost is the API's, else the batch's estimate (``cost_estimated``).
-
     :param op: The batch operator (with ``cache_uri``).
-    :param journal: The batch's journal.
     :param state: The batch's progress.
     """
     new = [
@@ -164,16 +159,14 @@ def save_to_cache(op: Blip2BatchPredictionOperator, journal: BatchJournal, state
         for index, result in state.finished.items()
         if result.succeeded and index not in state.cached and state.items[index].image in state.fingerprints
     ]
-    if new and any(state.finished[index].cost is None for index in new):
-        learn_unit_cost(op, journal, state, required=False)
-    estimate = unit_cost(state)
-    entries = []
-    for index in new:
-        item = state.items[index]
-        line: dict[str, Any] = state.result_line(index)
-        if line["cost"] is None and estimate is not None:
-            line.update(cost=round(estimate, 9), cost_estimated=True)
-        entries.append(new_entry(item_cache_key(op, item), state.fingerprints[item.image], line))
+    entries = [
+        new_entry(
+            item_cache_key(op, state.items[index]),
+            state.fingerprints[state.items[index].image],
+            state.result_line(index),
+        )
+        for index in new
+    ]
     cache = ResultCache()
     cache.add(entries)
     merged = cache.merged_into(read_cache(op))

@@ -14,13 +14,11 @@ from airflow_provider_blip2.operators.batch_tries import forget_progress, retrie
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
-    from airflow_provider_blip2.batch import BatchJournal, BatchState
+    from airflow_provider_blip2.batch import BatchState
     from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
 
 
-def finish_batch(
-    op: Blip2BatchPredictionOperator, context: Context, journal: BatchJournal, state: BatchState
-) -> dict[str, Any]:
+def finish_batch(op: Blip2BatchPredictionOperator, context: Context, state: BatchState) -> dict[str, Any]:
     """
     Write the results and the cache, return the summary; fail if the batch must.
 
@@ -31,7 +29,6 @@ def finish_batch(
 
     :param op: The batch operator.
     :param context: The task context.
-    :param journal: The batch's journal.
     :param state: The batch's progress, done or stopped at ``max_cost``.
     """
     stopped = None if state.done else stopped_at_max_cost(op)
@@ -40,7 +37,7 @@ def finish_batch(
     )
     op._output_rows = len(state.items)
     if op.cache_uri:
-        save_to_cache(op, journal, state)
+        save_to_cache(op, state)
     summary = state.summary(op.output_uri)
     op.log.info("Batch finished: %s", summary)
     if stopped is not None:

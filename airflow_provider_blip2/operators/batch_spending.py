@@ -1,6 +1,6 @@
 """
 The batch operator's spending cap (``max_cost``): its value checked, the cost of a prediction
-learned where the API reports none, and how a batch that reached it ends.
+checked to be known, and how a batch that reached it ends.
 
 What counts as spent, and how many predictions may start, is
 :mod:`~airflow_provider_blip2.batch.spending`'s rule.
@@ -12,16 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowFailException
 
-from airflow_provider_blip2.batch.spending import spent, unit_cost
-from airflow_provider_blip2.client.errors import Blip2Error
+from airflow_provider_blip2.batch.spending import needs_unit_cost, spent, unit_cost
 from airflow_provider_blip2.client.models import PredictionOutcome
 
 if TYPE_CHECKING:
-    from airflow_provider_blip2.batch import BatchJournal, BatchState
+    from airflow_provider_blip2.batch import BatchState
     from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
 
-#: Predictions read at most to learn what one costs.
-COST_READS = 3
 #: The status of an item the batch did not predict because it reached ``max_cost``.
 SKIPPED = "skipped"
 
@@ -33,8 +30,8 @@ def check_max_cost(value: Any) -> float | None:
     :param value: The operator's rendered ``max_cost``.
     :raises AirflowFailException: When it is not a number >= 0.
     """
-    if value is None or value == "":
-        return None
+    if value is None or (isinstance(value, str) and value.strip() in ("", "None")):
+        return None  # a template rendered as text renders a missing value as "None"
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -73,34 +70,16 @@ def max_cost_message(op: Blip2BatchPredictionOperator, state: BatchState, summar
     )
 
 
-def learn_unit_cost(
-    op: Blip2BatchPredictionOperator, journal: BatchJournal, state: BatchState, *, required: bool
-) -> None:
+def check_costs_known(op: Blip2BatchPredictionOperator, state: BatchState) -> None:
     """
-    Learn what a prediction costs by reading one (a request), when nothing reported it yet.
+    Fail when ``max_cost`` cannot be kept: predictions ended and none reported a cost.
 
-    Reads this run's ended predictions first, then those of cached results.
-
-    :param op: The batch operator.
-    :param journal: The batch's journal (records what was learned).
+    :param op: The batch operator (with ``max_cost``).
     :param state: The batch's progress.
-    :param required: Fail when no cost can be learned (``max_cost`` cannot be kept otherwise).
+    :raises AirflowFailException: Naming ``max_cost`` and the fix.
     """
-    if unit_cost(state) is not None:
-        return
-    ran = [r.prediction_id for i, r in state.finished.items() if r.prediction_id and i not in state.cached]
-    cached = [r.prediction_id for i, r in state.finished.items() if r.prediction_id and i in state.cached]
-    for prediction_id in (ran + cached)[:COST_READS]:
-        try:
-            cost = op.hook.get_prediction(str(prediction_id)).cost
-        except Blip2Error as error:
-            op.log.warning("Could not read prediction %s for its cost: %s", prediction_id, error)
-            continue
-        if cost is not None:
-            journal.record_unit_cost(state, float(cost))
-            return
-    if required and ran:
+    if needs_unit_cost(state):
         raise AirflowFailException(
-            f"max_cost={op.spending_cap:g} cannot be kept: the API reports no cost for this connection's "
-            "predictions; remove max_cost, or cap the batch by the number of its images"
+            f"max_cost={op.spending_cap:g} cannot be kept: the API reports no cost for this "
+            "connection's predictions; remove max_cost, or cap the batch by the number of its images"
         )

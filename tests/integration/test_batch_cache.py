@@ -69,7 +69,7 @@ def test_a_second_run_over_unchanged_files_predicts_nothing_and_a_changed_file_a
     second, _ = run_batch(_batch(str(folder), tmp_path / "run2.jsonl", cache), DictStore())
     assert emulator.ledger()["creates"] == 6  # nothing new
     assert second["cached"] == 6 and second["succeeded"] == 6 and second["cost"] == 0
-    assert second["cost_saved"] == pytest.approx(6 * COST)  # learned from one read: runs report no cost
+    assert second["cost_saved"] == pytest.approx(6 * COST)  # as the API reported it
     lines = _lines(tmp_path / "run2.jsonl")
     assert all(line["cached"] and line["cost"] == 0 and line["attempts"] == 0 for line in lines)
     assert [line["output"] for line in lines] == [line["output"] for line in _lines(tmp_path / "run1.jsonl")]
