@@ -78,7 +78,7 @@ class CachedResult:
         Inverse of :meth:`to_json`.
 
         :param value: A cache file's line, decoded.
-        :raises KeyError, TypeError, ValueError: When it is not one.
+        :raises ValueError: When it is not one (also KeyError or TypeError).
         """
         result = value["result"]
         if not isinstance(result, dict):

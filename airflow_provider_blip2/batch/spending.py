@@ -6,7 +6,7 @@ Spend counts, for this run's predictions (cached results cost nothing): the cost
 reported, and where it reported none (a synchronous run's answer carries no metrics, an ambiguous
 create may have been paid) the estimate of one prediction; predictions in flight count the
 estimate too, as a reservation. The estimate is the mean cost reported so far in this run, else the
-batch's :attr:`~airflow_provider_blip2.batch.state.BatchState.unit_cost` (the mean recorded in the
+batch's ``unit_cost`` (the mean recorded in the
 result cache). A batch with no estimate yet starts one prediction at a time.
 """
 
