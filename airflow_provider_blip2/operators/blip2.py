@@ -24,12 +24,7 @@ from airflow_provider_blip2.client.models import (
     PredictionStatus,
     create_again_within_try,
 )
-from airflow_provider_blip2.client.uploads import (
-    TRANSFER_AUTO,
-    TRANSFER_UPLOAD,
-    Blip2UploadError,
-    transfer_for,
-)
+from airflow_provider_blip2.client.uploads import TRANSFER_AUTO, Blip2UploadError, transfer_for
 from airflow_provider_blip2.links.blip2 import PREDICTION_URL_XCOM_KEY, Blip2PredictionLink
 from airflow_provider_blip2.operators.base import (
     DEFER_AFTER_SECONDS,
@@ -38,11 +33,16 @@ from airflow_provider_blip2.operators.base import (
     check_defer_after,
     check_image_transfer,
     check_retry_parameters,
-    url_expiry,
 )
 from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
-from airflow_provider_blip2.operators.uploads import single_upload
-from airflow_provider_blip2.storage import StorageError, is_remote_object
+from airflow_provider_blip2.operators.prediction_end import (
+    COST_XCOM_KEY,
+    PREDICT_TIME_XCOM_KEY,
+    push_reported,
+    try_cost,
+)
+from airflow_provider_blip2.operators.prediction_image import single_image_url
+from airflow_provider_blip2.storage import StorageError
 from airflow_provider_blip2.storage.staging import ImageFetchError
 
 if TYPE_CHECKING:
@@ -61,9 +61,6 @@ __all__ = [
 ]
 
 PREDICTION_ID_XCOM_KEY = "prediction_id"
-#: XCom keys of what the API reported for the finished prediction (all attempts of the try).
-COST_XCOM_KEY = "cost"
-PREDICT_TIME_XCOM_KEY = "predict_time"
 # Status reported for a stored prediction id the API does not know: a retry then creates a new one.
 PREDICTION_NOT_FOUND = "not found"
 
@@ -215,7 +212,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         """
         try:
             self._validate_inputs()
-            return self._inputs_for(self._image_url(context))
+            return self._inputs_for(single_image_url(self, context))
         except (Blip2UploadError, ImageFetchError) as error:
             raise AirflowException(f"Could not upload the image of task {self.task_id}: {error}") from error
         except (Blip2InputError, StorageError, ValueError) as error:
@@ -236,17 +233,6 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         if isinstance(self.image, str):
             transfer_for(self.image_transfer, self.image)
             self._inputs_for(VALIDATION_IMAGE_URL)
-
-    def _image_url(self, context: Context | None) -> str:
-        image = self.image
-        if not isinstance(image, str):
-            return image
-        if transfer_for(self.image_transfer, image) == TRANSFER_UPLOAD:
-            return single_upload(self, context).public_url
-        if is_remote_object(image):
-            self.storage.check_exists(image)
-            return self.storage.signed_url(image, expires_in=url_expiry(self.url_expiry, self.timeout))
-        return image
 
     def submit_job(self, context: Context) -> str:
         """Create the prediction and push its id and link to XCom."""
@@ -352,11 +338,8 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
     ) -> str | None:
         """The task's end, the same on the worker and after the trigger: the output, or a failure."""
         self.hook.metrics.ended(outcome)
-        costs = [cost for cost in (spent, outcome.cost) if cost is not None]
-        cost = round(sum(costs), 9) if costs else None
-        for key, value in ((COST_XCOM_KEY, cost), (PREDICT_TIME_XCOM_KEY, outcome.predict_time)):
-            if value is not None:
-                context["ti"].xcom_push(key=key, value=value)
+        cost = try_cost(spent, outcome)
+        push_reported(context, outcome, cost)
         if outcome.succeeded:
             self.log.info(
                 "Prediction %s succeeded in %s s, cost %s: %r",
