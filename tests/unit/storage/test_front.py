@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from airflow_provider_blip2 import storage
 from airflow_provider_blip2.storage import ObjectStorage
 
 
@@ -18,11 +17,3 @@ def test_signed_url_rejects_other_uris(uri: str) -> None:
     with pytest.raises(ValueError, match=r"s3://, gs://, http:// or https://") as excinfo:
         ObjectStorage().signed_url(uri, expires_in=60)
     assert uri in str(excinfo.value)
-
-
-def test_the_former_import_path_exposes_the_same_names() -> None:
-    from airflow_provider_blip2.hooks import object_storage
-
-    assert object_storage.__all__ == storage.__all__
-    assert {"ObjectStorage", "StorageError", "is_remote_object", "IMAGE_PATTERNS"} <= set(storage.__all__)
-    assert all(getattr(object_storage, name) is getattr(storage, name) for name in storage.__all__)
