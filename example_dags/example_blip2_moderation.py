@@ -1,21 +1,26 @@
 """
-Nightly content moderation of the images users uploaded to S3 that day.
+Nightly content moderation of the images users uploaded to S3, paying only for what is new.
 
-1. ``moderate``: every image under ``s3://<bucket>/uploads/<ds>/`` is asked a set of yes/no
-   moderation questions by one deferrable batch task (within the API's limits; waiting costs no
-   worker slot). The answers land as JSON lines in ``s3://<bucket>/moderation/<ds>/answers.jsonl``.
+1. ``moderate``: every image under ``s3://<bucket>/uploads/`` is asked a set of yes/no moderation
+   questions by one deferrable batch task (within the API's limits; waiting costs no worker slot).
+   The answers land as JSON lines in ``s3://<bucket>/moderation/<ds>/answers.jsonl``. A result
+   cache (``s3://<bucket>/moderation/cache.jsonl``, the same every night) keeps every answer: an
+   image unchanged since an earlier night (by its S3 ETag) is not predicted again, its cached
+   answer is written with ``"cached": true``, so a night pays only for the new and replaced
+   uploads. ``max_cost`` stops a misconfigured prefix from spending without limit: the run writes
+   what it has, fails naming the cap, and the next run goes on from the cache.
    With ``retries=2``, a try that ends with transient failures (a create the API answered 5xx, a
    timeout, a provider failure) is followed by one that predicts only those again.
 2. ``flag``: the answers become flags per image. An answer that is neither yes nor no, or a
    prediction that failed, flags the image for review: nothing unchecked gets published.
 3. ``write_report``: the flags are written to ``s3://<bucket>/moderation/<ds>/report.json``, with
-   the night's numbers for the dashboards: predictions, failures by status, retried predictions
-   and the cost the API reported.
-4. ``quarantine``: flagged images are copied to ``s3://<bucket>/quarantine/<ds>/``.
+   the night's numbers for the dashboards: predictions, answers from the cache, failures by status,
+   retried predictions, the cost the API reported and the cost the cache saved.
+4. ``quarantine``: flagged images are copied to ``s3://<bucket>/quarantine/`` (keeping their key).
 5. ``publish``: only then are the clean images published (here: a manifest of them is written to
    ``s3://<bucket>/published/<ds>/manifest.json``, the hand-off point to the publishing system).
 
-The bucket and prefixes are run parameters; the AWS connection is ``aws_default``.
+The bucket, the prefix and the cap are run parameters; the AWS connection is ``aws_default``.
 """
 
 from __future__ import annotations
@@ -48,15 +53,19 @@ with DAG(
     tags=["example", "blip2", "moderation"],
     params={
         "bucket": Param("user-uploads", type="string", description="Bucket of the uploads"),
-        "uploads": Param("uploads", type="string", description="Prefix of the uploads; the day is appended"),
+        "uploads": Param("uploads", type="string", description="Prefix of the uploads"),
+        "max_cost": Param(5.0, type="number", description="The most one night may spend, in API cost"),
     },
 ) as dag:
     # --8<-- [start:batch]
     moderate = Blip2BatchPredictionOperator(
         task_id="moderate",
-        images=BASE + "/{{ params.uploads }}/{{ ds }}/",
+        images=BASE + "/{{ params.uploads }}/",
         questions=MODERATION_QUESTIONS,
         output_uri=BASE + "/moderation/{{ ds }}/answers.jsonl",
+        # Every night's answers, kept: an unchanged image with the same question is not paid again.
+        cache_uri=BASE + "/moderation/cache.jsonl",
+        max_cost="{{ params.max_cost }}",
         # A few images the service cannot read are flagged for review, not a reason to stop.
         max_failed_ratio=0.1,
         # Transient failures (ambiguous creates, timeouts, provider failures) are predicted again
@@ -91,10 +100,13 @@ with DAG(
             "statuses": summary.get("statuses", {}),
             "retried": summary.get("retried", 0),
             "cost": summary.get("cost", 0.0),
+            "cached": summary.get("cached", 0),
+            "cost_saved": summary.get("cost_saved", 0.0),
         }
         print(
             f"Checked {len(images)} images: {len(flagged)} flagged, {len(clean)} clean; "
-            f"{night['predictions']} predictions ({night['retried']} retried) cost {night['cost']:g}"
+            f"{night['predictions']} answers ({night['cached']} from the cache, {night['retried']} "
+            f"retried) cost {night['cost']:g}, the cache saved {night['cost_saved']:g}"
         )
         return {"flagged": flagged, "clean": clean, "checked": len(images), **night}
 
@@ -113,18 +125,15 @@ with DAG(
         return uri
 
     @task
-    def quarantine(
-        flags: dict[str, Any], params: dict[str, Any] | None = None, ds: str | None = None
-    ) -> list[str]:
-        """Copy every flagged image to the quarantine prefix, keeping its path below the day."""
+    def quarantine(flags: dict[str, Any], params: dict[str, Any] | None = None) -> list[str]:
+        """Copy every flagged image to the quarantine prefix, keeping its key."""
         from airflow_provider_blip2.storage import ObjectStorage
 
         storage = ObjectStorage()
-        bucket = (params or {})["bucket"]
-        day = f"s3://{bucket}/{(params or {})['uploads']}/{ds}/"
+        bucket = f"s3://{(params or {})['bucket']}/"
         copies = []
         for image in sorted(flags["flagged"]):
-            target = f"s3://{bucket}/quarantine/{ds}/{image.removeprefix(day)}"
+            target = f"{bucket}quarantine/{image.removeprefix(bucket)}"
             storage.copy(image, target)
             copies.append(target)
         return copies

@@ -6,8 +6,10 @@ and a local S3 (moto) all listen on 127.0.0.1, and Airflow runs in a throwaway h
 The sample images are uploaded to the local S3 as the day's user uploads and as a product
 catalogue; the moderation and alt-text DAGs then run batch tasks over those prefixes. The emulator
 answers the moderation questions from a script (``MODERATION_ANSWERS``), so the report is known.
-It offers the synchronous run (one request a prediction) to the moderation batch, then refuses it
-(HTTP 400, as for a model without it) to the alt-text batch, which creates and polls instead. Last,
+The moderation DAG runs a second night over the same uploads, answered from its result cache (no
+create). The emulator offers the synchronous run (one request a prediction) to the moderation
+batch, then refuses it (HTTP 400, as for a model without it) to the alt-text batch, which creates
+and polls instead. Last,
 the local moderation DAG moderates the sample images as files on the worker's disk, uploaded
 through the upload endpoint, while the emulator reaches no image URL but its own uploaded copies.
 """
@@ -114,7 +116,8 @@ def main() -> int:
     args.home.mkdir(parents=True)
     answers = args.home.parent / "moderation-answers.json"
     answers.write_text(json.dumps(MODERATION_ANSWERS, indent=2))
-    day = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    day, next_day = today.isoformat(), (today + datetime.timedelta(days=1)).isoformat()
 
     config = EmulatorConfig(api_keys=(API_KEY,), latency=args.latency, answers_file=str(answers))
     with EmulatorServer(config) as api, serve_directory(EXAMPLE_DAGS / "data") as images, local_s3() as s3:
@@ -140,6 +143,10 @@ def main() -> int:
             moderation = sandbox.xcom("example_blip2_moderation", "moderate")[0]
             flags = sandbox.xcom("example_blip2_moderation", "flag")[0]
             quarantined = sandbox.xcom("example_blip2_moderation", "quarantine")[0]
+            before = api.ledger()
+            run(sandbox, "example_blip2_moderation", logical_date=next_day)  # the same uploads again
+            second_night = requests_between(before, api.ledger())
+            second_summary = sandbox.xcom("example_blip2_moderation", "moderate")[0]
             api.config.sync_run = False  # the model "refuses" the synchronous run from now on
             before = api.ledger()
             run(sandbox, "example_blip2_alt_text", logical_date=day)
@@ -172,6 +179,10 @@ def main() -> int:
     print("quarantined: " + ", ".join(quarantined))
     print(f"the night's cost as the API reported it: {flags['cost']:g} ({flags['predictions']} predictions)")
     print(f"synchronous run offered: {moderation_requests}")
+    print(
+        f"the next night over the same uploads: {second_night}; {second_summary['cached']} answers "
+        f"from the cache, cost {second_summary['cost']:g}, cost saved {second_summary['cost_saved']:g}"
+    )
     print("\nexample_blip2_alt_text: products/<image>.alt.txt written next to each image")
     print_table([{"image": name, "alt text": text} for name, text in alt_text.items()], ["image", "alt text"])
     print(f"synchronous run refused (HTTP 400), so created and polled: {alt_text_requests}")

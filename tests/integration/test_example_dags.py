@@ -29,6 +29,7 @@ def example_dag_ids() -> list[str]:
 
 
 DAY = "2026-11-27"
+NEXT_DAY = "2026-11-28"
 #: The DAGs over object storage: the images each one expects in the local S3, and its run conf.
 S3_SAMPLES = {
     "example_blip2_moderation": ("uploads-test", [f"uploads/{DAY}/{name}" for name in SAMPLES]),
@@ -179,8 +180,10 @@ def test_example_dag_runs_end_to_end(
         assert flags["clean"] == [base + "astronaut.jpg", base + "chelsea.jpg"]
         keys = s3.client().list_objects_v2(Bucket="uploads-test")["Contents"]
         written = {item["Key"] for item in keys}
-        assert {f"quarantine/{DAY}/coffee.png", f"quarantine/{DAY}/rocket.webp"} <= written
-        assert f"quarantine/{DAY}/chelsea.jpg" not in written
+        quarantined = {f"quarantine/uploads/{DAY}/coffee.png", f"quarantine/uploads/{DAY}/rocket.webp"}
+        assert quarantined <= written
+        assert f"quarantine/uploads/{DAY}/chelsea.jpg" not in written
+        assert "moderation/cache.jsonl" in written
         report = json.loads(
             s3.client().get_object(Bucket="uploads-test", Key=f"moderation/{DAY}/report.json")["Body"].read()
         )
@@ -193,15 +196,17 @@ def test_example_dag_runs_end_to_end(
         manifest_key = f"published/{DAY}/manifest.json"
         manifest = json.loads(s3.client().get_object(Bucket="uploads-test", Key=manifest_key)["Body"].read())
         assert manifest["images"] == flags["clean"] and manifest["held_back"] == 2
+        assert (report["cached"], report["cost_saved"]) == (0, 0.0)
         if OPENLINEAGE:  # what the openlineage listener sent for the batch task
             [event] = read_events(sandbox.home / "lineage.jsonl", f"{dag_id}.moderate")
-            assert dataset_names(event["inputs"]) == [("s3://uploads-test", f"uploads/{DAY}")]
+            assert dataset_names(event["inputs"]) == [("s3://uploads-test", "uploads")]
             [output] = event["outputs"]
             assert (output["namespace"], output["name"]) == (
                 "s3://uploads-test",
                 f"moderation/{DAY}/answers.jsonl",
             )
             assert output["outputFacets"]["outputStatistics"]["rowCount"] == 3 * len(SAMPLES)
+        check_second_night(sandbox, emulator, dag_id, conf, flags)
     if dag_id == "example_blip2_local_moderation":
         assert ledger["uploads"]["presigns"] == ledger["uploads"]["puts"] == len(SAMPLES)
         assert ledger["uploads"]["reads"] == 3 * len(SAMPLES)  # every prediction read its uploaded copy
@@ -225,6 +230,23 @@ def test_example_dag_runs_end_to_end(
             )
             assert body.decode().startswith("[emulated]")
         assert sandbox.xcom(dag_id, "write_alt_text") == [len(SAMPLES)]
+
+
+def check_second_night(
+    sandbox: AirflowSandbox, emulator: EmulatorServer, dag_id: str, conf: dict[str, Any], flags: Any
+) -> None:
+    """The next night over the same uploads: every answer from the cache, no create, the same flags."""
+    creates = emulator.ledger()["creates"]
+    sandbox.dags_test(dag_id, conf=conf, logical_date=NEXT_DAY)
+    assert set(sandbox.task_states(dag_id).values()) == {"success"}
+    assert emulator.ledger()["creates"] == creates
+    (summary,) = sandbox.xcom(dag_id, "moderate")
+    assert summary["output_uri"].endswith(f"moderation/{NEXT_DAY}/answers.jsonl")
+    assert (summary["cached"], summary["cost"]) == (3 * len(SAMPLES), 0.0)
+    assert summary["cost_saved"] == pytest.approx(0.0011 * 3 * len(SAMPLES))
+    (again,) = sandbox.xcom(dag_id, "flag")
+    assert (again["flagged"], again["clean"]) == (flags["flagged"], flags["clean"])
+    assert again["cached"] == 3 * len(SAMPLES)
 
 
 def test_api_key_appears_in_nothing_airflow_wrote(
