@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="blip2-uploads-bench-"))
     started = time.monotonic()
-    results = []
+    results: list[dict[str, Any]] = []
     try:
         # The uploads DAG runs on blip2_shared (its budget in Redis), here at the API's real 60 a minute.
         settings = ProductionSettings(parallelism=8, triggerers=2, shared_requests_per_minute=60)
