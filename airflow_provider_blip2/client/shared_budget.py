@@ -134,21 +134,24 @@ class SharedBudget:
     # ----------------------------------------------------------------------------------------------
     def reserve_prediction(self) -> float:
         """Take a slot for a prediction about to be created; 0, or seconds to wait."""
-        token = uuid.uuid4().hex
-        args = [token, self.in_flight_ttl, *(scope.max_concurrency for scope in self.scopes)]
-        granted = self._call(scripts.RESERVE_SLOT, "in_flight", args, lambda: _TOKEN_LOCAL)
-        if granted == _TOKEN_LOCAL:
-            return self.fallback.reserve_prediction()
-        if not int(granted):
-            return 0.25
-        self._slot_tokens.append(token)
-        return 0.0
+        token, args = self._slot_request()
+        return self._slot_answer(
+            token, self._call(scripts.RESERVE_SLOT, "in_flight", args, lambda: _TOKEN_LOCAL)
+        )
 
     async def areserve_prediction(self) -> float:
         """:meth:`reserve_prediction` without blocking the event loop (a trigger's synchronous runs)."""
-        token = uuid.uuid4().hex
-        args = [token, self.in_flight_ttl, *(scope.max_concurrency for scope in self.scopes)]
+        token, args = self._slot_request()
         granted = await self._acall(scripts.RESERVE_SLOT, "in_flight", args, lambda: _TOKEN_LOCAL)
+        return self._slot_answer(token, granted)
+
+    def _slot_request(self) -> tuple[str, list[Any]]:
+        """A new slot's token, and the reserve script's arguments for it."""
+        token = uuid.uuid4().hex
+        return token, [token, self.in_flight_ttl, *(scope.max_concurrency for scope in self.scopes)]
+
+    def _slot_answer(self, token: str, granted: Any) -> float:
+        """What the reserve script's answer means: 0 (the slot is ``token``'s), or seconds to wait."""
         if granted == _TOKEN_LOCAL:
             return self.fallback.reserve_prediction()
         if not int(granted):

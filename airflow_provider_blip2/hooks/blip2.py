@@ -156,10 +156,10 @@ class Blip2Hook(Blip2ConnectionHook):
         prediction: Prediction | None = None
         offered: bool | None = None
         try:
-            request = _run_request(settings, inputs, end_time)
-            prediction = parse_run_response(self._send(request, patient_until=end_time))
+            prediction = self._ran(
+                self._send(_run_request(settings, inputs, end_time), patient_until=end_time)
+            )
             offered = True
-            self.metrics.created()
         except Blip2SyncRunUnavailableError:
             offered = False
             raise
@@ -186,15 +186,20 @@ class Blip2Hook(Blip2ConnectionHook):
         offered: bool | None = None
         try:
             request = _run_request(settings, inputs, end_time)
-            prediction = parse_run_response(await self._asend(request, patient_until=end_time))
+            prediction = self._ran(await self._asend(request, patient_until=end_time))
             offered = True
-            self.metrics.created()
         except Blip2SyncRunUnavailableError:
             offered = False
             raise
         finally:
             await budget.aprediction_created(_still_running(prediction))
             await choice.aanswered(offered=offered)
+        return prediction
+
+    def _ran(self, response: ApiResponse) -> Prediction:
+        """The prediction a synchronous run's answer describes, counted as created."""
+        prediction = parse_run_response(response)
+        self.metrics.created()
         return prediction
 
     def upload_file(self, path: Path, *, content_type: str, size: int, retention: int) -> PresignedUpload:

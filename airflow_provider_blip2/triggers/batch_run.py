@@ -34,11 +34,17 @@ from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.sealing import SEALED_PREFIX, unseal
 from airflow_provider_blip2.client.settings import SYNC_RUN_ALWAYS
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
-from airflow_provider_blip2.metrics import Blip2Metrics
 from airflow_provider_blip2.storage import ObjectStorage, SigningError, StorageError
 from airflow_provider_blip2.storage.masking import mask_signed_url
 from airflow_provider_blip2.storage.uris import is_http
-from airflow_provider_blip2.triggers.blip2 import cancel_for_kill, settle, started
+from airflow_provider_blip2.triggers.blip2 import (
+    budget_with,
+    cancel_for_kill,
+    serialized,
+    settle,
+    started,
+    trigger_hook,
+)
 from airflow_provider_blip2.triggers.run_journal import RunJournal
 
 
@@ -114,43 +120,34 @@ class Blip2BatchRunTrigger(BaseTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and the (primitive, non-secret) keyword arguments."""
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "chunk": self.chunk,
-                "images": self.images,
-                "questions": self.questions,
-                "blip2_conn_id": self.blip2_conn_id,
-                "timeout": self.timeout,
-                "url_expiry": self.url_expiry,
-                "context": self.context,
-                "temperature": self.temperature,
-                "use_nucleus_sampling": self.use_nucleus_sampling,
-                "aws_conn_id": self.aws_conn_id,
-                "gcp_conn_id": self.gcp_conn_id,
-                "requests_per_minute": self.requests_per_minute,
-                "max_concurrency": self.max_concurrency,
-                "recent_requests": self.recent_requests,
-                "not_before": self.not_before,
-            },
-        )
-
-    def _hook(self) -> Blip2Hook:
-        return Blip2Hook(
-            blip2_conn_id=self.blip2_conn_id,
-            requests_per_minute=self.requests_per_minute,
-            max_concurrency=self.max_concurrency,
-            metrics=Blip2Metrics.of(self.task_instance),
+        return serialized(
+            self,
+            (
+                "chunk",
+                "images",
+                "questions",
+                "blip2_conn_id",
+                "timeout",
+                "url_expiry",
+                "context",
+                "temperature",
+                "use_nucleus_sampling",
+                "aws_conn_id",
+                "gcp_conn_id",
+                "requests_per_minute",
+                "max_concurrency",
+                "recent_requests",
+                "not_before",
+            ),
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Run every item not ended yet, at most ``max_concurrency`` at once; then yield what ended."""
         started(self)
-        hook = self._hook()
+        hook = trigger_hook(self)
         journal = RunJournal.for_trigger(self)
         try:
-            budget = await hook.abudget()
-            budget.note_requests(self.recent_requests)
+            budget = await budget_with(hook, self.recent_requests)
             await journal.load()
             rerun = journal.interrupted()
             if rerun:
@@ -289,4 +286,4 @@ class Blip2BatchRunTrigger(BaseTrigger):
         """Cancel the predictions known to be running when a user marks the task failed or success."""
         journal = RunJournal.for_trigger(self)
         await journal.load()
-        await cancel_for_kill(self, self._hook(), [pid for pid, _ in journal.in_flight.values()])
+        await cancel_for_kill(self, trigger_hook(self), [pid for pid, _ in journal.in_flight.values()])

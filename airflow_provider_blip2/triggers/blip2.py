@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_blip2.client.budget import Budget
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.polling import PredictionWatch
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
@@ -54,6 +55,45 @@ def started(trigger: BaseTrigger) -> None:
     """
     if trigger.task_instance is not None:
         freeze_heap_once(trigger.log)
+
+
+def serialized(trigger: BaseTrigger, arguments: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """
+    What a trigger's ``serialize`` returns: its class path, and its keyword arguments by name.
+
+    :param trigger: The trigger.
+    :param arguments: The names of its ``__init__`` arguments, each kept under the same attribute.
+    """
+    cls = type(trigger)
+    return f"{cls.__module__}.{cls.__qualname__}", {name: getattr(trigger, name) for name in arguments}
+
+
+def trigger_hook(trigger: Any) -> Blip2Hook:
+    """
+    The hook a trigger reads with: its connection, its batch's budget where it has one, and metrics
+    tagged with its task.
+
+    :param trigger: The trigger (its ``blip2_conn_id``, and perhaps ``requests_per_minute`` and
+        ``max_concurrency``).
+    """
+    return Blip2Hook(
+        blip2_conn_id=trigger.blip2_conn_id,
+        requests_per_minute=getattr(trigger, "requests_per_minute", None),
+        max_concurrency=getattr(trigger, "max_concurrency", None),
+        metrics=Blip2Metrics.of(trigger.task_instance),
+    )
+
+
+async def budget_with(hook: Blip2Hook, recent_requests: Sequence[float]) -> Budget:
+    """
+    The hook's budget, told of the requests the deferring process sent within the rate window.
+
+    :param hook: The trigger's hook.
+    :param recent_requests: Their Unix times, from the trigger's arguments.
+    """
+    budget = await hook.abudget()
+    budget.note_requests(recent_requests)
+    return budget
 
 
 async def read_once(watch: PredictionWatch, hook: Blip2Hook) -> PredictionOutcome | None:
@@ -181,24 +221,21 @@ class Blip2PredictionTrigger(BaseTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and the (primitive, non-secret) keyword arguments."""
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "prediction_id": self.prediction_id,
-                "blip2_conn_id": self.blip2_conn_id,
-                "poll_interval": self.poll_interval,
-                "end_time": self.end_time,
-                "not_before": self.not_before,
-            },
+        return serialized(
+            self,
+            (
+                "prediction_id",
+                "blip2_conn_id",
+                "poll_interval",
+                "end_time",
+                "not_before",
+            ),
         )
-
-    def _hook(self) -> Blip2Hook:
-        return Blip2Hook(blip2_conn_id=self.blip2_conn_id, metrics=Blip2Metrics.of(self.task_instance))
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until the prediction is terminal, the deadline passes or a persistent error."""
         started(self)
-        hook = self._hook()
+        hook = trigger_hook(self)
         try:
             outcome = await self._poll(hook)
         finally:
@@ -218,7 +255,7 @@ class Blip2PredictionTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """Cancel the prediction when a user marks the deferred task failed or success, or clears it."""
-        await cancel_for_kill(self, self._hook(), [self.prediction_id])
+        await cancel_for_kill(self, trigger_hook(self), [self.prediction_id])
 
 
 class Blip2BatchPredictionTrigger(BaseTrigger):
@@ -280,37 +317,28 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and the (primitive, non-secret) keyword arguments."""
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "predictions": self.predictions,
-                "poll_from": self.poll_from,
-                "blip2_conn_id": self.blip2_conn_id,
-                "poll_interval": self.poll_interval,
-                "resume_after": self.resume_after,
-                "recent_requests": self.recent_requests,
-                "requests_per_minute": self.requests_per_minute,
-                "max_concurrency": self.max_concurrency,
-                "not_before": self.not_before,
-                "return_by": self.return_by,
-            },
-        )
-
-    def _hook(self) -> Blip2Hook:
-        return Blip2Hook(
-            blip2_conn_id=self.blip2_conn_id,
-            requests_per_minute=self.requests_per_minute,
-            max_concurrency=self.max_concurrency,
-            metrics=Blip2Metrics.of(self.task_instance),
+        return serialized(
+            self,
+            (
+                "predictions",
+                "poll_from",
+                "blip2_conn_id",
+                "poll_interval",
+                "resume_after",
+                "recent_requests",
+                "requests_per_minute",
+                "max_concurrency",
+                "not_before",
+                "return_by",
+            ),
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until ``resume_after`` predictions ended; then yield them and the recent requests."""
         started(self)
-        hook = self._hook()
+        hook = trigger_hook(self)
         try:
-            budget = await hook.abudget()
-            budget.note_requests(self.recent_requests)
+            budget = await budget_with(hook, self.recent_requests)
             finished, polled = await self._poll(hook)
             recent_requests = budget.recent_requests()
         finally:
@@ -357,4 +385,4 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """Cancel the in-flight predictions when a user marks the deferred task failed, success or cleared."""
-        await cancel_for_kill(self, self._hook(), list(self.predictions))
+        await cancel_for_kill(self, trigger_hook(self), list(self.predictions))
