@@ -7,16 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_blip2.client.budget import wait_async, wait_sync
-from airflow_provider_blip2.client.errors import (
-    Blip2PredictionFailedError,
-    Blip2SyncRunUnavailableError,
-)
+from airflow_provider_blip2.client.errors import Blip2PredictionFailedError, Blip2SyncRunUnavailableError
 from airflow_provider_blip2.client.inputs import PredictionInput, build_prediction_input
 from airflow_provider_blip2.client.models import Prediction, PredictionOutcome, parse_prediction
 from airflow_provider_blip2.client.polling import PredictionWatch
-from airflow_provider_blip2.client.settings import (
-    ClientSettings,
-)
+from airflow_provider_blip2.client.settings import ClientSettings
 from airflow_provider_blip2.client.sync_run import SyncRunChoice
 from airflow_provider_blip2.client.timing import FirstReadTiming
 from airflow_provider_blip2.client.uploads import (

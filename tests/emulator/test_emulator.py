@@ -1,4 +1,9 @@
-"""Tests of the Eachlabs API emulator, over real HTTP on loopback."""
+"""
+Tests of the Eachlabs API emulator, over real HTTP on loopback.
+
+Starts: the emulator over HTTP on loopback, a local file server for the images, and the emulator's
+command line in a process of its own.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Where the emulator's 429 answers carry their wait, and faults restricted to some endpoints."""
+"""
+Where the emulator's 429 answers carry their wait, and faults restricted to some endpoints.
+
+Starts: the emulator over HTTP on loopback, a local file server for the images.
+"""
 
 from __future__ import annotations
 

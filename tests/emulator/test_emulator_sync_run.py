@@ -1,6 +1,8 @@
 """
 Tests of the emulator's synchronous run (``POST /v1/prediction/run``): they start the emulator over
 real HTTP on loopback, with a local file server for the images, as ``test_emulator`` does.
+
+Starts: the emulator over HTTP on loopback, a local file server for the images.
 """
 
 from __future__ import annotations

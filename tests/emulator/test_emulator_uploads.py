@@ -1,7 +1,9 @@
 """
-The emulator's uploads (presign, the signed PUT, the served copy), over real HTTP on loopback,
-and its private-network mode that fetches no image URL but its own uploads (with a local file
-server for an image only the client reaches).
+The emulator's uploads (presign, the signed PUT, the served copy), over real HTTP on loopback, and
+its private-network mode that fetches no image URL but its own uploads (with a local file server for
+an image only the client reaches).
+
+Starts: the emulator over HTTP on loopback, a local file server for the images.
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 The batch operator's result cache (``cache_uri``) and spending cap (``max_cost``), in process.
 
 The operator runs the way Airflow drives it (``tests/batch_driver.py``) against the emulator over
-real HTTP on loopback (the synchronous run offered, or ``poll``), on local files, a file server
-for http(s) images, and the local S3 server.
+real HTTP on loopback (the synchronous run offered, or ``poll``), on local files, a file server for
+http(s) images, and the local S3 server.
+
+Starts: the emulator over HTTP on loopback, a local file server for the images, a local S3 (moto);
+Airflow's task runner in process, no Airflow process.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """
 The batch operator and trigger in process, against the emulator and the local S3/GCS servers.
 
-The operator runs the way Airflow drives it (see ``tests/batch_driver.py``). Full Airflow runs
-are in ``test_example_dags.py`` and the system tests. These tests cover the create-and-poll path
-(the connection's ``sync_run`` is ``poll``, as for a model that refuses the synchronous run); the
+The operator runs the way Airflow drives it (see ``tests/batch_driver.py``). Full Airflow runs are
+in ``test_example_dags.py`` and the system tests. These tests cover the create-and-poll path (the
+connection's ``sync_run`` is ``poll``, as for a model that refuses the synchronous run); the
 synchronous runs are in ``test_batch_sync_run.py``. Starts the emulator over real HTTP on loopback,
 a file server for the images, and the local S3 and GCS servers.
+
+Starts: the emulator over HTTP on loopback, a local file server for the images, a local S3 (moto), a
+local GCS (gcp-storage-emulator), and `airflow dags test` processes (SQLite).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from airflow_provider_blip2.batch import (
     image_key,
 )
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer, serve_directory
-from airflow_provider_blip2.operators.batch_tries import open_journal
+from airflow_provider_blip2.operators.batch.tries import open_journal
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator, Blip2PredictionOperator
 from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
 from scripts.sandbox import AirflowSandbox

@@ -4,6 +4,9 @@ The batch operator's synchronous runs, in process, against the emulator over rea
 
 The operator runs the way Airflow drives it (``tests/batch_driver.py``): deferrals, triggers rebuilt
 from their kwargs, triggerer restarts, task retries. A triggerer's XCom is a dict (``FakeXCom``).
+
+Starts: the emulator over HTTP on loopback, a local file server for the images, a local S3 (moto);
+Airflow's task runner in process, no Airflow process.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
 
 from airflow_provider_blip2.emulator import EmulatorServer
-from airflow_provider_blip2.operators.batch_run import PLACEHOLDER_PREFIX
+from airflow_provider_blip2.operators.batch.run import PLACEHOLDER_PREFIX
 from airflow_provider_blip2.operators.blip2 import Blip2BatchPredictionOperator
 from airflow_provider_blip2.triggers import run_journal
 from tests.batch_driver import DictStore, FakeTaskInstance, FakeXCom, run_batch, run_tries

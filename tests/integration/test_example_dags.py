@@ -1,4 +1,9 @@
-"""Every example DAG, end to end: a real `airflow dags test` against the emulator over loopback."""
+"""
+Every example DAG, end to end: a real `airflow dags test` against the emulator over loopback.
+
+Starts: the emulator over HTTP on loopback, a local file server for the images, a local S3 (moto),
+and `airflow dags test` processes (SQLite).
+"""
 
 from __future__ import annotations
 

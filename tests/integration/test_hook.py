@@ -1,4 +1,8 @@
-"""Tests of Blip2Hook over real HTTP against the API emulator on loopback (no mocked HTTP)."""
+"""
+Tests of Blip2Hook over real HTTP against the API emulator on loopback (no mocked HTTP).
+
+Starts: the emulator over HTTP on loopback, a local file server for the images.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """
 The hook's synchronous run and the learned timing of first reads, against the emulator over real
 HTTP on loopback (with a local file server for the images). Starts no Airflow process.
+
+Starts: the emulator over HTTP on loopback, a local file server for the images.
 """
 
 from __future__ import annotations

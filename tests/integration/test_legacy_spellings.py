@@ -2,6 +2,9 @@
 The client against the API's other documented spellings (emulator ``spelling="legacy"``): 201 on
 create, statuses ``completed``/``failed``/``canceled``, empty ``{}`` error bodies and 429s that
 carry the wait only as the body's ``retry_after``.
+
+Starts: the emulator over HTTP on loopback (legacy spellings), a local file server for the images,
+and `airflow dags test` processes (SQLite).
 """
 
 from __future__ import annotations

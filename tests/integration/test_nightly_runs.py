@@ -1,9 +1,12 @@
 """
-Nightly runs of a batch with a result cache and a spending cap, through ``airflow dags test``,
-with Airflow's StatsD metrics pointed at a listener: the provider's own metrics must arrive.
+Nightly runs of a batch with a result cache and a spending cap, through ``airflow dags test``, with
+Airflow's StatsD metrics pointed at a listener: the provider's own metrics must arrive.
 
-Starts the emulator over real HTTP on loopback, a file server for the images, a UDP StatsD
-listener on loopback, and Airflow (``dags test``, SQLite) in a throwaway home.
+Starts the emulator over real HTTP on loopback, a file server for the images, a UDP StatsD listener
+on loopback, and Airflow (``dags test``, SQLite) in a throwaway home.
+
+Starts: the emulator over HTTP on loopback, a local file server for the images, a UDP StatsD
+listener, and `airflow dags test` processes (SQLite).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""ObjectStorage against a real local S3 (moto) and GCS (gcp-storage-emulator)."""
+"""
+ObjectStorage against a real local S3 (moto) and GCS (gcp-storage-emulator).
+
+Starts: a local S3 (moto), a local GCS (gcp-storage-emulator), and the emulator's file serving.
+"""
 
 from __future__ import annotations
 

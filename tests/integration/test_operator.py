@@ -1,11 +1,15 @@
 """
 Tests of Blip2PredictionOperator in a real Airflow, and of its reattach-on-retry logic.
 
-The DAG tests write one DAG file whose independent tasks each cover one scenario, and run it once with
-``airflow dags test`` in a subprocess with a throwaway ``AIRFLOW_HOME`` (SQLite): the test process may
-already have imported Airflow with another configuration, so an in-process ``dag.test()`` could not
-get a metadata DB of its own. ``dags test`` runs deferred triggers inline and retries failed tries.
-Every task talks to an emulator of its own (one connection each), so each ledger belongs to one task.
+The DAG tests write one DAG file whose independent tasks each cover one scenario, and run it once
+with ``airflow dags test`` in a subprocess with a throwaway ``AIRFLOW_HOME`` (SQLite): the test
+process may already have imported Airflow with another configuration, so an in-process
+``dag.test()`` could not get a metadata DB of its own. ``dags test`` runs deferred triggers inline
+and retries failed tries. Every task talks to an emulator of its own (one connection each), so each
+ledger belongs to one task.
+
+Starts: the emulator over HTTP on loopback, a local file server for the images, and `airflow dags
+test` processes (SQLite).
 """
 
 from __future__ import annotations

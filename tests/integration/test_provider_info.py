@@ -1,4 +1,8 @@
-"""Provider registration: the metadata is valid for Airflow and the connection form is declared."""
+"""
+Provider registration: the metadata is valid for Airflow and the connection form is declared.
+
+Starts: Airflow's providers manager in a Python process of its own; no server.
+"""
 
 from __future__ import annotations
 

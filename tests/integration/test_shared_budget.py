@@ -2,6 +2,9 @@
 The deployment-wide budget in a real Redis: shared windows and slots, expiry, fallback, processes.
 
 Each ``SharedBudget`` built here stands for another process: they share nothing but Redis.
+
+Starts: a local Redis server, the emulator over HTTP on loopback, and Python processes that share
+the budget.
 """
 
 from __future__ import annotations

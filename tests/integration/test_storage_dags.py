@@ -1,9 +1,14 @@
 """
-S3 and GCS images in a real Airflow (`airflow dags test`), and no signed URL in anything Airflow wrote.
+S3 and GCS images in a real Airflow (`airflow dags test`), and no signed URL in anything Airflow
+wrote.
 
-One DAG: a deferrable batch over a GCS prefix, and single predictions of an ``s3://`` and a ``gs://``
-image (deferred and on the worker). The local S3 and GCS servers, the emulator and Airflow's
-subprocess talk over loopback through real connections; the emulator downloads every signed URL.
+One DAG: a deferrable batch over a GCS prefix, and single predictions of an ``s3://`` and a
+``gs://`` image (deferred and on the worker). The local S3 and GCS servers, the emulator and
+Airflow's subprocess talk over loopback through real connections; the emulator downloads every
+signed URL.
+
+Starts: the emulator over HTTP on loopback, a local S3 (moto), a local GCS (gcp-storage-emulator),
+and `airflow dags test` processes (SQLite).
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Tests of Blip2PredictionTrigger: serialization, and run() / on_kill() against the API emulator."""
+"""
+Tests of Blip2PredictionTrigger: serialization, and run() / on_kill() against the API emulator.
+
+Starts: the emulator over HTTP on loopback, a local file server for the images; the triggers run in
+this process's event loop.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """
 The triggerer's heap is frozen once, when the first BLIP-2 trigger runs in it, and only there.
 
-Each case runs in a Python process of its own: a freeze lasts as long as its process, and these
-test processes keep theirs unfrozen (``tests/conftest.py``).
+Each case runs in a Python process of its own: a freeze lasts as long as its process, and these test
+processes keep theirs unfrozen (``tests/conftest.py``).
+
+Starts: a Python process of its own for each case; no server.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ Images no URL reaches, through the upload endpoint: both operators in process, t
 drives them, against the emulator over real HTTP on loopback running as a service that fetches no
 image URL but its own uploaded copies (``fetch_only_uploads``), a local file server that only the
 worker reaches, and the local S3 server.
+
+Starts: the emulator over HTTP on loopback (also fetching only its own uploads), a local file server
+for the images; Airflow's task runner in process.
 """
 
 from __future__ import annotations

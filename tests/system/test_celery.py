@@ -1,9 +1,13 @@
 """
 The production-shaped deployment on CeleryExecutor: two Celery workers whose broker is the Redis
-server that also keeps the budget, PostgreSQL, two triggerers, and the API emulator at its real speed.
+server that also keeps the budget, PostgreSQL, two triggerers, and the API emulator at its real
+speed.
 
 Every task runs in a process of one of two Celery workers, and the deferred ones in one of two
 triggerers: one API key's budget in Redis is what keeps them all within its limits.
+
+Starts: PostgreSQL, Redis (broker and budget), an Airflow API server, scheduler, DAG processor, two
+triggerers and two Celery workers, and the emulator.
 """
 
 from __future__ import annotations

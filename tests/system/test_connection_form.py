@@ -4,12 +4,14 @@ System test: the ``blip2`` connection form in a real browser.
 ``airflow api-server`` (with only the simple auth manager's admin able to log in) and headless
 Chromium (Debian's ``/usr/bin/chromium``, driven by Playwright): log in on the login page, add a
 connection of type BLIP-2, check the form the provider's metadata builds (relabelled and hidden
-fields, placeholders, the masked API key, the extra fields and their defaults), save it, read it back
-through the REST API, and press Test, which runs ``Blip2Hook.test_connection`` in the API server
-against the emulator.
+fields, placeholders, the masked API key, the extra fields and their defaults), save it, read it
+back through the REST API, and press Test, which runs ``Blip2Hook.test_connection`` in the API
+server against the emulator.
 
 The screenshots of the form are saved in the test's temporary folder, or in ``BLIP2_SCREENSHOT_DIR``
 when set (``make screenshots`` sets it to ``docs/img``).
+
+Starts: an Airflow 3 API server (SQLite) and Chromium, headless.
 """
 
 from __future__ import annotations

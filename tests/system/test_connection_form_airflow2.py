@@ -5,6 +5,8 @@ System test: the ``blip2`` connection form of Airflow 2.11's webserver in a real
 connection, check the form that ``Blip2Hook.get_ui_field_behaviour`` and
 ``get_connection_form_widgets`` build, press Test (``Blip2Hook.test_connection`` in the webserver,
 against the emulator), save, and read the connection back through the REST API.
+
+Starts: an Airflow 2.11 webserver (SQLite, its own virtualenv) and Chromium, headless.
 """
 
 from __future__ import annotations

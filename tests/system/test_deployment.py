@@ -2,6 +2,9 @@
 System tests: a real Airflow deployment (API server, scheduler with LocalExecutor, DAG processor,
 triggerer) on loopback, against the API emulator. What `dags test` cannot show: the triggerer
 holding the wait, a triggerer restart, a user marking a deferred task failed, a worker crash.
+
+Starts: an Airflow API server, scheduler (LocalExecutor), DAG processor and triggerer on SQLite, the
+emulator over HTTP on loopback, a local file server for the images.
 """
 
 from __future__ import annotations

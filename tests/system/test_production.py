@@ -1,11 +1,14 @@
 """
 System tests in a production-shaped deployment: PostgreSQL metadata database, LocalExecutor with 8
-slots, two triggerers, a Redis server, and the API emulator at the API's real limits and speed
-(60 requests a minute, 10 in flight, 2 s per prediction, ``retry_after`` in the body only, 2 % of
-the reads answered 5xx). Many mapped deferrable predictions run at once and a triggerer dies.
+slots, two triggerers, a Redis server, and the API emulator at the API's real limits and speed (60
+requests a minute, 10 in flight, 2 s per prediction, ``retry_after`` in the body only, 2 % of the
+reads answered 5xx). Many mapped deferrable predictions run at once and a triggerer dies.
 
-Needs the Debian packages ``postgresql`` and ``redis-server`` (``make system-packages`` installs them
-as root). Without them the tests are skipped when not root, and fail as root.
+Needs the Debian packages ``postgresql`` and ``redis-server`` (``make system-packages`` installs
+them as root). Without them the tests are skipped when not root, and fail as root.
+
+Starts: PostgreSQL, Redis, an Airflow API server, scheduler (LocalExecutor, 8 slots), DAG processor
+and two triggerers, the emulator and a file server.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ The package as users get it: the wheel built from the sdist, installed in a fres
 Nothing of the checkout is importable there: the virtualenv runs from a temporary directory without
 ``PYTHONPATH``. Airflow discovers the installed provider, the installed ``blip2-emulator`` serves
 the API, and an example DAG (copied on its own into a DAGs folder) runs with ``airflow dags test``.
+
+Starts: a fresh virtualenv with the built wheel, `airflow dags test` processes (SQLite) there, the
+emulator over HTTP on loopback, a local file server for the images.
 """
 
 from __future__ import annotations

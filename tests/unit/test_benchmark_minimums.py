@@ -1,4 +1,8 @@
-"""The least times the benchmarks measure their runs against."""
+"""
+The least times the benchmarks measure their runs against.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

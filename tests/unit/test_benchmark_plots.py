@@ -1,4 +1,8 @@
-"""The documentation's benchmark plots: drawn from the committed results, the same bytes every time."""
+"""
+The documentation's benchmark plots: drawn from the committed results, the same bytes every time.
+
+Starts: nothing (no server, no Airflow): it draws the plots from the committed results.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Unit tests of the operators' OpenLineage datasets: naming, and lineage with or without openlineage."""
+"""
+Unit tests of the operators' OpenLineage datasets: naming, and lineage with or without openlineage.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Unit tests of the client: the client-side request budget."""
+"""
+Unit tests of the client: the client-side request budget.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

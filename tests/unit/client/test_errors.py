@@ -1,4 +1,8 @@
-"""Unit tests of the client: the exceptions."""
+"""
+Unit tests of the client: the exceptions.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Unit tests of the client: input validation and URL redaction."""
+"""
+Unit tests of the client: input validation and URL redaction.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

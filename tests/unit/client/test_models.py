@@ -1,4 +1,8 @@
-"""Unit tests of the client: statuses, Prediction parsing and outcomes."""
+"""
+Unit tests of the client: statuses, Prediction parsing and outcomes.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Unit tests of the client: the one polling rule (PredictionWatch)."""
+"""
+Unit tests of the client: the one polling rule (PredictionWatch).
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Unit tests of the client: the retry policy."""
+"""
+Unit tests of the client: the retry policy.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

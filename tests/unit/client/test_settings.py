@@ -1,4 +1,8 @@
-"""Unit tests of the client: the connection settings."""
+"""
+Unit tests of the client: the connection settings.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

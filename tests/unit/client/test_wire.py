@@ -1,4 +1,9 @@
-"""Unit tests of the client: the wire format: error mapping, Retry-After, create answers, request builders."""
+"""
+Unit tests of the client: the wire format: error mapping, Retry-After, create answers, request
+builders.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The amazon and google providers are optional extras, imported on first use only."""
+"""
+The amazon and google providers are optional extras, imported on first use only.
+
+Starts: Python processes of their own (to see what is imported); no server.
+"""
 
 from __future__ import annotations
 

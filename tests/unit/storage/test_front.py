@@ -1,4 +1,8 @@
-"""ObjectStorage on URIs that no backend handles, and the former import path."""
+"""
+ObjectStorage on URIs that no backend handles, and the former import path.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

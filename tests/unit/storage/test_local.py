@@ -1,4 +1,8 @@
-"""Local paths and file:// URIs, and the http(s):// URLs that are not checked."""
+"""
+Local paths and file:// URIs, and the http(s):// URLs that are not checked.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Signed URLs are registered with the secret masker up to a bound per process."""
+"""
+Signed URLs are registered with the secret masker up to a bound per process.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

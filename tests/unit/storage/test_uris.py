@@ -1,4 +1,8 @@
-"""Parsing of URIs and paths."""
+"""
+Parsing of URIs and paths.
+
+Starts: nothing: no server, no Airflow process.
+"""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from airflow_provider_blip2.client.errors import (
 from airflow_provider_blip2.client.models import PredictionOutcome, create_again_within_try
 from airflow_provider_blip2.client.uploads import Blip2UploadError
 from airflow_provider_blip2.operators.base import url_expiry
-from airflow_provider_blip2.operators.batch_images import file_name, uploaded_or_signed
+from airflow_provider_blip2.operators.batch.images import file_name, uploaded_or_signed
 from airflow_provider_blip2.operators.uploads import batch_uploads, needs_upload
 from airflow_provider_blip2.storage import SigningError, StorageError
 

@@ -23,7 +23,7 @@ from airflow_provider_blip2.batch import BatchJournal, BatchState
 from airflow_provider_blip2.batch.spending import affordable
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.sealing import seal
-from airflow_provider_blip2.operators.batch_poll import record_poll_event
+from airflow_provider_blip2.operators.batch.poll import record_poll_event
 from airflow_provider_blip2.operators.uploads import batch_uploads, needs_upload
 
 if TYPE_CHECKING:

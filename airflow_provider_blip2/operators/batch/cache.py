@@ -20,7 +20,7 @@ from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow_provider_blip2.batch.cache import CachedResult, ResultCache, cache_key, new_entry
 from airflow_provider_blip2.client.errors import Blip2InputError
 from airflow_provider_blip2.client.models import PredictionOutcome
-from airflow_provider_blip2.operators.batch_images import CHECK_URL, resolve_items
+from airflow_provider_blip2.operators.batch.images import CHECK_URL, resolve_items
 from airflow_provider_blip2.storage import ObjectNotFoundError, StorageError
 
 if TYPE_CHECKING:

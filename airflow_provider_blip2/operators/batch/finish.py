@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
 from airflow_provider_blip2.batch import describe_failures, failed_ratio_exceeded
-from airflow_provider_blip2.operators.batch_cache import save_to_cache
-from airflow_provider_blip2.operators.batch_spending import max_cost_message, stopped_at_max_cost
-from airflow_provider_blip2.operators.batch_tries import forget_progress, retries_left
+from airflow_provider_blip2.operators.batch.cache import save_to_cache
+from airflow_provider_blip2.operators.batch.spending import max_cost_message, stopped_at_max_cost
+from airflow_provider_blip2.operators.batch.tries import forget_progress, retries_left
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context

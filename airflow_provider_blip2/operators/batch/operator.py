@@ -32,21 +32,21 @@ from airflow_provider_blip2.operators.base import (
     check_image_transfer,
     check_retry_parameters,
 )
-from airflow_provider_blip2.operators.batch_cache import start_batch
-from airflow_provider_blip2.operators.batch_finish import finish_batch
-from airflow_provider_blip2.operators.batch_images import image_list
-from airflow_provider_blip2.operators.batch_poll import (
+from airflow_provider_blip2.operators.batch.cache import start_batch
+from airflow_provider_blip2.operators.batch.finish import finish_batch
+from airflow_provider_blip2.operators.batch.images import image_list
+from airflow_provider_blip2.operators.batch.poll import (
     create_predictions,
     first_event,
     poll_trigger,
     record_poll_event,
 )
-from airflow_provider_blip2.operators.batch_run import chunk_to_run, record_run_event
-from airflow_provider_blip2.operators.batch_spending import (
+from airflow_provider_blip2.operators.batch.run import chunk_to_run, record_run_event
+from airflow_provider_blip2.operators.batch.spending import (
     check_costs_known,
     check_max_cost,
 )
-from airflow_provider_blip2.operators.batch_tries import (
+from airflow_provider_blip2.operators.batch.tries import (
     open_journal,
     predict_again,
     try_number,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_provider_blip2.batch import BatchJournal, BatchState, describe_failures
 from airflow_provider_blip2.client.errors import Blip2Error
 from airflow_provider_blip2.client.models import PredictionOutcome, PredictionStatus, predict_again_on_new_try
-from airflow_provider_blip2.operators.batch_run import fail_interrupted_runs
+from airflow_provider_blip2.operators.batch.run import fail_interrupted_runs
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
