@@ -102,6 +102,7 @@ bench: $(INSTALLED) system-packages
 	$(BIN)/python -m benchmarks.scale --redis --celery-workers 2 --json $(RESULTS)/scale-celery.json
 	$(BIN)/python -m benchmarks.sync_run --json $(RESULTS)/sync_run.json
 	$(BIN)/python -m benchmarks.uploads --json $(RESULTS)/uploads.json
+	$(BIN)/python -m benchmarks.cache --json $(RESULTS)/cache.json
 	$(BIN)/python -m benchmarks.triggerer_load --json $(RESULTS)/triggerer_load.json
 
 ## emulator: run the API emulator in the foreground on 127.0.0.1:8765
