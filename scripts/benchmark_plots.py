@@ -434,6 +434,31 @@ def plot_uploads(documents: list[dict[str, Any]]) -> Figure:
     )
 
 
+def plot_cache(documents: list[dict[str, Any]]) -> Figure:
+    """
+    Nightly runs with a result cache: each night's API requests, and its task's wall time.
+
+    :param documents: The ``cache`` results; the first is drawn.
+    """
+    nights = documents[0]["results"]["nights"]
+    names = [f"{night['night']}: {night['cached']} of {night['images']} cached" for night in nights]
+    requests = [float(night["api_requests"]) for night in nights]
+    walls = [float(night["task_wall_s"]) for night in nights]
+    return paired_bars(
+        names,
+        Panel(
+            requests, [f"{night['creates']} creates" for night in nights], "API requests", max(requests) * 1.6
+        ),
+        Panel(
+            walls,
+            [f"{wall:g} s" for wall in walls],
+            "task wall time (s, emulator time-scaled)",
+            max(walls) * 1.5,
+        ),
+        "Nightly runs of a 1,000-image batch with a result cache",
+    )
+
+
 #: Plot file name -> (benchmark, drawing function).
 PLOTS: dict[str, tuple[str, Callable[[list[dict[str, Any]]], Figure]]] = {
     "import-time.svg": ("import_time", plot_import_time),
@@ -444,6 +469,7 @@ PLOTS: dict[str, tuple[str, Callable[[list[dict[str, Any]]], Figure]]] = {
     "scale.svg": ("scale", plot_scale),
     "sync-run.svg": ("sync_run", plot_sync_run),
     "uploads.svg": ("uploads", plot_uploads),
+    "cache.svg": ("cache", plot_cache),
 }
 
 
