@@ -32,6 +32,7 @@ from airflow_provider_blip2.client.retry import RetryPolicy
 from airflow_provider_blip2.emulator import EmulatorServer
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from airflow_provider_blip2.operators.blip2 import Blip2PredictionOperator
+from airflow_provider_blip2.triggers import blip2 as trigger_module
 from airflow_provider_blip2.triggers.blip2 import DEFERRAL_SETTLE_SECONDS, Blip2PredictionTrigger
 from tests.conftest import AIRFLOW_VERSION, API_KEY, FAST_RETRIES, connection_json, requires_airflow_3_3
 
@@ -358,7 +359,7 @@ async def test_poll_errors_that_exhaust_the_hook_retries_do_not_end_the_wait(
     prediction_id = await asyncio.to_thread(_create, image_url("rocket.webp"), caption=True)
     quick = RetryPolicy(max_attempts=2, max_elapsed=1.0, initial_wait=0.01, max_wait=0.02)
     monkeypatch.setattr(
-        Blip2PredictionTrigger, "_hook", lambda self: Blip2Hook(self.blip2_conn_id, retry_policy=quick)
+        trigger_module, "trigger_hook", lambda trigger: Blip2Hook(trigger.blip2_conn_id, retry_policy=quick)
     )
     server.config.fault_5xx = 1.0
 
