@@ -79,8 +79,9 @@ docs: $(INSTALLED)
 system-packages:
 	bash scripts/system_packages.sh
 
-# Two workers: the system tests on one (tests/conftest.py), the other modules beside them.
-PYTEST_WORKERS := -n 2
+# Four workers: each production-shaped system module on one, the other system tests on a third, the
+# other modules on whichever is free (tests/conftest.py).
+PYTEST_WORKERS := -n 4
 
 pytest: $(INSTALLED) system-packages
 	$(BIN)/pytest $(PYTEST_WORKERS)

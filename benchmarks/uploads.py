@@ -1,7 +1,7 @@
 """
 Images no URL reaches, uploaded, in the production-shaped deployment of ``benchmarks/scale.py``.
 
-PostgreSQL, LocalExecutor with 8 slots, two triggerers, the Redis budget (the ``blip2_shared``
+PostgreSQL, LocalExecutor with 8 slots, two triggerers, the Redis budget (the ``blip2_uploads``
 connection, at 60 requests a minute), every task ``retries=1``, and the emulator at the API's real
 limits and speed (60 requests a minute, 10 in flight, 2 s a prediction, 2 % of the reads answered
 5xx) running as a service that reaches no image URL but its own uploaded copies. Two runs, one
@@ -83,9 +83,7 @@ def main() -> None:
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     try:
-        # The uploads DAG runs on blip2_shared (its budget in Redis), here at the API's real 60 a minute.
-        settings = ProductionSettings(parallelism=8, triggerers=2, shared_requests_per_minute=60)
-        with production_stack(home, settings) as stack:
+        with production_stack(home, ProductionSettings(parallelism=8, triggerers=2)) as stack:
             stack.emulator.config.fetch_only_uploads = True
             for name in ("mapped", "batch"):
                 if results:  # the shared budget's window still holds the last run's requests

@@ -57,8 +57,6 @@ class ProductionSettings:
     :param max_in_flight: The emulator's limit of predictions in flight per key.
     :param redis_in_connection: Put ``"redis_conn_id": "redis_default"`` in the blip2 connection's
         extra, next to a ``redis_default`` connection to the local Redis.
-    :param shared_requests_per_minute: The ``blip2_shared`` connection's requests per minute (its
-        budget in Redis).
     :param seed: The emulator's fault seed.
     :param extra_env: More Airflow environment variables.
     :param celery_workers: Run the tasks on this many Celery workers, their broker the Redis server's
@@ -72,7 +70,6 @@ class ProductionSettings:
     requests_per_minute: int = 60
     max_in_flight: int = 10
     redis_in_connection: bool = False
-    shared_requests_per_minute: int = SHARED_REQUESTS_PER_MINUTE
     seed: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
     celery_workers: int = 0
@@ -194,8 +191,8 @@ def connections(
 ) -> dict[str, dict[str, Any]]:
     """
     The deployment's connections: ``blip2_default`` to the emulator, ``redis_default`` to Redis, and
-    ``blip2_shared``: the emulator with the budget in Redis (at :data:`SHARED_REQUESTS_PER_MINUTE` unless
-    the settings say otherwise).
+    ``blip2_shared``: the emulator with the budget in Redis at :data:`SHARED_REQUESTS_PER_MINUTE`; and
+    ``blip2_uploads``: the budget in Redis at the emulator's own limit (the uploads DAG's).
 
     :param emulator_url: The emulator's base URL.
     :param redis: The Redis server.
@@ -205,13 +202,19 @@ def connections(
     if settings.redis_in_connection:
         extra["redis_conn_id"] = "redis_default"
     shared = {
-        "requests_per_minute": settings.shared_requests_per_minute,
+        "requests_per_minute": SHARED_REQUESTS_PER_MINUTE,
         "max_concurrency": 10,
         "redis_conn_id": "redis_default",
     }
     return {
         "blip2_default": {"conn_type": "blip2", "host": emulator_url, "password": API_KEY, "extra": extra},
         "blip2_shared": {"conn_type": "blip2", "host": emulator_url, "password": API_KEY, "extra": shared},
+        "blip2_uploads": {
+            "conn_type": "blip2",
+            "host": emulator_url,
+            "password": API_KEY,
+            "extra": shared | {"requests_per_minute": settings.requests_per_minute},
+        },
         "redis_default": {"conn_type": "redis", "host": "127.0.0.1", "port": redis.port, "extra": {"db": 0}},
     }
 

@@ -37,20 +37,45 @@ requires_airflow_3_3 = pytest.mark.skipif(
 requires_airflow_3 = pytest.mark.skipif(Version("3.0") > AIRFLOW_VERSION, reason="Airflow 3 behaviour")
 
 
+#: Test files that each get a pytest-xdist worker of their own, started first: each starts a
+#: production-shaped deployment and is busy for minutes, mostly waiting for the API's real limits.
+OWN_WORKER = ("tests/system/test_production_triggerers.py", "tests/system/test_production_budget.py")
+
+
+def run_order(nodeid: str) -> int:
+    """Where a test's scope starts under ``make test``: the longest first."""
+    if nodeid.startswith(OWN_WORKER):
+        return 0
+    return 1 if nodeid.startswith("tests/system/") else 2
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest scopes first (a stable sort: the order within each is kept)."""
+    items.sort(key=lambda item: run_order(item.nodeid))
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """
-    Under ``pytest -n 2`` (``make test``): every system test on one worker, the rest by module.
+    Under ``pytest -n 4`` (``make test``): each production-shaped module on a worker of its own,
+    the other system tests together on a third, the rest by module.
 
     The system tests start Airflow deployments, servers and a browser, each busy for a minute or
-    more: they run one after another on one worker while the other worker runs the other modules.
+    more, mostly waiting (real rate limits, heartbeats): the two production-shaped modules run at
+    once, each with its own deployment, beside the other system tests, and the workers that finish
+    first take the other modules. Scopes start in collection order, longest first
+    (:func:`run_order`), not by their number of tests.
     """
     from xdist.scheduler import LoadFileScheduling
 
-    class SystemTestsTogether(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "tests/system" if nodeid.startswith("tests/system/") else super()._split_scope(nodeid)
+    config.option.loadscopereorder = False
 
-    return SystemTestsTogether(config, log)
+    class LongestFirst(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith("tests/system/") and not nodeid.startswith(OWN_WORKER):
+                return "tests/system"
+            return super()._split_scope(nodeid)
+
+    return LongestFirst(config, log)
 
 
 @pytest.fixture(scope="session")

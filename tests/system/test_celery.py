@@ -25,7 +25,7 @@ from scripts.production import (
     ProductionStack,
     production_stack,
 )
-from tests.system.test_production import require_system_packages, run_mapped_and_batch, share_of_429
+from tests.system.production import require_system_packages, run_mapped_and_batch, share_of_429
 
 pytestmark = pytest.mark.timeout(900)
 WORKERS = ("worker-1", "worker-2")

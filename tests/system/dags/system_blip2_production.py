@@ -103,11 +103,12 @@ production_dag(
     defer_after=0,
 )
 # The images no URL reaches: mapped tasks upload http(s) images only the workers reach, and a batch
-# uploads local files (file:// paths), both on the blip2_shared connection (its budget in Redis).
+# uploads local files (file:// paths), both on the blip2_uploads connection (its budget in Redis, at
+# the API's limit).
 production_dag(
     "system_blip2_production_uploads",
     with_batch=True,
-    conn_id="blip2_shared",
+    conn_id="blip2_uploads",
     pool="default_pool",
     defer_after=None,
     image_transfer="upload",
