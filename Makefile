@@ -79,9 +79,9 @@ docs: $(INSTALLED)
 system-packages:
 	bash scripts/system_packages.sh
 
-# Four workers: each production-shaped system module on one, the other system tests on a third, the
-# other modules on whichever is free (tests/conftest.py).
-PYTEST_WORKERS := -n 4
+# Two workers: the two production-shaped system modules first, one on each, then the other system
+# tests together and the other modules by file, on whichever is free (tests/conftest.py).
+PYTEST_WORKERS := -n 2
 
 pytest: $(INSTALLED) system-packages
 	$(BIN)/pytest $(PYTEST_WORKERS)

@@ -37,8 +37,8 @@ requires_airflow_3_3 = pytest.mark.skipif(
 requires_airflow_3 = pytest.mark.skipif(Version("3.0") > AIRFLOW_VERSION, reason="Airflow 3 behaviour")
 
 
-#: Test files that each get a pytest-xdist worker of their own, started first: each starts a
-#: production-shaped deployment and is busy for minutes, mostly waiting for the API's real limits.
+#: Test files that start first, each on a pytest-xdist worker: each starts a production-shaped
+#: deployment of its own and is busy for minutes, mostly waiting for the API's real limits.
 OWN_WORKER = ("tests/system/test_production_triggerers.py", "tests/system/test_production_budget.py")
 
 
@@ -56,14 +56,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """
-    Under ``pytest -n 4`` (``make test``): each production-shaped module on a worker of its own,
-    the other system tests together on a third, the rest by module.
+    Under ``pytest -n 2`` (``make test``): the two production-shaped modules first, one on each
+    worker, then the other system tests together, and the rest by module.
 
-    The system tests start Airflow deployments, servers and a browser, each busy for a minute or
-    more, mostly waiting (real rate limits, heartbeats): the two production-shaped modules run at
-    once, each with its own deployment, beside the other system tests, and the workers that finish
-    first take the other modules. Scopes start in collection order, longest first
-    (:func:`run_order`), not by their number of tests.
+    The system tests start Airflow deployments, servers and a browser, each busy for minutes,
+    mostly waiting (real rate limits, heartbeats): the two production-shaped modules run at once,
+    each with its own deployment, and the worker that finishes first takes the other system tests
+    while the other one takes the other modules. Scopes start in collection order, longest first
+    (:func:`run_order`), not by their number of tests. More workers than the machine's two cores
+    slow every Airflow process down (a deployment's start took 75 s instead of 20 s with four).
     """
     from xdist.scheduler import LoadFileScheduling
 
