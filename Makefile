@@ -79,8 +79,8 @@ docs: $(INSTALLED)
 system-packages:
 	bash scripts/system_packages.sh
 
-# Two workers: the two production-shaped system modules first, one on each, then the other system
-# tests together and the other modules by file, on whichever is free (tests/conftest.py).
+# Two workers: every system test on one, started first, the other modules by file on the other
+# (tests/conftest.py).
 PYTEST_WORKERS := -n 2
 
 pytest: $(INSTALLED) system-packages

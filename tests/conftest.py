@@ -37,46 +37,35 @@ requires_airflow_3_3 = pytest.mark.skipif(
 requires_airflow_3 = pytest.mark.skipif(Version("3.0") > AIRFLOW_VERSION, reason="Airflow 3 behaviour")
 
 
-#: Test files that start first, each on a pytest-xdist worker: each starts a production-shaped
-#: deployment of its own and is busy for minutes, mostly waiting for the API's real limits.
-OWN_WORKER = ("tests/system/test_production_triggerers.py", "tests/system/test_production_budget.py")
-
-
 def run_order(nodeid: str) -> int:
-    """Where a test's scope starts under ``make test``: the longest first."""
-    if nodeid.startswith(OWN_WORKER):
-        return 0
-    return 1 if nodeid.startswith("tests/system/") else 2
+    """Where a test's scope starts under ``make test``: the system tests (the longest) first."""
+    return 0 if nodeid.startswith("tests/system/") else 1
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the longest scopes first (a stable sort: the order within each is kept)."""
+    """Run the longest scope first (a stable sort: the order within each is kept)."""
     items.sort(key=lambda item: run_order(item.nodeid))
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """
-    Under ``pytest -n 2`` (``make test``): the two production-shaped modules first, one on each
-    worker, then the other system tests together, and the rest by module.
+    Under ``pytest -n 2`` (``make test``): every system test on one worker, started first, one
+    after another; the rest by module on the other worker.
 
-    The system tests start Airflow deployments, servers and a browser, each busy for minutes,
-    mostly waiting (real rate limits, heartbeats): the two production-shaped modules run at once,
-    each with its own deployment, and the worker that finishes first takes the other system tests
-    while the other one takes the other modules. Scopes start in collection order, longest first
-    (:func:`run_order`), not by their number of tests. More workers than the machine's two cores
-    slow every Airflow process down (a deployment's start took 75 s instead of 20 s with four).
+    The system tests start Airflow deployments, servers and a browser, each busy for a minute or
+    more: run side by side (two production-shaped deployments at once), a killed triggerer's
+    batch did not finish within 10 minutes on the 2-core machine, so they share one worker. Scopes
+    start in collection order (:func:`run_order`), not by their number of tests.
     """
     from xdist.scheduler import LoadFileScheduling
 
     config.option.loadscopereorder = False
 
-    class LongestFirst(LoadFileScheduling):
+    class SystemTestsFirst(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            if nodeid.startswith("tests/system/") and not nodeid.startswith(OWN_WORKER):
-                return "tests/system"
-            return super()._split_scope(nodeid)
+            return "tests/system" if nodeid.startswith("tests/system/") else super()._split_scope(nodeid)
 
-    return LongestFirst(config, log)
+    return SystemTestsFirst(config, log)
 
 
 @pytest.fixture(scope="session")

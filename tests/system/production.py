@@ -136,3 +136,11 @@ def batch_summary(stack: ProductionStack, dag_id: str, run_id: str) -> dict[str,
 # Images no URL reaches: a service that fetches nothing but its own uploads
 # --------------------------------------------------------------------------------------------------
 UPLOADS_DAG_ID = "system_blip2_production_uploads"
+
+
+def wait_to_the_end(stack: ProductionStack, dag_id: str, run_id: str, *, timeout: float) -> str:
+    """The run's end state; a run that does not end in time fails with what the deployment logged."""
+    try:
+        return stack.deployment.wait_for_run(dag_id, run_id, timeout=timeout)
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n{stack.explain(dag_id=dag_id, run_id=run_id)}") from error

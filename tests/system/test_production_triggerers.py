@@ -32,6 +32,7 @@ from tests.system.production import (
     batch_summary,
     busiest_triggerer,
     run_to_the_end,
+    wait_to_the_end,
 )
 
 pytestmark = pytest.mark.timeout(900)
@@ -142,7 +143,7 @@ def test_a_killed_triggerer_sends_again_only_the_runs_under_way(
     )
     deployment.wait_for(lambda: fresh.emulator.ledger()["runs"] >= 12, timeout=120, what="runs under way")
     deployment.kill(victim)
-    state = deployment.wait_for_run(SHARED_SCALE_DAG_ID, run_id, timeout=600)
+    state = wait_to_the_end(fresh, SHARED_SCALE_DAG_ID, run_id, timeout=600)
     assert state == "success", fresh.explain(dag_id=SHARED_SCALE_DAG_ID, run_id=run_id)
     summary = batch_summary(fresh, SHARED_SCALE_DAG_ID, run_id)
     ledger = fresh.emulator.ledger()
