@@ -103,8 +103,13 @@ class Budget(Protocol):
     def reserve_prediction(self) -> float:
         """Take a slot for a prediction about to be created; 0, or seconds to wait."""
 
-    async def areserve_prediction(self) -> float:
-        """:meth:`reserve_prediction` without blocking the event loop."""
+    async def areserve_prediction(self, slot: str | None = None) -> float:
+        """
+        :meth:`reserve_prediction` without blocking the event loop.
+
+        :param slot: A name for the slot, unique in the deployment, so that another process can free
+            it (:meth:`aprediction_finished`) if this one dies before it answers; ``None``: anonymous.
+        """
 
     def prediction_created(self, prediction_id: str | None) -> None:
         """Turn a reserved slot into a tracked prediction (``None`` when the create failed)."""
@@ -219,8 +224,8 @@ class RequestBudget:
                 return 0.0
             return 0.05
 
-    async def areserve_prediction(self) -> float:
-        """:meth:`reserve_prediction`; it never blocks."""
+    async def areserve_prediction(self, slot: str | None = None) -> float:
+        """:meth:`reserve_prediction`; it never blocks (a slot of this process dies with it: no name)."""
         return self.reserve_prediction()
 
     def prediction_created(self, prediction_id: str | None) -> None:

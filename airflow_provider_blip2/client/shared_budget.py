@@ -139,15 +139,20 @@ class SharedBudget:
             token, self._call(scripts.RESERVE_SLOT, "in_flight", args, lambda: _TOKEN_LOCAL)
         )
 
-    async def areserve_prediction(self) -> float:
-        """:meth:`reserve_prediction` without blocking the event loop (a trigger's synchronous runs)."""
-        token, args = self._slot_request()
+    async def areserve_prediction(self, slot: str | None = None) -> float:
+        """
+        :meth:`reserve_prediction` without blocking the event loop (a trigger's synchronous runs).
+
+        :param slot: The slot's name in Redis, so that the process that resumes a dead one's work can
+            free it (:meth:`aprediction_finished`); ``None``: a random one.
+        """
+        token, args = self._slot_request(slot)
         granted = await self._acall(scripts.RESERVE_SLOT, "in_flight", args, lambda: _TOKEN_LOCAL)
         return self._slot_answer(token, granted)
 
-    def _slot_request(self) -> tuple[str, list[Any]]:
-        """A new slot's token, and the reserve script's arguments for it."""
-        token = uuid.uuid4().hex
+    def _slot_request(self, slot: str | None = None) -> tuple[str, list[Any]]:
+        """A new slot's token (``slot``, else a random one), and the reserve script's arguments for it."""
+        token = slot or uuid.uuid4().hex
         return token, [token, self.in_flight_ttl, *(scope.max_concurrency for scope in self.scopes)]
 
     def _slot_answer(self, token: str, granted: Any) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -166,17 +167,20 @@ class Blip2Hook(Blip2ConnectionHook):
         )
         return prediction
 
-    async def arun_prediction(self, inputs: PredictionInput, *, end_time: float) -> Prediction:
+    async def arun_prediction(
+        self, inputs: PredictionInput, *, end_time: float, slot: str | None = None
+    ) -> Prediction:
         """
         :meth:`run_prediction` without blocking the event loop.
 
         :param inputs: Validated inputs.
         :param end_time: Unix time the prediction must end by.
+        :param slot: The name of its slot in the budget (see :meth:`Budget.areserve_prediction`).
         """
         settings = await self.aget_settings()
         budget = await self.abudget()
         choice = await self.async_run_choice()
-        await wait_async(budget.areserve_prediction)
+        await wait_async(functools.partial(budget.areserve_prediction, slot))
         prediction: Prediction | None = None
         offered: bool | None = None
         try:

@@ -156,6 +156,8 @@ class Blip2BatchRunTrigger(BaseTrigger):
                     "and are counted as ambiguous (each may be paid twice)",
                     len(rerun),
                 )
+            for index in rerun:  # the slots the stopped trigger held in a shared budget are free
+                await budget.aprediction_finished(self._slot(index))
             await self._run_all(hook, journal, [k for k in self.images if k not in journal.finished])
             await self._price(hook, journal)
             payload = self._payload(journal, rerun, budget.recent_requests())
@@ -203,7 +205,7 @@ class Blip2BatchRunTrigger(BaseTrigger):
         self, hook: Blip2Hook, journal: RunJournal, index: str, inputs: Any, end_time: float
     ) -> None:
         try:
-            prediction = await hook.arun_prediction(inputs, end_time=end_time)
+            prediction = await hook.arun_prediction(inputs, end_time=end_time, slot=self._slot(index))
         except Blip2SyncRunUnavailableError as error:
             await journal.unstart(index)
             self._refused = self._stop = True
@@ -260,6 +262,10 @@ class Blip2BatchRunTrigger(BaseTrigger):
         uri = unseal(value, (await hook.aget_settings()).api_key)
         mask_signed_url(uri)
         return uri
+
+    def _slot(self, index: str) -> str:
+        """The name of an item's slot in the budget: a trigger resuming this chunk frees it."""
+        return f"run:{self.chunk}:{index}"
 
     def _signed_url(self, uri: str) -> str:
         if is_http(uri):

@@ -311,6 +311,27 @@ def test_async_notes_and_slots_share_redis_with_the_sync_ones(
     assert worker.reserve_prediction() == 0.0  # the run's slot was given back
 
 
+def test_a_named_slot_of_a_dead_trigger_is_freed_by_the_one_that_resumes_its_chunk(
+    process_budget: Callable[..., SharedBudget],
+) -> None:
+    """A killed triggerer's runs keep no slot for 15 minutes: the resuming trigger frees them by name."""
+    dead, resuming = process_budget(mc=2), process_budget(mc=2)
+
+    async def in_the_triggerers() -> tuple[float, float, float]:
+        assert await dead.areserve_prediction("run:chunk:0") == 0.0
+        assert await dead.areserve_prediction("run:chunk:1") == 0.0
+        full = await resuming.areserve_prediction("run:chunk:0")  # the dead trigger never answered
+        await resuming.aprediction_finished("run:chunk:0")
+        await resuming.aprediction_finished("run:chunk:1")
+        again = await resuming.areserve_prediction("run:chunk:0")
+        second = await resuming.areserve_prediction("run:chunk:1")
+        return full, again, second
+
+    full, again, second = asyncio.run(in_the_triggerers())
+    assert full > 0  # both slots of the deployment held by the dead trigger
+    assert again == 0.0 and second == 0.0
+
+
 def test_notes_fall_back_to_the_process_while_redis_is_down(redis_server: RedisServer) -> None:
     params = redis_params("127.0.0.1", free_port(), None, None, {})
     budget = SharedBudget(
