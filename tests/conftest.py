@@ -53,9 +53,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     after another; the rest by module on the other worker.
 
     The system tests start Airflow deployments, servers and a browser, each busy for a minute or
-    more: run side by side (two production-shaped deployments at once), a killed triggerer's
-    batch did not finish within 10 minutes on the 2-core machine, so they share one worker. Scopes
-    start in collection order (:func:`run_order`), not by their number of tests.
+    more, mostly waiting; on a 2-core machine more workers slow every Airflow process down, so they
+    share one worker. Scopes start in collection order (:func:`run_order`), not by their number of
+    tests.
     """
     from xdist.scheduler import LoadFileScheduling
 
