@@ -66,6 +66,21 @@ for name, deferrable, retries, max_failed_ratio in (
 AMBIGUOUS_CREATE = "create prediction failed after the request was sent"
 
 
+def time_scaled_connection(url: str, scale: float) -> dict[str, Any]:
+    """
+    The ``blip2`` connection to a time-scaled emulator: a budget of the API's limits, its minute scaled.
+
+    :param url: The emulator's base URL.
+    :param scale: The emulator's time scale.
+    """
+    extra = {
+        "requests_per_minute": LIMIT_RPM,
+        "max_concurrency": LIMIT_IN_FLIGHT,
+        "rate_window": 60.0 * scale,
+    }
+    return {"conn_type": "blip2", "host": url, "password": API_KEY, "extra": extra}
+
+
 def run_scenario(
     home: Path, dags: Path, s3_connection: dict[str, Any], dag_id: str, faults: dict[str, float], scale: float
 ) -> dict[str, Any]:
@@ -74,16 +89,7 @@ def run_scenario(
     for name, probability in faults.items():
         setattr(config, name, probability)
     with EmulatorServer(config) as api:
-        blip2 = {
-            "conn_type": "blip2",
-            "host": api.url,
-            "password": API_KEY,
-            "extra": {
-                "requests_per_minute": LIMIT_RPM,
-                "max_concurrency": LIMIT_IN_FLIGHT,
-                "rate_window": 60.0 * scale,
-            },
-        }
+        blip2 = time_scaled_connection(api.url, scale)
         sandbox = AirflowSandbox(
             home, dags_folder=dags, connections={"blip2_default": blip2, "aws_default": s3_connection}
         )

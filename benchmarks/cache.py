@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_blip2.emulator import EmulatorConfig, EmulatorServer
-from benchmarks.budget import LATENCY, LIMIT_IN_FLIGHT, LIMIT_RPM
+from benchmarks.batch import API_KEY, time_scaled_connection
+from benchmarks.budget import LATENCY
 from benchmarks.results import add_json_argument, write_results
 from scripts.sandbox import AirflowSandbox
 from scripts.storage_servers import LocalS3, local_s3
 
 IMAGES = Path(__file__).resolve().parent.parent / "example_dags" / "data"
-API_KEY = "bench-key"
 BUCKET = "bench"
 DAG_ID = "bench_cache"
 CACHE_KEY = "cache/captions.jsonl"
@@ -145,16 +145,7 @@ def main() -> None:
         (dags / "bench_cache.py").write_text(
             DAG_FILE.format(dag_id=DAG_ID, bucket=BUCKET, cache_key=CACHE_KEY)
         )
-        blip2 = {
-            "conn_type": "blip2",
-            "host": api.url,
-            "password": API_KEY,
-            "extra": {
-                "requests_per_minute": LIMIT_RPM,
-                "max_concurrency": LIMIT_IN_FLIGHT,
-                "rate_window": 60.0 * scale,
-            },
-        }
+        blip2 = time_scaled_connection(api.url, scale)
         sandbox = AirflowSandbox(
             Path(tmp) / "home",
             dags_folder=dags,
