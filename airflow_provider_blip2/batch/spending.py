@@ -20,9 +20,9 @@ from airflow_provider_blip2.batch.state import BatchState
 COST_EPSILON = 1e-9
 
 
-def unit_cost(state: BatchState) -> float | None:
+def reported_cost(state: BatchState) -> float | None:
     """
-    What one prediction is taken to cost: the mean reported in this run, else the batch's estimate.
+    The mean cost the API reported for this run's predictions, or ``None`` before any report.
 
     :param state: The batch's progress.
     """
@@ -31,9 +31,17 @@ def unit_cost(state: BatchState) -> float | None:
         for index, result in state.finished.items()
         if index not in state.cached and result.cost is not None and result.prediction_id
     ]
-    if reported:
-        return sum(reported) / len(reported)
-    return state.unit_cost
+    return sum(reported) / len(reported) if reported else None
+
+
+def unit_cost(state: BatchState) -> float | None:
+    """
+    What one prediction is taken to cost: the mean reported in this run, else the batch's estimate.
+
+    :param state: The batch's progress.
+    """
+    reported = reported_cost(state)
+    return state.unit_cost if reported is None else reported
 
 
 def spent(state: BatchState, estimate: float | None) -> float:

@@ -77,6 +77,8 @@ class Blip2BatchRunTrigger(BaseTrigger):
     :param max_concurrency: The task's own limit of predictions in flight, or ``None``.
     :param recent_requests: Unix times of the worker's requests still counting against the window.
     :param not_before: Unix time before which no event is yielded (the deferral settles first).
+    :param unit_cost: What the API reported a prediction of this batch to cost, when an earlier
+        chunk read it: the chunk's successes carry it, and no read is made to price them.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Blip2BatchRunTrigger(BaseTrigger):
         max_concurrency: int | None = None,
         recent_requests: list[float] | None = None,
         not_before: float | None = None,
+        unit_cost: float | None = None,
     ) -> None:
         super().__init__()
         self.chunk = str(chunk)
@@ -113,6 +116,7 @@ class Blip2BatchRunTrigger(BaseTrigger):
         self.max_concurrency = max_concurrency
         self.recent_requests = [float(t) for t in recent_requests or []]
         self.not_before = None if not_before is None else float(not_before)
+        self.unit_cost = None if unit_cost is None else float(unit_cost)
         self._storage: ObjectStorage | None = None
         self._stop = False
         self._refused = False
@@ -138,6 +142,7 @@ class Blip2BatchRunTrigger(BaseTrigger):
                 "max_concurrency",
                 "recent_requests",
                 "not_before",
+                "unit_cost",
             ),
         )
 
@@ -233,26 +238,37 @@ class Blip2BatchRunTrigger(BaseTrigger):
 
         The synchronous run's answer carries no metrics: one read of one success tells the
         model's cost of a prediction, which every success of the chunk without one then carries
-        (one request for the chunk, not one a prediction).
+        (one request for the chunk, not one a prediction). When an earlier chunk read it
+        (``unit_cost``), no read is made: a read past the chunk's window would wait for it.
         """
         unpriced = [
             k for k, v in journal.finished.items() if v.succeeded and v.cost is None and v.prediction_id
         ]
         if not unpriced:
             return
-        sample = journal.finished[unpriced[0]]
+        cost, predict_time = self.unit_cost, None
+        if cost is None:
+            cost, predict_time = await self._read_cost(hook, journal.finished[unpriced[0]])
+        if cost is None:
+            return
+        for index in unpriced:
+            outcome = journal.finished[index]
+            timing = (
+                predict_time if index == unpriced[0] and predict_time is not None else outcome.predict_time
+            )
+            journal.finished[index] = dataclasses.replace(outcome, cost=cost, predict_time=timing)
+        await journal.save()
+
+    async def _read_cost(
+        self, hook: Blip2Hook, sample: PredictionOutcome
+    ) -> tuple[float | None, float | None]:
+        """The cost and predict time one read of a success reports (``None`` when it cannot be read)."""
         try:
             read = await hook.aget_prediction(str(sample.prediction_id))
         except Blip2Error as error:
             self.log.warning("Could not read the cost of prediction %s: %s", sample.prediction_id, error)
-            return
-        if read.cost is None:
-            return
-        for index in unpriced:
-            outcome = journal.finished[index]
-            predict_time = read.predict_time if index == unpriced[0] else outcome.predict_time
-            journal.finished[index] = dataclasses.replace(outcome, cost=read.cost, predict_time=predict_time)
-        await journal.save()
+            return None, None
+        return read.cost, read.predict_time
 
     async def _unsealed(self, hook: Blip2Hook, index: str) -> str:
         """An item's image URI, unsealed (and then masked: a presigned URL or an uploaded copy's)."""

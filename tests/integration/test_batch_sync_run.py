@@ -86,6 +86,23 @@ def test_an_offered_synchronous_run_costs_one_request_a_prediction(
     assert summary["cost"] == pytest.approx(24 * price)
 
 
+def test_a_batch_of_several_windows_reads_the_cost_once_and_fills_each_chunk_to_the_window(
+    offer: Callable[..., EmulatorServer], image_url: Callable[[str], str], tmp_path: Path
+) -> None:
+    """The first chunk leaves room in its window for the read that prices it; the next ones need none."""
+    emulator = offer()
+    images = _images(image_url, 130)
+    summary, deferrals = run_batch(_batch(images, tmp_path / "r.jsonl"), DictStore())
+    assert (summary["succeeded"], summary["ambiguous"]) == (130, 0)
+    ledger = emulator.ledger()
+    assert ledger["requests"] == {"run": 130, "get": 1}, ledger  # one read for the whole batch
+    assert ledger["responses_429"] == 0
+    assert deferrals == 3  # 59 runs and the read, then 60, then 11
+    price = emulator.config.cost_per_prediction
+    assert [line["cost"] for line in _lines(tmp_path / "r.jsonl")] == [price] * 130
+    assert summary["cost"] == pytest.approx(130 * price)
+
+
 def test_a_refused_run_falls_back_to_create_and_poll_once_per_process(
     offer: Callable[..., EmulatorServer], image_url: Callable[[str], str], tmp_path: Path
 ) -> None:
@@ -110,14 +127,14 @@ def test_a_refusal_while_a_batch_runs_sends_the_rest_the_create_and_poll_way(
         if cycle == 2:
             emulator.config.sync_run = False
 
-    # 5 requests a window: chunks of 5 items.
+    # 5 requests a window: a first chunk of 4 items and the read that prices them, then chunks of 5.
     operator = _batch(images, tmp_path / "r.jsonl", requests_per_minute=5)
     summary, _ = run_batch(operator, DictStore(), interrupt=lambda cycle: refuse_from_the_second_chunk(cycle))
     assert (summary["succeeded"], summary["failed"]) == (15, 0)
     ledger = emulator.ledger()
     # One chunk ran; the second chunk's runs sent before the first refusal came back were refused too.
-    assert ledger["runs"] == 5 and 1 <= ledger["requests"]["run"] - 5 <= 5
-    assert ledger["creates"] == 15 and ledger["requests"]["create"] == 10
+    assert ledger["runs"] == 4 and 1 <= ledger["requests"]["run"] - 4 <= 5
+    assert ledger["creates"] == 15 and ledger["requests"]["create"] == 11
 
 
 def test_a_dropped_run_is_ambiguous_never_resent_in_the_try_and_predicted_again_by_the_next(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowException
 
 from airflow_provider_blip2.batch import BatchJournal, BatchState
-from airflow_provider_blip2.batch.spending import affordable
+from airflow_provider_blip2.batch.spending import affordable, reported_cost
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.sealing import seal
 from airflow_provider_blip2.operators.batch.poll import record_poll_event
@@ -68,8 +68,10 @@ def chunk_to_run(
         if not pending:
             return None
         uploading = any(needs_upload(op, state.items[i].image) for i in pending)
-        # Each upload's presign is a request too: half a window's predictions when uploading.
-        size = max(1, op.hook.settings.requests_per_minute // (2 if uploading else 1))
+        # Each upload's presign is a request too: half a window's predictions when uploading. Until
+        # the run knows what a prediction costs, the chunk's trigger reads one: room for it.
+        size = op.hook.settings.requests_per_minute // (2 if uploading else 1)
+        size = max(1, size - (1 if reported_cost(state) is None else 0))
         limit = affordable(state, op.spending_cap)
         if limit == 0:
             return None
@@ -139,6 +141,7 @@ def _trigger(
         requests_per_minute=op.requests_per_minute,
         max_concurrency=op.max_concurrency,
         recent_requests=op.hook.budget().recent_requests(),
+        unit_cost=reported_cost(state),
         not_before=time.time() + BATCH_DEFERRAL_SETTLE_SECONDS if op.deferrable else None,
     )
 
