@@ -96,6 +96,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--scenarios", default="batch,mixed", help="comma-separated: batch, mixed")
+    parser.add_argument(
+        "--sync-run",
+        default="offered,refused",
+        help="comma-separated: offered, refused (the emulator's answer)",
+    )
     add_json_argument(parser)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="blip2-sync-run-bench-"))
@@ -106,11 +111,13 @@ def main() -> None:
         with production_stack(home, settings) as stack:
             number = 0
             for name in args.scenarios.split(","):
-                for offered in (True, False):
+                for offered in [name == "offered" for name in args.sync_run.split(",")]:
                     results.append(run_scenario(stack, name, offered, number, home))
                     print(json.dumps(results[-1]), flush=True)
                     number += 1
-        write_results(args.json, "sync_run", {"scenarios": args.scenarios}, {"runs": results})
+        write_results(
+            args.json, "sync_run", {"scenarios": args.scenarios, "sync_run": args.sync_run}, {"runs": results}
+        )
     finally:
         shutil.rmtree(home, ignore_errors=True)
         print(json.dumps({"total_s": round(time.monotonic() - started, 1)}))
