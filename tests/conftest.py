@@ -37,35 +37,55 @@ requires_airflow_3_3 = pytest.mark.skipif(
 requires_airflow_3 = pytest.mark.skipif(Version("3.0") > AIRFLOW_VERSION, reason="Airflow 3 behaviour")
 
 
+#: The system tests of the production-shaped deployment: one deployment for all of them
+#: (``tests/system/conftest.py``), on one worker.
+PRODUCTION_TESTS = "tests/system/test_production_"
+
+
+def run_scope(nodeid: str) -> str:
+    """
+    The scope a test runs in under ``make test``: the production-shaped system tests together, the
+    other system tests together, every other module on its own.
+    """
+    if nodeid.startswith(PRODUCTION_TESTS):
+        return "tests/system (production)"
+    if nodeid.startswith("tests/system/"):
+        return "tests/system"
+    return nodeid.split("::", 1)[0]
+
+
 def run_order(nodeid: str) -> int:
-    """Where a test's scope starts under ``make test``: the system tests (the longest) first."""
-    return 0 if nodeid.startswith("tests/system/") else 1
+    """Where a test's scope starts under ``make test``: the longest first (the production-shaped tests)."""
+    if nodeid.startswith(PRODUCTION_TESTS):
+        return 0
+    return 1 if nodeid.startswith("tests/system/") else 2
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the longest scope first (a stable sort: the order within each is kept)."""
+    """Run the longest scopes first (a stable sort: the order within each is kept)."""
     items.sort(key=lambda item: run_order(item.nodeid))
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """
-    Under ``pytest -n 2`` (``make test``): every system test on one worker, started first, one
-    after another; the rest by module on the other worker.
+    Under ``pytest -n 2`` (``make test``): the production-shaped system tests on one worker and
+    the other system tests on the other, both started first, each one test after another; then
+    the other modules, one module at a time, on whichever worker is free.
 
     The system tests start Airflow deployments, servers and a browser, each busy for a minute or
-    more, mostly waiting; on a 2-core machine more workers slow every Airflow process down, so they
-    share one worker. Scopes start in collection order (:func:`run_order`), not by their number of
-    tests.
+    more, mostly waiting on the API's limits. Two production-shaped deployments at once slow every
+    Airflow process on a 2-core machine, so there is one, and it runs beside the lighter ones.
+    Scopes start in collection order (:func:`run_order`), not by their number of tests.
     """
     from xdist.scheduler import LoadFileScheduling
 
     config.option.loadscopereorder = False
 
-    class SystemTestsFirst(LoadFileScheduling):
+    class LongestScopesFirst(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "tests/system" if nodeid.startswith("tests/system/") else super()._split_scope(nodeid)
+            return run_scope(nodeid)
 
-    return SystemTestsFirst(config, log)
+    return LongestScopesFirst(config, log)
 
 
 @pytest.fixture(scope="session")

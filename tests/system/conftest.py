@@ -1,6 +1,7 @@
 """
-The system tests' production-shaped deployment: one per test module that asks for it, so that two
-modules can run at once on two pytest-xdist workers.
+The system tests' production-shaped deployment: one for every test that asks for it (the modules
+``test_production_*.py``, one pytest-xdist worker's scope, ``tests/conftest.py``), stopped when
+that worker leaves the system tests.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from scripts.production import (
 from tests.system.production import ALL_TRIGGERERS, flush_redis, require_system_packages
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProductionStack]:
     require_system_packages()
     with production_stack(tmp_path_factory.mktemp("production")) as running:

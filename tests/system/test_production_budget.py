@@ -10,7 +10,7 @@ Needs the Debian packages ``postgresql`` and ``redis-server`` (``make system-pac
 them as root). Without them the tests are skipped when not root, and fail as root.
 
 Starts: PostgreSQL, Redis, an Airflow API server, scheduler (LocalExecutor, 8 slots), DAG processor
-and two triggerers, the emulator and a file server (a deployment of this module's own).
+and two triggerers, the emulator and a file server (one deployment for both production modules).
 """
 
 from __future__ import annotations
