@@ -112,10 +112,29 @@ def run_mapped_and_batch(
     assert summary.states == {"success": MAPPED + 2}, summary
     lines = [json.loads(line) for line in (tmp_path / "batch.jsonl").read_text().splitlines()]
     assert [line["status"] for line in lines] == ["success"] * batch
-    creates = stack.creates_per_image(mapped + batch_images)
-    assert set(creates.values()) == {1}, creates
-    assert stack.emulator.ledger()["creates"] == MAPPED + batch
+    assert_one_create_per_image_but_the_batch_s_ambiguous(stack, dag_id, run_id, mapped, batch_images)
     return run_id, mapped + batch_images
+
+
+def assert_one_create_per_image_but_the_batch_s_ambiguous(
+    stack: ProductionStack, dag_id: str, run_id: str, mapped: list[str], batch_images: list[str]
+) -> None:
+    """
+    Every image created once, but for the batch's synchronous runs sent again and counted ambiguous.
+
+    A triggerer counted dead while a chunk's runs are under way (its heartbeat late on a loaded
+    machine) hands the chunk to the other one, which sends those runs again and counts each as
+    ambiguous: the batch's summary then accounts for every extra create. A mapped task's trigger
+    that moves reads its prediction again and never creates one.
+    """
+    creates = stack.creates_per_image(mapped + batch_images)
+    ambiguous = int(batch_summary(stack, dag_id, run_id)["ambiguous"])  # type: ignore[call-overload]
+    mapped_creates = stack.creates_per_image(mapped)
+    assert set(mapped_creates.values()) == {1}, creates
+    assert min(creates.values()) == 1 and max(creates.values()) <= 2, creates
+    extra = sum(creates.values()) - len(creates)
+    assert extra <= ambiguous, (creates, ambiguous)
+    assert stack.emulator.ledger()["creates"] == len(mapped) + len(batch_images) + extra
 
 
 def share_of_429(stack: ProductionStack) -> float:
