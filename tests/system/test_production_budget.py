@@ -122,8 +122,12 @@ def test_images_no_url_reaches_are_uploaded_by_mapped_tasks_and_a_batch(
         lines = [json.loads(line) for line in (tmp_path / "batch.jsonl").read_text().splitlines()]
         assert [line["status"] for line in lines] == ["success"] * UPLOADED
         ledger = fresh.emulator.ledger()
-        assert ledger["creates"] == 2 * UPLOADED and ledger["uploads"]["puts"] == 2 * UPLOADED, ledger
-        assert ledger["uploads"]["reads"] == 2 * UPLOADED and ledger["uploads"]["puts_refused"] == 0
+        # The batch's runs sent again after a triggerer handover are counted ambiguous.
+        ambiguous = int(batch_summary(fresh, UPLOADS_DAG_ID, run_id)["ambiguous"])  # type: ignore[call-overload]
+        assert 2 * UPLOADED <= ledger["creates"] <= 2 * UPLOADED + ambiguous, ledger
+        assert ledger["uploads"]["puts"] == 2 * UPLOADED, ledger
+        assert 2 * UPLOADED <= ledger["uploads"]["reads"] <= 2 * UPLOADED + ambiguous
+        assert ledger["uploads"]["puts_refused"] == 0
         assert ledger["uploads"]["max_retention_s"] <= 86400
         task_logs = [p for p in fresh.deployment.written_files() if f"dag_id={UPLOADS_DAG_ID}" in str(p)]
         logs = "\n".join(path.read_text(errors="replace") for path in task_logs if path.is_file())
