@@ -79,15 +79,17 @@ docs: $(INSTALLED)
 system-packages:
 	bash scripts/system_packages.sh
 
-# Two workers: every system test on one, started first, the other modules by file on the other
-# (tests/conftest.py).
-PYTEST_WORKERS := -n 2
+# Three workers on Airflow 3.3: the production-shaped system tests on one and the other system
+# tests on another, both started first and mostly waiting on the API's limits, the other modules by
+# file on whichever is free (tests/conftest.py). The Airflow 2.11 subset has few system tests: two.
+PYTEST_WORKERS := -n 3
+PYTEST_WORKERS_AIRFLOW2 := -n 2
 
 pytest: $(INSTALLED) system-packages
 	$(BIN)/pytest $(PYTEST_WORKERS)
 
 pytest-airflow2: $(INSTALLED_AIRFLOW2) system-packages
-	$(VENV_AIRFLOW2)/bin/pytest $(PYTEST_WORKERS) $(AIRFLOW2_TESTS)
+	$(VENV_AIRFLOW2)/bin/pytest $(PYTEST_WORKERS_AIRFLOW2) $(AIRFLOW2_TESTS)
 
 ## bench: print the benchmark numbers (import cost, batch throughput against the limits, a production-shaped
 ## deployment with 100 mapped tasks and a 100-image batch on LocalExecutor and on Celery workers, 1,000 triggers

@@ -75,14 +75,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """
-    Under ``pytest -n 2`` (``make test``): the production-shaped system tests on one worker and
-    the other system tests on the other, both started first, each one test after another; then
-    the other modules, one module at a time, on whichever worker is free.
+    Under ``pytest -n 3`` (``make test``): the production-shaped system tests on one worker and
+    the other system tests on another, both started first, each one test after another; the other
+    modules, one module at a time, on whichever worker is free.
 
     The system tests start Airflow deployments, servers and a browser, each busy for a minute or
-    more, mostly waiting on the API's limits. Two production-shaped deployments at once slow every
-    Airflow process on a 2-core machine, so there is one, and it runs beside the lighter ones.
-    Scopes start in collection order (:func:`run_order`), not by their number of tests.
+    more, mostly waiting on the API's limits, so a third worker runs the other modules meanwhile.
+    Two production-shaped deployments at once slow every Airflow process on a 2-core machine, so
+    there is one. Scopes start in collection order (:func:`run_order`), not by their number of tests.
     """
     from xdist.scheduler import LoadFileScheduling
 
