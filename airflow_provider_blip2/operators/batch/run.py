@@ -62,6 +62,7 @@ def chunk_to_run(
     """
     if state.in_flight or not op.hook.sync_run_choice().worth_trying():
         return None
+    known_cost = reported_cost(state)
     images: dict[str, str] = {}
     while not images:  # a chunk whose every upload failed is recorded; the next one is tried
         pending = state.pending()
@@ -71,7 +72,7 @@ def chunk_to_run(
         # Each upload's presign is a request too: half a window's predictions when uploading. Until
         # the run knows what a prediction costs, the chunk's trigger reads one: room for it.
         size = op.hook.settings.requests_per_minute // (2 if uploading else 1)
-        size = max(1, size - (1 if reported_cost(state) is None else 0))
+        size = max(1, size - (1 if known_cost is None else 0))
         limit = affordable(state, op.spending_cap)
         if limit == 0:
             return None
@@ -84,7 +85,7 @@ def chunk_to_run(
         journal.record_attempt(state, index, try_number)
         journal.record_created(state, index, f"{PLACEHOLDER_PREFIX}{chunk}:{index}", deadline)
     op.log.info("Running %d predictions synchronously (one request each)", len(images))
-    return _trigger(op, state, chunk, images)
+    return _trigger(op, state, chunk, images, known_cost)
 
 
 def _chunk_images(
@@ -120,7 +121,11 @@ def _chunk_images(
 
 
 def _trigger(
-    op: Blip2BatchPredictionOperator, state: BatchState, chunk: str, images: dict[str, str]
+    op: Blip2BatchPredictionOperator,
+    state: BatchState,
+    chunk: str,
+    images: dict[str, str],
+    unit_cost: float | None,
 ) -> Blip2BatchRunTrigger:
     from airflow_provider_blip2.operators.base import url_expiry
     from airflow_provider_blip2.triggers.batch_run import Blip2BatchRunTrigger
@@ -141,7 +146,7 @@ def _trigger(
         requests_per_minute=op.requests_per_minute,
         max_concurrency=op.max_concurrency,
         recent_requests=op.hook.budget().recent_requests(),
-        unit_cost=reported_cost(state),
+        unit_cost=unit_cost,
         not_before=time.time() + BATCH_DEFERRAL_SETTLE_SECONDS if op.deferrable else None,
     )
 
