@@ -7,6 +7,10 @@ empty :=
 space := $(empty) $(empty)
 UV_VERSION := 0.13.9
 CONSTRAINTS := requirements/constraints.txt
+# Python writes the bytecode of what it imports into the virtualenvs, even where the environment asks it
+# not to (PYTHONDONTWRITEBYTECODE): without it every Python process, each Airflow component and task
+# among them, compiles Airflow's sources again (an import of airflow.sdk: 8.9 s instead of 3.9 s).
+unexport PYTHONDONTWRITEBYTECODE
 # What each virtualenv gets: the package's extras (what users install) and the dependency groups of
 # pyproject.toml (development only). The main environment has the storage extras, the local S3/GCS
 # servers and the openlineage provider; the Airflow 2.11 one has none of them, so its run also proves
@@ -56,7 +60,10 @@ demo: $(INSTALLED)
 
 ## test: lint, type-check, build the docs, build and check the distributions, run every test (on
 ## Airflow 3.3, then the Airflow 2.11 subset)
-test: lint typecheck docs dist pytest pytest-airflow2
+# The checks before the tests run side by side (mypy is single-threaded), each one's output kept whole.
+test: $(INSTALLED)
+	$(MAKE) --no-print-directory -j2 --output-sync=target lint typecheck docs dist
+	$(MAKE) --no-print-directory pytest pytest-airflow2
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

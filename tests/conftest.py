@@ -40,32 +40,52 @@ requires_airflow_3 = pytest.mark.skipif(Version("3.0") > AIRFLOW_VERSION, reason
 #: The system tests of the production-shaped deployment: one deployment for all of them
 #: (``tests/system/conftest.py``), on one worker.
 PRODUCTION_TESTS = "tests/system/test_production_"
+#: The modules of a minute or more on 2 cores (``--durations``), each an Airflow run or more per
+#: test: they go first among the other modules, so that none of them is what the run waits for at
+#: its end. The first one's tests are scopes of their own, spread over the free workers.
+SLOW_MODULES = (
+    "tests/integration/test_example_dags.py",
+    "tests/integration/test_nightly_runs.py",
+    "tests/integration/test_batch_operator.py",
+    "tests/integration/test_operator.py",
+    "tests/integration/test_legacy_spellings.py",
+    "tests/integration/test_storage_dags.py",
+)
+SPLIT_MODULES = SLOW_MODULES[:1]
 
 
 def run_scope(nodeid: str) -> str:
     """
     The scope a test runs in under ``make test``: the production-shaped system tests together, the
-    other system tests together, every other module on its own.
+    other system tests together, each test of :data:`SPLIT_MODULES` on its own, every other module
+    on its own.
     """
     if nodeid.startswith(PRODUCTION_TESTS):
         return "tests/system (production)"
     if nodeid.startswith("tests/system/"):
         return "tests/system"
-    return nodeid.split("::", 1)[0]
+    module = nodeid.split("::", 1)[0]
+    return nodeid if module in SPLIT_MODULES else module
 
 
-def run_order(nodeid: str) -> int:
+def run_order(nodeid: str) -> tuple[int, int]:
     """
     Where a test runs under ``make test``: the longest scopes first (the production-shaped tests,
     then the other system tests), and within the other system tests the Celery deployment last, so
     that it does not start while the production-shaped one does (both at once load the 2 cores
-    enough to delay a triggerer's heartbeat past its health check).
+    enough to delay a triggerer's heartbeat past its health check); then the slow modules, slowest
+    first, then the others.
     """
+    module = nodeid.split("::", 1)[0]
     if nodeid.startswith(PRODUCTION_TESTS):
-        return 0
+        return (0, 0)
     if nodeid.startswith("tests/system/test_celery"):
-        return 2
-    return 1 if nodeid.startswith("tests/system/") else 3
+        return (2, 0)
+    if nodeid.startswith("tests/system/"):
+        return (1, 0)
+    if module in SLOW_MODULES:
+        return (3, SLOW_MODULES.index(module))
+    return (4, 0)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -80,9 +100,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     modules, one module at a time, on whichever worker is free.
 
     The system tests start Airflow deployments, servers and a browser, each busy for a minute or
-    more, mostly waiting on the API's limits, so a third worker runs the other modules meanwhile.
-    Two production-shaped deployments at once slow every Airflow process on a 2-core machine, so
-    there is one. Scopes start in collection order (:func:`run_order`), not by their number of tests.
+    more, so a third worker runs the other modules meanwhile. Two production-shaped deployments at
+    once slow every Airflow process on a 2-core machine, so there is one. Scopes start in collection
+    order (:func:`run_order`), not by their number of tests. A worker takes its next scope when its
+    system tests are all done, not while its last two run (pytest-xdist's own rule, which would
+    leave a module waiting minutes behind them while other workers are free).
     """
     from xdist.scheduler import LoadFileScheduling
 
@@ -91,6 +113,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class LongestScopesFirst(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return run_scope(nodeid)
+
+        def _reschedule(self, node: Any) -> None:
+            running_system_tests = any(
+                scope.startswith("tests/system") and not all(done.values())
+                for scope, done in self.assigned_work[node].items()
+            )
+            if self.workqueue and running_system_tests:
+                return
+            super()._reschedule(node)
 
     return LongestScopesFirst(config, log)
 
