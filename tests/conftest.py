@@ -52,6 +52,13 @@ SLOW_MODULES = (
     "tests/integration/test_storage_dags.py",
 )
 SPLIT_MODULES = SLOW_MODULES[:1]
+#: A second or less each: the last tests of their system scopes, so that the scope a worker takes
+#: next, which waits behind its scope's last test (below), does not wait long.
+QUICK_SYSTEM_TESTS = (
+    "tests/system/test_production_triggerers.py::test_two_triggerers_on_sqlite_are_refused",
+    "tests/system/test_production_triggerers.py::test_the_metadata_database_is_postgresql",
+    "tests/system/test_connection_form_airflow2.py",  # skipped on Airflow 3
+)
 
 
 def run_scope(nodeid: str) -> str:
@@ -73,14 +80,15 @@ def run_order(nodeid: str) -> tuple[int, int]:
     Where a test runs under ``make test``: the longest scopes first (the production-shaped tests,
     then the other system tests), and within the other system tests the Celery deployment last, so
     that it does not start while the production-shaped one does (both at once load the 2 cores
-    enough to delay a triggerer's heartbeat past its health check); then the slow modules, slowest
-    first, then the others.
+    enough to delay a triggerer's heartbeat past its health check), each scope ending with its quick
+    tests; then the slow modules, slowest first, then the others.
     """
     module = nodeid.split("::", 1)[0]
+    quick = int(nodeid.startswith(QUICK_SYSTEM_TESTS))
     if nodeid.startswith(PRODUCTION_TESTS):
-        return (0, 0)
-    if nodeid.startswith("tests/system/test_celery"):
-        return (2, 0)
+        return (0, quick)
+    if nodeid.startswith("tests/system/test_celery") or quick:
+        return (2, quick)
     if nodeid.startswith("tests/system/"):
         return (1, 0)
     if module in SLOW_MODULES:
@@ -102,9 +110,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     The system tests start Airflow deployments, servers and a browser, each busy for a minute or
     more, so a third worker runs the other modules meanwhile. Two production-shaped deployments at
     once slow every Airflow process on a 2-core machine, so there is one. Scopes start in collection
-    order (:func:`run_order`), not by their number of tests. A worker takes its next scope when its
-    system tests are all done, not while its last two run (pytest-xdist's own rule, which would
-    leave a module waiting minutes behind them while other workers are free).
+    order (:func:`run_order`), not by their number of tests. A worker running system tests takes its
+    next scope when one of them is left, not two (pytest-xdist's own rule, which would leave a module
+    waiting minutes behind them while other workers are free). A worker runs a test once it knows
+    the next one, so the next scope cannot wait for the last test to end.
     """
     from xdist.scheduler import LoadFileScheduling
 
@@ -115,11 +124,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return run_scope(nodeid)
 
         def _reschedule(self, node: Any) -> None:
-            running_system_tests = any(
-                scope.startswith("tests/system") and not all(done.values())
-                for scope, done in self.assigned_work[node].items()
-            )
-            if self.workqueue and running_system_tests:
+            work = self.assigned_work[node]
+            running_system_tests = any(scope.startswith("tests/system") for scope in work)
+            if self.workqueue and running_system_tests and self._pending_of(work) > 1:
                 return
             super()._reschedule(node)
 
