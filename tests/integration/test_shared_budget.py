@@ -91,12 +91,14 @@ def test_processes_share_predictions_in_flight(process_budget: Callable[..., Sha
 
 
 def test_slots_of_a_crashed_process_expire(process_budget: Callable[..., SharedBudget]) -> None:
-    crashed = process_budget(mc=1, in_flight_ttl=0.5)
+    # A TTL long enough that the survivor's first ask comes before it on a loaded machine.
+    crashed = process_budget(mc=1, in_flight_ttl=2.0)
     assert crashed.reserve_prediction() == 0.0
     crashed.prediction_created("lost")  # and never seen finished: the worker died
-    survivor = process_budget(mc=1, in_flight_ttl=0.5)
+    created = time.monotonic()
+    survivor = process_budget(mc=1, in_flight_ttl=2.0)
     assert survivor.reserve_prediction() > 0
-    time.sleep(0.6)
+    time.sleep(max(0.0, created + 2.1 - time.monotonic()))
     assert survivor.reserve_prediction() == 0.0
 
 
