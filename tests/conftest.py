@@ -40,60 +40,32 @@ requires_airflow_3 = pytest.mark.skipif(Version("3.0") > AIRFLOW_VERSION, reason
 #: The system tests of the production-shaped deployment: one deployment for all of them
 #: (``tests/system/conftest.py``), on one worker.
 PRODUCTION_TESTS = "tests/system/test_production_"
-#: The modules of a minute or more on 2 cores (``--durations``), each an Airflow run or more per
-#: test: they go first among the other modules, so that none of them is what the run waits for at
-#: its end. The first one's tests are scopes of their own, spread over the free workers.
-SLOW_MODULES = (
-    "tests/integration/test_example_dags.py",
-    "tests/integration/test_nightly_runs.py",
-    "tests/integration/test_batch_operator.py",
-    "tests/integration/test_operator.py",
-    "tests/integration/test_legacy_spellings.py",
-    "tests/integration/test_storage_dags.py",
-)
-SPLIT_MODULES = SLOW_MODULES[:1]
-#: A second or less each: the last tests of their system scopes, so that the scope a worker takes
-#: next, which waits behind its scope's last test (below), does not wait long.
-QUICK_SYSTEM_TESTS = (
-    "tests/system/test_production_triggerers.py::test_two_triggerers_on_sqlite_are_refused",
-    "tests/system/test_production_triggerers.py::test_the_metadata_database_is_postgresql",
-    "tests/system/test_connection_form_airflow2.py",  # skipped on Airflow 3
-)
 
 
 def run_scope(nodeid: str) -> str:
     """
     The scope a test runs in under ``make test``: the production-shaped system tests together, the
-    other system tests together, each test of :data:`SPLIT_MODULES` on its own, every other module
-    on its own.
+    other system tests together, every other module on its own.
     """
     if nodeid.startswith(PRODUCTION_TESTS):
         return "tests/system (production)"
     if nodeid.startswith("tests/system/"):
         return "tests/system"
-    module = nodeid.split("::", 1)[0]
-    return nodeid if module in SPLIT_MODULES else module
+    return nodeid.split("::", 1)[0]
 
 
-def run_order(nodeid: str) -> tuple[int, int]:
+def run_order(nodeid: str) -> int:
     """
     Where a test runs under ``make test``: the longest scopes first (the production-shaped tests,
     then the other system tests), and within the other system tests the Celery deployment last, so
     that it does not start while the production-shaped one does (both at once load the 2 cores
-    enough to delay a triggerer's heartbeat past its health check), each scope ending with its quick
-    tests; then the slow modules, slowest first, then the others.
+    enough to delay a triggerer's heartbeat past its health check).
     """
-    module = nodeid.split("::", 1)[0]
-    quick = int(nodeid.startswith(QUICK_SYSTEM_TESTS))
     if nodeid.startswith(PRODUCTION_TESTS):
-        return (0, quick)
-    if nodeid.startswith("tests/system/test_celery") or quick:
-        return (2, quick)
-    if nodeid.startswith("tests/system/"):
-        return (1, 0)
-    if module in SLOW_MODULES:
-        return (3, SLOW_MODULES.index(module))
-    return (4, 0)
+        return 0
+    if nodeid.startswith("tests/system/test_celery"):
+        return 2
+    return 1 if nodeid.startswith("tests/system/") else 3
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -108,12 +80,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     modules, one module at a time, on whichever worker is free.
 
     The system tests start Airflow deployments, servers and a browser, each busy for a minute or
-    more, so a third worker runs the other modules meanwhile. Two production-shaped deployments at
-    once slow every Airflow process on a 2-core machine, so there is one. Scopes start in collection
-    order (:func:`run_order`), not by their number of tests. A worker running system tests takes its
-    next scope when one of them is left, not two (pytest-xdist's own rule, which would leave a module
-    waiting minutes behind them while other workers are free). A worker runs a test once it knows
-    the next one, so the next scope cannot wait for the last test to end.
+    more, mostly waiting on the API's limits, so a third worker runs the other modules meanwhile.
+    Two production-shaped deployments at once slow every Airflow process on a 2-core machine, so
+    there is one. Scopes start in collection order (:func:`run_order`), not by their number of tests.
     """
     from xdist.scheduler import LoadFileScheduling
 
@@ -122,13 +91,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class LongestScopesFirst(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return run_scope(nodeid)
-
-        def _reschedule(self, node: Any) -> None:
-            work = self.assigned_work[node]
-            running_system_tests = any(scope.startswith("tests/system") for scope in work)
-            if self.workqueue and running_system_tests and self._pending_of(work) > 1:
-                return
-            super()._reschedule(node)
 
     return LongestScopesFirst(config, log)
 

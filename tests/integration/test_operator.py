@@ -478,7 +478,8 @@ def test_a_retry_reattaches_to_the_first_tries_prediction(dag_run: DagRunResult,
     assert try_number == 2
     log = dag_run.task_log(task_id)
     assert "simulated worker crash after submitting" in log
-    assert "Reconnecting to existing job" in log
+    # The retry reattaches to the prediction, running or (on a slow machine) already ended.
+    assert "Reconnecting to existing job" in log or "Job already completed successfully" in log
     ledger = dag_run.ledger(task_id)
     assert ledger["creates"] == 1
     assert ledger["requests"]["create"] == 1
