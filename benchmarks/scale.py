@@ -27,6 +27,11 @@ Prints one JSON line per run:
 - ``lead_s``, ``requests_span_s``, ``tail_s``: from the run's start to the first request the API
   admitted, from that to the last one (at least ``window_minimum_s``), and from that to the run's end:
   the deployment's start-up, the API-bound part, and the last tasks' resumption;
+- ``admitted_window_floor_s``: the least ``requests_span_s`` that the sliding window allows for
+  the requests the run really made, ``floor((A - 1) / RPM) * 60`` for ``A`` admitted requests:
+  the 302 requests of 200 predictions that needed 300 at least take a window more;
+- ``admitted_per_10s``: by endpoint, the requests the API admitted in each 10 s from the run's
+  start (where the window went unused);
 - ``share_429``: the share of the emulator's responses that were 429;
 - ``requests_per_prediction``: the requests the emulator received (429s included) per prediction,
   and ``admitted_requests_per_prediction`` without the 429s (at best 2);
@@ -224,8 +229,21 @@ def measure_run(
         "requests": requests,
         "requests_per_prediction": round(requests / predictions, 2),
         "share_429": round(ledger["responses_429"] / responses, 3) if responses else 0.0,
+        "admitted_window_floor_s": admitted_window_floor(requests - ledger["responses_429"]),
         "images": predictions,
     }
+
+
+def admitted_window_floor(admitted: int, rpm: int = RPM) -> float:
+    """
+    The shortest span the sliding window allows between the first and the last of the requests the
+    API admitted: what ``requests_span_s`` is at best for the requests the run really made (one
+    request past a multiple of ``rpm`` costs a whole window).
+
+    :param admitted: The requests the API admitted.
+    :param rpm: Requests allowed in any 60 s.
+    """
+    return (admitted - 1) // rpm * 60.0 if admitted else 0.0
 
 
 def request_span(ledger: dict[str, Any], run_start: float, run_end: float) -> dict[str, float | None]:
@@ -243,7 +261,23 @@ def request_span(ledger: dict[str, Any], run_start: float, run_end: float) -> di
         "lead_s": round(first - run_start, 1),
         "requests_span_s": round(last - first, 1),
         "tail_s": round(run_end - last, 1),
+        "admitted_per_10s": admitted_per_bucket(ledger.get("admitted", []), run_start, 10.0),
     }
+
+
+def admitted_per_bucket(admitted: list[list[Any]], run_start: float, bucket: float) -> dict[str, list[int]]:
+    """
+    The requests the API admitted in each ``bucket`` seconds from the run's start, by endpoint.
+
+    :param admitted: The ledger's ``[unix_time, endpoint]`` pairs.
+    :param run_start: The DAG run's start, Unix time.
+    :param bucket: Seconds a count covers.
+    """
+    counts: dict[str, list[int]] = {}
+    size = 1 + max((int((at - run_start) // bucket) for at, _ in admitted), default=-1)
+    for at, endpoint in admitted:
+        counts.setdefault(endpoint, [0] * size)[max(0, int((at - run_start) // bucket))] += 1
+    return counts
 
 
 def batch_failures(stack: ProductionStack, run_id: str) -> int | None:

@@ -224,7 +224,7 @@ async def admit(request: Request, label: str) -> Admission:
     wait = emulator.limiter.acquire(api_key, time.monotonic(), config.requests_per_minute, config.rate_window)
     if wait is not None:
         raise too_many_requests(wait, config)
-    emulator.ledger.count_admitted(time.time())
+    emulator.ledger.count_admitted(time.time(), label)
     faults = emulator.draw_faults()
     if not config.faults_hit(label):
         faults = FaultDecision()

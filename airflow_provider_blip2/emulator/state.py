@@ -15,6 +15,7 @@ STATUS_SUCCESS = "success"
 STATUS_ERROR = "error"
 STATUS_CANCELLED = "cancelled"
 TERMINAL_STATUSES = frozenset({STATUS_SUCCESS, STATUS_ERROR, STATUS_CANCELLED})
+ADMITTED_KEPT = 20_000
 
 
 @dataclass
@@ -122,15 +123,18 @@ class Ledger:
     statuses: Counter[str] = field(default_factory=Counter)
     first_admitted_at: float | None = None
     last_admitted_at: float | None = None
+    admitted: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=ADMITTED_KEPT))
 
-    def count_admitted(self, unix_time: float) -> None:
-        """Note when a request passed the rate limit: the first and the last such moment.
+    def count_admitted(self, unix_time: float, label: str) -> None:
+        """Note when a request passed the rate limit: the first and the last such moment, and each one.
 
         :param unix_time: now, as Unix time (comparable with other processes' clocks).
+        :param label: the endpoint label counted in ``requests``.
         """
         if self.first_admitted_at is None:
             self.first_admitted_at = unix_time
         self.last_admitted_at = unix_time
+        self.admitted.append((round(unix_time, 3), label))
 
     def count_response(self, status_code: int) -> None:
         """Count a response that was sent.
@@ -165,6 +169,7 @@ class Ledger:
             "peak_in_flight": self.peak_in_flight,
             "first_admitted_at": self.first_admitted_at,
             "last_admitted_at": self.last_admitted_at,
+            "admitted": [list(entry) for entry in self.admitted],
             "in_flight": in_flight,
             "statuses": {status: self.statuses[status] for status in sorted(TERMINAL_STATUSES)},
         }

@@ -541,6 +541,8 @@ def test_rate_limit_decimal_retry_after(make_server: ServerFactory) -> None:
     assert ledger["last_admitted_at"] - admitted["last_admitted_at"] >= body["retry_after"]
     assert ledger["responses_429"] == 1
     assert ledger["requests"] == {"model": 4, "get": 1}
+    assert [endpoint for _, endpoint in ledger["admitted"]] == ["model"] * 4  # each admitted, the 429 not
+    assert ledger["admitted"][0][0] == pytest.approx(ledger["first_admitted_at"], abs=0.001)
 
 
 def test_rate_limit_whole_seconds_and_creates_nothing(make_server: ServerFactory, files: str) -> None:

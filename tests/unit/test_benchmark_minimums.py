@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.scale import minimum_seconds, window_minimum_seconds
+from benchmarks.scale import admitted_window_floor, minimum_seconds, window_minimum_seconds
 
 
 @pytest.mark.parametrize(
@@ -45,3 +45,10 @@ def test_the_minimums_of_synchronous_runs(
 ) -> None:
     assert minimum_seconds(predictions, requests=requests) == minimum
     assert window_minimum_seconds(predictions, requests=requests) == window_minimum
+
+
+@pytest.mark.parametrize(
+    ("admitted", "floor"), [(0, 0.0), (1, 0.0), (60, 0.0), (61, 60.0), (300, 240.0), (302, 300.0)]
+)
+def test_one_request_past_a_multiple_of_the_rate_costs_a_window(admitted: int, floor: float) -> None:
+    assert admitted_window_floor(admitted) == floor
