@@ -59,7 +59,7 @@ demo: $(INSTALLED)
 	$(BIN)/python -m scripts.demo
 
 ## test: lint, type-check, build the docs, build and check the distributions, run every test (on
-## Airflow 3.3, then the Airflow 2.11 subset)
+## Airflow 3.3 and, beside it, the Airflow 2.11 subset)
 # The checks before the tests run side by side (mypy is single-threaded), each one's output kept whole;
 # so do the two suites: the Airflow 2.11 subset (its install included) fills the time the Airflow 3.3
 # suite's system tests spend waiting on the API's limits.
