@@ -115,7 +115,7 @@ def window_minimum_seconds(
     :param requests: The requests they need at least (see :func:`minimum_seconds`).
     """
     needed = int(REQUESTS_PER_PREDICTION * predictions if requests is None else requests)
-    rate = (needed - 1) // rpm * 60.0 if needed else 0.0
+    rate = admitted_window_floor(needed, rpm)
     return max(rate, minimum_seconds(predictions, rpm, in_flight, latency, requests))
 
 
@@ -273,10 +273,11 @@ def admitted_per_bucket(admitted: list[list[Any]], run_start: float, bucket: flo
     :param run_start: The DAG run's start, Unix time.
     :param bucket: Seconds a count covers.
     """
+    placed = [(max(0, int((at - run_start) // bucket)), endpoint) for at, endpoint in admitted]
+    size = 1 + max((index for index, _ in placed), default=-1)
     counts: dict[str, list[int]] = {}
-    size = 1 + max((int((at - run_start) // bucket) for at, _ in admitted), default=-1)
-    for at, endpoint in admitted:
-        counts.setdefault(endpoint, [0] * size)[max(0, int((at - run_start) // bucket))] += 1
+    for index, endpoint in placed:
+        counts.setdefault(endpoint, [0] * size)[index] += 1
     return counts
 
 

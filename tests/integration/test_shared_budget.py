@@ -91,14 +91,14 @@ def test_processes_share_predictions_in_flight(process_budget: Callable[..., Sha
 
 
 def test_slots_of_a_crashed_process_expire(process_budget: Callable[..., SharedBudget]) -> None:
-    # A TTL long enough that the survivor's first ask comes before it on a loaded machine.
-    crashed = process_budget(mc=1, in_flight_ttl=2.0)
+    ttl = 2.0  # long enough that the survivor's first ask comes before it on a loaded machine
+    crashed = process_budget(mc=1, in_flight_ttl=ttl)
     assert crashed.reserve_prediction() == 0.0
     crashed.prediction_created("lost")  # and never seen finished: the worker died
     created = time.monotonic()
-    survivor = process_budget(mc=1, in_flight_ttl=2.0)
+    survivor = process_budget(mc=1, in_flight_ttl=ttl)
     assert survivor.reserve_prediction() > 0
-    time.sleep(max(0.0, created + 2.1 - time.monotonic()))
+    time.sleep(max(0.0, created + ttl + 0.1 - time.monotonic()))
     assert survivor.reserve_prediction() == 0.0
 
 
