@@ -15,11 +15,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from airflow_provider_blip2.client.notes import LocalNotes, Notes
 
 
+@dataclass(kw_only=True)
 class Pace:
     """
     How much of its request rate a budget uses: cut after an unexpected 429, recovered step by step.
@@ -35,20 +37,12 @@ class Pace:
     :param clock: Monotonic clock.
     """
 
-    def __init__(
-        self,
-        *,
-        floor: float = 0.1,
-        step: float = 0.02,
-        cooldown: float = 2.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.floor = floor
-        self.step = step
-        self.cooldown = cooldown
-        self._clock = clock
-        self.share = 1.0
-        self._last_cut = -float("inf")
+    floor: float = 0.1
+    step: float = 0.02
+    cooldown: float = 2.0
+    clock: Callable[[], float] = time.monotonic
+    share: float = field(default=1.0, init=False)
+    _last_cut: float = field(default=-float("inf"), init=False, repr=False)
 
     def limit(self, requests_per_minute: int) -> int:
         """The requests per window this pace allows: at least 1."""
@@ -60,7 +54,7 @@ class Pace:
 
         :param rate_limited: Whether it was a 429.
         """
-        now = self._clock()
+        now = self.clock()
         if rate_limited:
             if now - self._last_cut >= self.cooldown:
                 self.share = max(self.floor, self.share / 2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_blip2.client.notes import Notes
@@ -53,6 +54,7 @@ def next_step(mode: str, note: str | None) -> str:
     return WAIT if note == PROBING else PROBE
 
 
+@dataclass
 class SyncRunChoice:
     """
     The one rule of whether the next prediction of a connection runs synchronously.
@@ -64,21 +66,16 @@ class SyncRunChoice:
     :param remember_for: Seconds an answer is remembered.
     """
 
-    def __init__(
-        self,
-        mode: str,
-        notes: Notes,
-        model: str,
-        log: logging.Logger | Any,
-        *,
-        remember_for: float = REMEMBER_SECONDS,
-    ) -> None:
-        self.mode = mode
-        self.notes = notes
-        self.name = f"sync_run:{model}"
-        self.model = model
-        self.log = log
-        self.remember_for = remember_for
+    mode: str
+    notes: Notes
+    model: str
+    log: logging.Logger | Any
+    remember_for: float = field(default=REMEMBER_SECONDS, kw_only=True)
+
+    @property
+    def name(self) -> str:
+        """The note's name: the model's."""
+        return f"sync_run:{self.model}"
 
     @property
     def may_run(self) -> bool:
