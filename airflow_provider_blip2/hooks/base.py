@@ -9,6 +9,8 @@ package's; :class:`~airflow_provider_blip2.hooks.blip2.Blip2Hook` adds the API's
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,12 +213,8 @@ class Blip2ConnectionHook(BaseHook):
 
         arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
         retrying = tenacity.Retrying(**arguments)
-        try:
+        with self._final_errors(request, retrying):
             return retrying(attempt)
-        except Blip2Error as error:
-            raise self._final_error(request, error) from error
-        finally:
-            retrying.iter_state.reset()  # as in _asend
 
     async def _asend(self, request: ApiRequest, *, patient_until: float | None = None) -> ApiResponse:
         settings = await self.aget_settings()
@@ -236,22 +234,27 @@ class Blip2ConnectionHook(BaseHook):
 
         arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
         retrying = tenacity.AsyncRetrying(**arguments)
-        try:
+        with self._final_errors(request, retrying):
             return await retrying(attempt)
+
+    @contextlib.contextmanager
+    def _final_errors(self, request: ApiRequest, retrying: tenacity.BaseRetrying) -> Iterator[None]:
+        """
+        Turn a request's last error into the one it ends with (:func:`final_error`), counting an
+        ambiguous create, and reset ``retrying`` once it is done.
+        """
+        try:
+            yield
         except Blip2Error as error:
-            raise self._final_error(request, error) from error
+            final = final_error(request, error)
+            if isinstance(final, Blip2AmbiguousCreateError):
+                self.metrics.ambiguous_create()
+            raise final from error
         finally:
             # tenacity keeps its next actions, methods of the retrying object, in the object: a
             # reference cycle per request, which only the cyclic collector frees. In a triggerer,
             # hundreds of reads a second make that collector run its full, loop-stalling passes.
             retrying.iter_state.reset()
-
-    def _final_error(self, request: ApiRequest, error: Blip2Error) -> Blip2Error:
-        """The error a request ends with (:func:`final_error`); an ambiguous create is counted."""
-        final = final_error(request, error)
-        if isinstance(final, Blip2AmbiguousCreateError):
-            self.metrics.ambiguous_create()
-        return final
 
     def get_model(self) -> dict[str, Any]:
         """Return the model's public record, with its input schema (``request_schema``)."""
