@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from airflow_provider_blip2.client.errors import Blip2InputError
@@ -168,6 +168,42 @@ def build_prediction_input(
         caption=captioning,
         temperature=temp,
         use_nucleus_sampling=nucleus,
+    )
+
+
+class PromptOptions(Protocol):
+    """What a task asks of every one of its predictions beside the image and the question."""
+
+    @property
+    def context(self) -> str | None:
+        """Earlier Q&A prepended to every prompt."""
+
+    @property
+    def temperature(self) -> float | str:
+        """Sampling temperature, 0.5 to 1.0."""
+
+    @property
+    def use_nucleus_sampling(self) -> bool:
+        """Sample instead of beam search."""
+
+
+def prompt_input(image: Any, question: Any, caption: Any, options: PromptOptions) -> PredictionInput:
+    """
+    :func:`build_prediction_input` for one image and question, with a task's prompt options.
+
+    :param image: http(s) URL of the image.
+    :param question: Question to ask; ``None`` asks the model's default question.
+    :param caption: Caption the image instead of answering a question.
+    :param options: The operator or trigger whose ``context``, ``temperature`` and
+        ``use_nucleus_sampling`` every prediction of the task shares.
+    """
+    return build_prediction_input(
+        image,
+        question=question,
+        caption=caption,
+        context=options.context,
+        temperature=options.temperature,
+        use_nucleus_sampling=options.use_nucleus_sampling,
     )
 
 

@@ -1,6 +1,6 @@
 """
 What both BLIP-2 operators share: object storage for their images, a quiet cancel, URL lifetimes,
-the wait on the worker before deferring, and the check of their retry parameters.
+the wait on the worker before deferring, and the check of their parameters.
 """
 
 from __future__ import annotations
@@ -32,11 +32,18 @@ class Blip2TaskMixin:
     """
     What both operators share: object storage for their images, and a cancel that only warns.
 
-    The operator defines ``aws_conn_id``, ``gcp_conn_id`` and a ``hook`` property.
+    The operator defines ``aws_conn_id``, ``gcp_conn_id`` and a ``hook`` property, and keeps the
+    parameters :func:`check_task_parameters` checks.
     """
 
     aws_conn_id: str
     gcp_conn_id: str
+    image_transfer: str
+    upload_retention: float | None
+    poll_interval: float
+    timeout: float
+    max_attempts: int
+    defer_after: float
     log: Any
 
     @cached_property
@@ -100,3 +107,24 @@ def check_retry_parameters(max_attempts: int, retry_failures: str = RETRY_TRANSI
         raise ValueError(f"max_attempts must be an integer of at least 1, got {max_attempts!r}")
     if retry_failures not in RETRY_FAILURES:
         raise ValueError(f"retry_failures must be one of {', '.join(RETRY_FAILURES)}, got {retry_failures!r}")
+
+
+def check_task_parameters(
+    task: Blip2TaskMixin, retry_failures: str = RETRY_TRANSIENT, max_failed_ratio: float = 0.0
+) -> None:
+    """
+    Refuse, at parse time, values of the parameters both operators share that they do not accept.
+
+    :param task: The operator, with its parameters kept.
+    :param retry_failures: The batch operator's ``retry_failures``.
+    :param max_failed_ratio: The batch operator's fraction of predictions allowed to fail, 0 to 1.
+    """
+    check_image_transfer(task.image_transfer, task.upload_retention)
+    if not 0 <= max_failed_ratio <= 1:
+        raise ValueError(f"max_failed_ratio must be between 0 and 1, got {max_failed_ratio!r}")
+    if task.poll_interval <= 0 or task.timeout <= 0:
+        raise ValueError(
+            f"poll_interval and timeout must be > 0, got {task.poll_interval} and {task.timeout}"
+        )
+    check_retry_parameters(task.max_attempts, retry_failures)
+    check_defer_after(task.defer_after)

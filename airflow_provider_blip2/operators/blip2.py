@@ -17,7 +17,7 @@ from airflow.providers.common.compat.sdk import (
 )
 
 from airflow_provider_blip2.client.errors import Blip2InputError, Blip2NotFoundError
-from airflow_provider_blip2.client.inputs import PredictionInput
+from airflow_provider_blip2.client.inputs import PredictionInput, prompt_input
 from airflow_provider_blip2.client.models import (
     Prediction,
     PredictionOutcome,
@@ -30,9 +30,7 @@ from airflow_provider_blip2.operators.base import (
     DEFER_AFTER_SECONDS,
     VALIDATION_IMAGE_URL,
     Blip2TaskMixin,
-    check_defer_after,
-    check_image_transfer,
-    check_retry_parameters,
+    check_task_parameters,
 )
 from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
 from airflow_provider_blip2.operators.prediction_end import (
@@ -151,7 +149,6 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        check_image_transfer(image_transfer, upload_retention)
         self.image_transfer = image_transfer
         self.upload_retention = upload_retention
         self.image = image
@@ -173,10 +170,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
         self._completed: tuple[str | None] | None = None
         # The prediction this instance created and when its create answered (its first read is timed).
         self._created: tuple[str, float] | None = None
-        if poll_interval <= 0 or timeout <= 0:
-            raise ValueError(f"poll_interval and timeout must be > 0, got {poll_interval} and {timeout}")
-        check_retry_parameters(max_attempts)
-        check_defer_after(defer_after)
+        check_task_parameters(self)
 
     @cached_property
     def hook(self) -> Blip2Hook:
@@ -219,14 +213,7 @@ class Blip2PredictionOperator(Blip2TaskMixin, ResumableJobMixin, BaseOperator):
             raise AirflowFailException(f"Invalid BLIP-2 input for task {self.task_id}: {error}") from error
 
     def _inputs_for(self, image_url: str) -> PredictionInput:
-        return self.hook.prediction_input(
-            image_url,
-            question=self.question,
-            context=self.context,
-            caption=self.caption,
-            temperature=self.temperature,
-            use_nucleus_sampling=self.use_nucleus_sampling,
-        )
+        return prompt_input(image_url, self.question, self.caption, self)
 
     def _validate_inputs(self) -> None:
         """Check every input but the image's URL, and how the image is sent, before any request."""

@@ -16,10 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
 from typing import Any
-
-from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_blip2.client.errors import (
     Blip2AmbiguousCreateError,
@@ -29,7 +26,7 @@ from airflow_provider_blip2.client.errors import (
     Blip2SyncRunUnavailableError,
     Blip2UnprocessableError,
 )
-from airflow_provider_blip2.client.inputs import build_prediction_input
+from airflow_provider_blip2.client.inputs import prompt_input
 from airflow_provider_blip2.client.models import PredictionOutcome
 from airflow_provider_blip2.client.sealing import SEALED_PREFIX, unseal
 from airflow_provider_blip2.client.settings import SYNC_RUN_ALWAYS
@@ -37,18 +34,12 @@ from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from airflow_provider_blip2.storage import ObjectStorage, SigningError, StorageError
 from airflow_provider_blip2.storage.masking import mask_signed_url
 from airflow_provider_blip2.storage.uris import is_http
-from airflow_provider_blip2.triggers.blip2 import (
-    budget_with,
-    cancel_for_kill,
-    serialized,
-    settle,
-    started,
-    trigger_hook,
-)
+from airflow_provider_blip2.triggers.blip2 import Blip2BatchTrigger, budget_with, trigger_hook
+from airflow_provider_blip2.triggers.kill import cancel_for_kill
 from airflow_provider_blip2.triggers.run_journal import RunJournal
 
 
-class Blip2BatchRunTrigger(BaseTrigger):
+class Blip2BatchRunTrigger(Blip2BatchTrigger):
     """
     Run a chunk of a batch's predictions synchronously; yield one event when all have ended.
 
@@ -81,6 +72,25 @@ class Blip2BatchRunTrigger(BaseTrigger):
         chunk read it: the chunk's successes carry it, and no read is made to price them.
     """
 
+    argument_names = (
+        "chunk",
+        "images",
+        "questions",
+        "blip2_conn_id",
+        "timeout",
+        "url_expiry",
+        "context",
+        "temperature",
+        "use_nucleus_sampling",
+        "aws_conn_id",
+        "gcp_conn_id",
+        "requests_per_minute",
+        "max_concurrency",
+        "recent_requests",
+        "not_before",
+        "unit_cost",
+    )
+
     def __init__(
         self,
         chunk: str,
@@ -100,11 +110,10 @@ class Blip2BatchRunTrigger(BaseTrigger):
         not_before: float | None = None,
         unit_cost: float | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(blip2_conn_id, not_before, recent_requests, requests_per_minute, max_concurrency)
         self.chunk = str(chunk)
         self.images = {str(k): str(v) for k, v in images.items()}
         self.questions = {str(k): v for k, v in questions.items()}
-        self.blip2_conn_id = blip2_conn_id
         self.timeout = float(timeout)
         self.url_expiry = float(url_expiry)
         self.context = context
@@ -112,64 +121,29 @@ class Blip2BatchRunTrigger(BaseTrigger):
         self.use_nucleus_sampling = bool(use_nucleus_sampling)
         self.aws_conn_id = aws_conn_id
         self.gcp_conn_id = gcp_conn_id
-        self.requests_per_minute = requests_per_minute
-        self.max_concurrency = max_concurrency
-        self.recent_requests = [float(t) for t in recent_requests or []]
-        self.not_before = None if not_before is None else float(not_before)
         self.unit_cost = None if unit_cost is None else float(unit_cost)
         self._storage: ObjectStorage | None = None
         self._stop = False
         self._refused = False
         self._fatal: str | None = None
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        """Return the class path and the (primitive, non-secret) keyword arguments."""
-        return serialized(
-            self,
-            (
-                "chunk",
-                "images",
-                "questions",
-                "blip2_conn_id",
-                "timeout",
-                "url_expiry",
-                "context",
-                "temperature",
-                "use_nucleus_sampling",
-                "aws_conn_id",
-                "gcp_conn_id",
-                "requests_per_minute",
-                "max_concurrency",
-                "recent_requests",
-                "not_before",
-                "unit_cost",
-            ),
-        )
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        """Run every item not ended yet, at most ``max_concurrency`` at once; then yield what ended."""
-        started(self)
-        hook = trigger_hook(self)
+    async def _event(self, hook: Blip2Hook) -> dict[str, Any]:
+        """Run every item not ended yet, at most ``max_concurrency`` at once; then hand back what ended."""
         journal = RunJournal.for_trigger(self)
-        try:
-            budget = await budget_with(hook, self.recent_requests)
-            await journal.load()
-            rerun = journal.interrupted()
-            if rerun:
-                self.log.warning(
-                    "%d prediction(s) were running when this trigger last stopped: they run again "
-                    "and are counted as ambiguous (each may be paid twice)",
-                    len(rerun),
-                )
-            for index in rerun:  # the slots the stopped trigger held in a shared budget are free
-                await budget.aprediction_finished(self._slot(index))
-            await self._run_all(hook, journal, [k for k in self.images if k not in journal.finished])
-            await self._price(hook, journal)
-            payload = self._payload(journal, rerun, budget.recent_requests())
-        finally:
-            await hook.aclose()
-        await settle(self, self.not_before)
-        yield TriggerEvent(payload)
+        budget = await budget_with(hook, self.recent_requests)
+        await journal.load()
+        rerun = journal.interrupted()
+        if rerun:
+            self.log.warning(
+                "%d prediction(s) were running when this trigger last stopped: they run again "
+                "and are counted as ambiguous (each may be paid twice)",
+                len(rerun),
+            )
+        for index in rerun:  # the slots the stopped trigger held in a shared budget are free
+            await budget.aprediction_finished(self._slot(index))
+        await self._run_all(hook, journal, [k for k in self.images if k not in journal.finished])
+        await self._price(hook, journal)
+        return self._payload(journal, rerun, budget.recent_requests())
 
     async def _run_all(self, hook: Blip2Hook, journal: RunJournal, indexes: list[str]) -> None:
         limit = (await hook.aget_settings()).max_concurrency
@@ -188,15 +162,10 @@ class Blip2BatchRunTrigger(BaseTrigger):
             self._stop = True
             return
         end_time = time.time() + self.timeout
+        question = self.questions[index]
         try:
-            inputs = build_prediction_input(
-                await asyncio.to_thread(self._signed_url, await self._unsealed(hook, index)),
-                question=None if self.questions[index] == "" else self.questions[index],
-                caption=self.questions[index] == "",
-                context=self.context,
-                temperature=self.temperature,
-                use_nucleus_sampling=self.use_nucleus_sampling,
-            )
+            image = await asyncio.to_thread(self._signed_url, await self._unsealed(hook, index))
+            inputs = prompt_input(image, None if question == "" else question, question == "", self)
         except SigningError as error:  # the credentials cannot sign: no image of the batch can go
             self._fatal, self._stop = str(error), True
             return

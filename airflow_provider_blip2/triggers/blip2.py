@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
@@ -15,9 +15,8 @@ from airflow_provider_blip2.client.polling import PredictionWatch
 from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from airflow_provider_blip2.metrics import Blip2Metrics
 from airflow_provider_blip2.triggers.heap import freeze_heap_once
+from airflow_provider_blip2.triggers.kill import cancel_for_kill
 
-# Bound on the remote cancel when a user kills the task.
-ON_KILL_TIMEOUT = 20.0
 #: Seconds after a deferral before which a trigger yields no event. A faster event can let the
 #: scheduler see the worker's exit from ``defer()`` only after it resumed the task, and fail it
 #: ("state mismatch", apache/airflow#67287): the operators pass ``not_before`` = defer time + this.
@@ -27,7 +26,6 @@ DEFERRAL_SETTLE_SECONDS = 10.0
 #: The same for a batch: its trigger keeps polling while it settles, so the wait hands back every
 #: prediction that ended meanwhile in one round trip through the scheduler.
 BATCH_DEFERRAL_SETTLE_SECONDS = 10.0
-DEFERRED = "deferred"
 
 
 def seconds_to_settle(trigger: BaseTrigger, not_before: float | None) -> float:
@@ -116,73 +114,72 @@ async def settle(trigger: BaseTrigger, not_before: float | None) -> None:
     await asyncio.sleep(seconds_to_settle(trigger, not_before))
 
 
-async def task_left_deferral(trigger: BaseTrigger) -> bool:
+class Blip2Trigger(BaseTrigger):
     """
-    Whether the trigger's task instance is no longer deferred, as the Airflow API says.
+    What the provider's triggers share: their connection, the time before which no event comes,
+    their serialization, and a run that yields one event.
 
-    Airflow 3.3 calls ``on_kill`` when a user marks a deferred task failed or success or clears it,
-    but also when a trigger is handed over to another triggerer (apache/airflow#73454): the task is
-    then still deferred and its prediction still awaited. Without a task instance to ask about (an
-    inline ``dags test`` trigger) or an answer, the kill counts as a user's.
+    A subclass names its ``__init__`` arguments in ``argument_names`` (each kept under the same
+    attribute, as :meth:`serialize` returns them) and makes its event's payload in ``_event``, with
+    a hook closed afterwards.
 
-    :param trigger: The trigger being killed.
+    :param blip2_conn_id: The ``blip2`` connection.
+    :param not_before: Unix time before which no event is yielded; ``None`` for no wait.
     """
-    ti = trigger.task_instance
-    if ti is None:
-        return True
-    try:
-        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-        from asgiref.sync import sync_to_async
 
-        states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
-            dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id], map_index=ti.map_index
-        )
-    except Exception as error:
-        trigger.log.warning("Could not read the state of task %s: %s", ti.task_id, error)
-        return True
-    key = ti.task_id if ti.map_index is None or ti.map_index < 0 else f"{ti.task_id}_{ti.map_index}"
-    return (states.get(ti.run_id) or {}).get(key) != DEFERRED
+    argument_names: ClassVar[tuple[str, ...]]
+
+    def __init__(self, blip2_conn_id: str, not_before: float | None) -> None:
+        super().__init__()
+        self.blip2_conn_id = blip2_conn_id
+        self.not_before = None if not_before is None else float(not_before)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Return the class path and the (primitive, non-secret) keyword arguments."""
+        return serialized(self, self.argument_names)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Make the event's payload with the trigger's hook; yield it once the deferral has settled."""
+        started(self)
+        hook = trigger_hook(self)
+        try:
+            payload = await self._event(hook)
+        finally:
+            await hook.aclose()
+        await settle(self, self.not_before)
+        yield TriggerEvent(payload)
+
+    async def _event(self, hook: Blip2Hook) -> dict[str, Any]:
+        """The payload of the trigger's one event."""
+        raise NotImplementedError
 
 
-async def cancel_for_kill(trigger: BaseTrigger, hook: Blip2Hook, prediction_ids: list[str]) -> None:
+class Blip2BatchTrigger(Blip2Trigger):
     """
-    ``on_kill`` of both triggers: cancel the predictions, unless the task is still deferred.
+    A trigger of the batch operator: it shares the task's request budget and limits with the worker.
 
-    The work is shielded: the triggerer cancels a killed trigger's task again on each of its loops,
-    which must not cut the cancel short.
-
-    :param trigger: The trigger being killed.
-    :param hook: The hook to cancel with; closed afterwards.
-    :param prediction_ids: The predictions the trigger waits for.
+    :param blip2_conn_id: The ``blip2`` connection.
+    :param not_before: Unix time before which no event is yielded; ``None`` for no wait.
+    :param recent_requests: Unix times of the worker's requests still counting against the window.
+    :param requests_per_minute: The task's own request budget, or ``None`` for the connection's.
+    :param max_concurrency: The task's own limit of predictions in flight, or ``None``.
     """
-    await asyncio.shield(asyncio.ensure_future(_cancel_unless_deferred(trigger, hook, prediction_ids)))
+
+    def __init__(
+        self,
+        blip2_conn_id: str,
+        not_before: float | None,
+        recent_requests: list[float] | None,
+        requests_per_minute: int | None,
+        max_concurrency: int | None,
+    ) -> None:
+        super().__init__(blip2_conn_id, not_before)
+        self.recent_requests = [float(t) for t in recent_requests or []]
+        self.requests_per_minute = requests_per_minute
+        self.max_concurrency = max_concurrency
 
 
-async def _cancel_unless_deferred(trigger: BaseTrigger, hook: Blip2Hook, prediction_ids: list[str]) -> None:
-    try:
-        if not await task_left_deferral(trigger):
-            trigger.log.info(
-                "The task is still deferred (its trigger moved to another triggerer): "
-                "%d prediction(s) left running",
-                len(prediction_ids),
-            )
-            return
-        results = await asyncio.wait_for(
-            asyncio.gather(*(hook.acancel_prediction(pid) for pid in prediction_ids), return_exceptions=True),
-            timeout=ON_KILL_TIMEOUT,
-        )
-        for prediction_id, result in zip(prediction_ids, results, strict=True):
-            if isinstance(result, BaseException):
-                trigger.log.warning("Could not cancel prediction %s: %s", prediction_id, result)
-            else:
-                trigger.log.info("Cancelled prediction %s because the task was killed", prediction_id)
-    except asyncio.TimeoutError:
-        trigger.log.warning("Cancelling %d prediction(s) timed out", len(prediction_ids))
-    finally:
-        await hook.aclose()
-
-
-class Blip2PredictionTrigger(BaseTrigger):
+class Blip2PredictionTrigger(Blip2Trigger):
     """
     Poll one BLIP-2 prediction until it is terminal or the deadline passes; yield exactly one event.
 
@@ -204,6 +201,8 @@ class Blip2PredictionTrigger(BaseTrigger):
         worker, so a triggerer restart does not restart the clock.
     """
 
+    argument_names = ("prediction_id", "blip2_conn_id", "poll_interval", "end_time", "not_before")
+
     def __init__(
         self,
         prediction_id: str,
@@ -212,36 +211,14 @@ class Blip2PredictionTrigger(BaseTrigger):
         end_time: float,
         not_before: float | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(blip2_conn_id, not_before)
         self.prediction_id = prediction_id
-        self.blip2_conn_id = blip2_conn_id
         self.poll_interval = float(poll_interval)
         self.end_time = float(end_time)
-        self.not_before = None if not_before is None else float(not_before)
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        """Return the class path and the (primitive, non-secret) keyword arguments."""
-        return serialized(
-            self,
-            (
-                "prediction_id",
-                "blip2_conn_id",
-                "poll_interval",
-                "end_time",
-                "not_before",
-            ),
-        )
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
+    async def _event(self, hook: Blip2Hook) -> dict[str, Any]:
         """Poll until the prediction is terminal, the deadline passes or a persistent error."""
-        started(self)
-        hook = trigger_hook(self)
-        try:
-            outcome = await self._poll(hook)
-        finally:
-            await hook.aclose()
-        await settle(self, self.not_before)
-        yield TriggerEvent(outcome.to_json())
+        return (await self._poll(hook)).to_json()
 
     async def _poll(self, hook: Blip2Hook) -> PredictionOutcome:
         watch = PredictionWatch(
@@ -258,7 +235,7 @@ class Blip2PredictionTrigger(BaseTrigger):
         await cancel_for_kill(self, trigger_hook(self), [self.prediction_id])
 
 
-class Blip2BatchPredictionTrigger(BaseTrigger):
+class Blip2BatchPredictionTrigger(Blip2BatchTrigger):
     """
     Poll the in-flight predictions of a batch; yield one event once enough of them have ended.
 
@@ -290,6 +267,19 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
         ``None`` waits for ``resume_after``.
     """
 
+    argument_names = (
+        "predictions",
+        "poll_from",
+        "blip2_conn_id",
+        "poll_interval",
+        "resume_after",
+        "recent_requests",
+        "requests_per_minute",
+        "max_concurrency",
+        "not_before",
+        "return_by",
+    )
+
     def __init__(
         self,
         predictions: dict[str, float],
@@ -303,48 +293,18 @@ class Blip2BatchPredictionTrigger(BaseTrigger):
         not_before: float | None = None,
         return_by: float | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(blip2_conn_id, not_before, recent_requests, requests_per_minute, max_concurrency)
         self.predictions = {str(k): float(v) for k, v in predictions.items()}
         self.poll_from = {str(k): float(v) for k, v in (poll_from or {}).items()}
-        self.blip2_conn_id = blip2_conn_id
         self.poll_interval = float(poll_interval)
         self.resume_after = max(1, int(resume_after))
-        self.recent_requests = [float(t) for t in recent_requests or []]
-        self.requests_per_minute = requests_per_minute
-        self.max_concurrency = max_concurrency
-        self.not_before = None if not_before is None else float(not_before)
         self.return_by = None if return_by is None else float(return_by)
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        """Return the class path and the (primitive, non-secret) keyword arguments."""
-        return serialized(
-            self,
-            (
-                "predictions",
-                "poll_from",
-                "blip2_conn_id",
-                "poll_interval",
-                "resume_after",
-                "recent_requests",
-                "requests_per_minute",
-                "max_concurrency",
-                "not_before",
-                "return_by",
-            ),
-        )
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        """Poll until ``resume_after`` predictions ended; then yield them and the recent requests."""
-        started(self)
-        hook = trigger_hook(self)
-        try:
-            budget = await budget_with(hook, self.recent_requests)
-            finished, polled = await self._poll(hook)
-            recent_requests = budget.recent_requests()
-        finally:
-            await hook.aclose()
-        await settle(self, self.not_before)
-        yield TriggerEvent({"finished": finished, "polled": polled, "recent_requests": recent_requests})
+    async def _event(self, hook: Blip2Hook) -> dict[str, Any]:
+        """Poll until ``resume_after`` predictions ended; then hand them back, and the recent requests."""
+        budget = await budget_with(hook, self.recent_requests)
+        finished, polled = await self._poll(hook)
+        return {"finished": finished, "polled": polled, "recent_requests": budget.recent_requests()}
 
     async def _poll(self, hook: Blip2Hook) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
         default_start = time.time() + self.poll_interval

@@ -22,15 +22,13 @@ from airflow_provider_blip2.batch import (
     image_key,
 )
 from airflow_provider_blip2.batch.spending import capped
-from airflow_provider_blip2.client.inputs import PredictionInput
+from airflow_provider_blip2.client.inputs import PredictionInput, prompt_input
 from airflow_provider_blip2.client.models import RETRY_TRANSIENT
 from airflow_provider_blip2.client.uploads import TRANSFER_AUTO
 from airflow_provider_blip2.operators.base import (
     DEFER_AFTER_SECONDS,
     Blip2TaskMixin,
-    check_defer_after,
-    check_image_transfer,
-    check_retry_parameters,
+    check_task_parameters,
 )
 from airflow_provider_blip2.operators.batch.cache import start_batch
 from airflow_provider_blip2.operators.batch.finish import finish_batch
@@ -41,6 +39,7 @@ from airflow_provider_blip2.operators.batch.poll import (
     poll_trigger,
     record_poll_event,
 )
+from airflow_provider_blip2.operators.batch.progress import BatchTry
 from airflow_provider_blip2.operators.batch.run import chunk_to_run, record_run_event
 from airflow_provider_blip2.operators.batch.spending import (
     check_costs_known,
@@ -195,7 +194,6 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         self.max_cost = max_cost
         # max_cost as a number, once rendered (execute).
         self.spending_cap: float | None = None
-        check_image_transfer(image_transfer, upload_retention)
         self.image_transfer = image_transfer
         self.upload_retention = upload_retention
         self.images = images
@@ -220,12 +218,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         self.poll_interval = poll_interval
         self.timeout = timeout
         self.url_expiry = url_expiry
-        if not 0 <= max_failed_ratio <= 1:
-            raise ValueError(f"max_failed_ratio must be between 0 and 1, got {max_failed_ratio!r}")
-        if poll_interval <= 0 or timeout <= 0:
-            raise ValueError(f"poll_interval and timeout must be > 0, got {poll_interval} and {timeout}")
-        check_retry_parameters(max_attempts, retry_failures)
-        check_defer_after(defer_after)
+        check_task_parameters(self, retry_failures, max_failed_ratio)
         self._urls_by_key: dict[str, str] | None = None
         self._waiting_for: list[str] = []
         # Lines this instance wrote to output_uri, for the lineage (None until it wrote them).
@@ -286,18 +279,18 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
     def _run(
         self, context: Context, journal: BatchJournal, state: BatchState, event: dict[str, Any] | None
     ) -> dict[str, Any]:
-        number = try_number(context)
+        batch = BatchTry(journal, state, try_number(context))
         while True:
             journal.begin_cycle(state)
             if event is not None and event.get("run"):
-                record_run_event(self, journal, state, event, number)
+                record_run_event(self, batch, event)
             elif event is not None:
-                record_poll_event(self, journal, state, event, number)
+                record_poll_event(self, batch, event)
             if self.spending_cap is not None:
                 check_costs_known(self, state)
-            runs = chunk_to_run(self, journal, state, number)
+            runs = chunk_to_run(self, batch)
             if runs is None:
-                create_predictions(self, journal, state, number)
+                create_predictions(self, batch)
             journal.flush()
             self.log.info("Batch progress: %s", state.progress_line())
             if state.done or capped(state, self.spending_cap):
@@ -355,15 +348,7 @@ class Blip2BatchPredictionOperator(Blip2TaskMixin, BaseOperator):
         return url
 
     def _prediction_input(self, item: BatchItem, url: str) -> PredictionInput:
-
-        return self.hook.prediction_input(
-            url,
-            question=None if item.captions else item.question,
-            context=self.context,
-            caption=item.captions,
-            temperature=self.temperature,
-            use_nucleus_sampling=self.use_nucleus_sampling,
-        )
+        return prompt_input(url, None if item.captions else item.question, item.captions, self)
 
     def on_kill(self) -> None:
         """Cancel the predictions this try waits for on the worker (``deferrable=False``)."""

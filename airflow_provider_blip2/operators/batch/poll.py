@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
-from airflow_provider_blip2.batch import BatchJournal, BatchState
+from airflow_provider_blip2.batch import BatchState
 from airflow_provider_blip2.batch.spending import affordable
 from airflow_provider_blip2.client.errors import (
     Blip2AmbiguousCreateError,
@@ -34,15 +34,14 @@ if TYPE_CHECKING:
     from airflow.triggers.base import BaseTrigger
 
     from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
+    from airflow_provider_blip2.operators.batch.progress import BatchTry
     from airflow_provider_blip2.triggers.blip2 import Blip2BatchPredictionTrigger
 
 #: Per-item errors that end the item and let the batch go on.
 ITEM_ERRORS = (StorageError, Blip2UploadError, Blip2InputError, Blip2BadRequestError, Blip2UnprocessableError)
 
 
-def create_predictions(
-    op: Blip2BatchPredictionOperator, journal: BatchJournal, state: BatchState, try_number: int | None
-) -> None:
+def create_predictions(op: Blip2BatchPredictionOperator, batch: BatchTry) -> None:
     """
     Create predictions for pending items while slots are free; record each at once.
 
@@ -50,12 +49,11 @@ def create_predictions(
     for a chunk of synchronous runs, once nothing is in flight.
 
     :param op: The batch operator.
-    :param journal: The batch's journal.
-    :param state: The batch's progress.
-    :param try_number: This try's number (each create counts an attempt).
+    :param batch: The batch and this try (each create counts an attempt).
     """
     if op.hook.sync_run_choice().worth_trying():
         return
+    journal, state = batch.journal, batch.state
     free = op.hook.settings.max_concurrency - len(state.in_flight)
     expires_in = url_expiry(op.url_expiry, op.timeout)
     limit = affordable(state, op.spending_cap)
@@ -63,7 +61,7 @@ def create_predictions(
     uploads = batch_uploads(op, journal, state, [i for i in chosen if needs_upload(op, state.items[i].image)])
     for index in chosen:
         item = state.items[index]
-        journal.record_attempt(state, index, try_number)
+        journal.record_attempt(state, index, batch.number)
         try:
             url = uploaded_or_signed(op, uploads.get(index), item.image, expires_in)
             prediction_id = op.hook.submit_prediction(
@@ -85,13 +83,7 @@ def create_predictions(
         journal.record_created(state, index, prediction_id, time.time() + op.timeout)
 
 
-def record_poll_event(
-    op: Blip2BatchPredictionOperator,
-    journal: BatchJournal,
-    state: BatchState,
-    event: dict[str, Any],
-    try_number: int | None,
-) -> None:
+def record_poll_event(op: Blip2BatchPredictionOperator, batch: BatchTry, event: dict[str, Any]) -> None:
     """
     Record the predictions a poll trigger's event says ended; release those created again.
 
@@ -99,11 +91,10 @@ def record_poll_event(
     again while its item has had fewer than ``max_attempts`` predictions in this try.
 
     :param op: The batch operator.
-    :param journal: The batch's journal.
-    :param state: The batch's progress.
+    :param batch: The batch and this try.
     :param event: The trigger's payload (``finished``: prediction id -> outcome).
-    :param try_number: This try's number.
     """
+    journal, state = batch.journal, batch.state
     budget = op.hook.budget()
     budget.note_requests(event.get("recent_requests") or [])
     results = {}
@@ -122,7 +113,7 @@ def record_poll_event(
                 prediction_id=prediction_id,
             )
         item = state.items[index]
-        attempts = state.attempts_in_try(index, try_number)
+        attempts = state.attempts_in_try(index, batch.number)
         if create_again_within_try(result, attempts_this_try=attempts, max_attempts=op.max_attempts):
             op.log.warning(
                 "%s (%s): %s; predicting it again (attempt %d of %d)",

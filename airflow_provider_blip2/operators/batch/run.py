@@ -28,6 +28,7 @@ from airflow_provider_blip2.operators.uploads import batch_uploads, needs_upload
 
 if TYPE_CHECKING:
     from airflow_provider_blip2.operators.batch import Blip2BatchPredictionOperator
+    from airflow_provider_blip2.operators.batch.progress import BatchTry
     from airflow_provider_blip2.triggers.batch_run import Blip2BatchRunTrigger
 
 #: How the journal names an item handed to a chunk of synchronous runs, until its run answers.
@@ -44,9 +45,7 @@ def is_placeholder(prediction_id: str) -> bool:
     return prediction_id.startswith(PLACEHOLDER_PREFIX)
 
 
-def chunk_to_run(
-    op: Blip2BatchPredictionOperator, journal: BatchJournal, state: BatchState, try_number: int | None
-) -> Any:
+def chunk_to_run(op: Blip2BatchPredictionOperator, batch: BatchTry) -> Any:
     """
     Hand the next chunk of pending items to synchronous runs: the trigger, or ``None``.
 
@@ -56,10 +55,9 @@ def chunk_to_run(
     (:mod:`~airflow_provider_blip2.client.sealing`).
 
     :param op: The batch operator.
-    :param journal: The batch's journal.
-    :param state: The batch's progress.
-    :param try_number: This try's number (each item handed over counts an attempt).
+    :param batch: The batch and this try (each item handed over counts an attempt).
     """
+    journal, state = batch.journal, batch.state
     if state.in_flight or not op.hook.sync_run_choice().worth_trying():
         return None
     known_cost = reported_cost(state)
@@ -77,30 +75,25 @@ def chunk_to_run(
         if limit == 0:
             return None
         size = size if limit is None else min(size, limit)
-        images = _chunk_images(op, journal, state, pending[:size], try_number)
+        images = _chunk_images(op, batch, pending[:size])
     chunk = uuid.uuid4().hex[:12]
     deadline = time.time() + op.timeout
     for key in images:
         index = int(key)
-        journal.record_attempt(state, index, try_number)
+        journal.record_attempt(state, index, batch.number)
         journal.record_created(state, index, f"{PLACEHOLDER_PREFIX}{chunk}:{index}", deadline)
     op.log.info("Running %d predictions synchronously (one request each)", len(images))
     return _trigger(op, state, chunk, images, known_cost)
 
 
-def _chunk_images(
-    op: Blip2BatchPredictionOperator,
-    journal: BatchJournal,
-    state: BatchState,
-    indexes: list[int],
-    try_number: int | None,
-) -> dict[str, str]:
+def _chunk_images(op: Blip2BatchPredictionOperator, batch: BatchTry, indexes: list[int]) -> dict[str, str]:
     """
     Item index -> the image as the run trigger gets it; items whose upload failed are recorded.
 
     Uploaded copies' URLs are always sealed (anyone who has one may read the copy); s3:// and gs://
     URIs are signed by the trigger; http(s) URLs are sealed when they have a query.
     """
+    journal, state = batch.journal, batch.state
     api_key = op.hook.settings.api_key
     uploads = batch_uploads(
         op, journal, state, [i for i in indexes if needs_upload(op, state.items[i].image)]
@@ -109,7 +102,7 @@ def _chunk_images(
     for index in indexes:
         upload = uploads.get(index)
         if isinstance(upload, Exception):
-            journal.record_attempt(state, index, try_number)
+            journal.record_attempt(state, index, batch.number)
             journal.record_finished(
                 state, {index: PredictionOutcome(PredictionOutcome.ERROR, error=str(upload))}
             )
@@ -151,22 +144,15 @@ def _trigger(
     )
 
 
-def record_run_event(
-    op: Blip2BatchPredictionOperator,
-    journal: BatchJournal,
-    state: BatchState,
-    event: dict[str, Any],
-    try_number: int | None,
-) -> None:
+def record_run_event(op: Blip2BatchPredictionOperator, batch: BatchTry, event: dict[str, Any]) -> None:
     """
     Record what a chunk of synchronous runs brought back, then go on as after a poll.
 
     :param op: The batch operator.
-    :param journal: The batch's journal.
-    :param state: The batch's progress.
+    :param batch: The batch and this try.
     :param event: The run trigger's payload.
-    :param try_number: This try's number.
     """
+    journal, state = batch.journal, batch.state
     by_id: dict[str, Any] = {}
     for key, payload in (event.get("finished") or {}).items():
         index, outcome = int(key), PredictionOutcome.from_json(payload)
@@ -183,9 +169,7 @@ def record_run_event(
     for index in returned:
         journal.forget_attempt(state, index)  # never sent
     journal.release(state, returned)
-    record_poll_event(
-        op, journal, state, {"finished": by_id, "recent_requests": event.get("recent_requests")}, try_number
-    )
+    record_poll_event(op, batch, {"finished": by_id, "recent_requests": event.get("recent_requests")})
     if event.get("refused"):
         op.log.info("The model refused the synchronous run: the batch's other items are created and polled")
     if event.get("fatal"):
