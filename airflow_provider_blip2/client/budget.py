@@ -15,52 +15,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
+from airflow_provider_blip2.client import rate_shape
 from airflow_provider_blip2.client.notes import LocalNotes, Notes
-
-
-@dataclass(kw_only=True)
-class Pace:
-    """
-    How much of its request rate a budget uses: cut after an unexpected 429, recovered step by step.
-
-    A 429 that the budget let through means that something else spends the same API key (another
-    process without a shared budget, another deployment): the budget halves its rate at most once
-    per ``cooldown`` seconds, down to ``floor``, then wins back ``step`` of it per request answered
-    without a 429, as additive-increase, multiplicative-decrease congestion control does.
-
-    :param floor: The smallest share of the rate it keeps.
-    :param step: Share of the rate won back per request answered without a 429.
-    :param cooldown: Seconds in which several 429s count as one (they come in bursts).
-    :param clock: Monotonic clock.
-    """
-
-    floor: float = 0.1
-    step: float = 0.02
-    cooldown: float = 2.0
-    clock: Callable[[], float] = time.monotonic
-    share: float = field(default=1.0, init=False)
-    _last_cut: float = field(default=-float("inf"), init=False, repr=False)
-
-    def limit(self, requests_per_minute: int) -> int:
-        """The requests per window this pace allows: at least 1."""
-        return max(1, int(requests_per_minute * self.share))
-
-    def answered(self, *, rate_limited: bool) -> None:
-        """
-        Take one answer into account.
-
-        :param rate_limited: Whether it was a 429.
-        """
-        now = self.clock()
-        if rate_limited:
-            if now - self._last_cut >= self.cooldown:
-                self.share = max(self.floor, self.share / 2)
-                self._last_cut = now
-        else:
-            self.share = min(1.0, self.share + self.step)
+from airflow_provider_blip2.client.pace import Pace
+from airflow_provider_blip2.client.rate_shape import Answer
 
 
 class Budget(Protocol):
@@ -84,10 +44,16 @@ class Budget(Protocol):
     async def areserve_request(self) -> float:
         """:meth:`reserve_request` without blocking the event loop."""
 
-    def request_done(self, *, rate_limited: bool = False) -> None:
-        """Mark a reserved request answered or failed; ``rate_limited`` when it was a 429."""
+    def request_done(self, answer: Answer | None = None) -> str | None:
+        """
+        Mark a reserved request answered or failed.
 
-    async def arequest_done(self, *, rate_limited: bool = False) -> None:
+        :param answer: How it was answered (see :mod:`~.rate_shape`); ``None``: not a 429, and
+            within the window.
+        :return: The rate limit's shape this answer has just taught, or ``None``.
+        """
+
+    async def arequest_done(self, answer: Answer | None = None) -> str | None:
         """:meth:`request_done` without blocking the event loop."""
 
     @property
@@ -139,6 +105,7 @@ class RequestBudget:
     A request counts from the moment it is reserved; once :meth:`request_done` is called it counts
     until ``window`` seconds after it finished. The server counts it from its arrival, which lies
     between the two, so the client's window always covers the server's and never provokes a 429.
+    Past a full window it goes only as ``rate_limit_shape`` allows (:mod:`~.rate_shape`).
 
     :param requests_per_minute: Requests allowed in any sliding window of ``window`` seconds.
     :param max_concurrency: Predictions created by this process and not yet seen finished.
@@ -146,6 +113,7 @@ class RequestBudget:
     :param in_flight_ttl: Seconds after which an unfinished prediction stops counting (a safety net).
     :param clock: Monotonic clock.
     :param pace: How much of ``requests_per_minute`` it uses after unexpected 429s.
+    :param rate_limit_shape: ``auto``, ``window`` or ``bucket`` (:mod:`~.rate_shape`).
     """
 
     def __init__(
@@ -157,6 +125,7 @@ class RequestBudget:
         in_flight_ttl: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
         pace: Pace | None = None,
+        rate_limit_shape: str = rate_shape.SHAPE_AUTO,
     ):
         self.requests_per_minute = requests_per_minute
         self.max_concurrency = max_concurrency
@@ -170,9 +139,17 @@ class RequestBudget:
         self._pending_slots = 0
         self.pace = pace or Pace(clock=clock)
         self.notes = LocalNotes(clock)
+        self.rate_limit_shape = rate_limit_shape
+        self._tat = -float("inf")
+        self._probe_open = False
 
     def reserve_request(self) -> float:
-        """Take a request slot and return 0, or return the seconds to wait before asking again."""
+        """
+        Take a request slot and return 0 or less, or return the seconds to wait before asking again.
+
+        A grant past a full window is :data:`~.rate_shape.PROBE_GRANTED` or
+        :data:`~.rate_shape.BUCKET_GRANTED`: pass it to :meth:`request_done`.
+        """
         with self._lock:
             now = self._clock()
             finished = self._finished_requests
@@ -183,28 +160,59 @@ class RequestBudget:
                 self._open_requests += 1
                 return 0.0
             surplus = len(finished) + self._open_requests - limit
-            if surplus >= len(finished):
-                return 0.05
-            return max(0.001, finished[surplus] + self.window - now)
+            wait = 0.05 if surplus >= len(finished) else max(0.001, finished[surplus] + self.window - now)
+            granted = self._past_window(now, limit, wait)
+            if granted <= 0:
+                self._open_requests += 1
+            return granted
+
+    def _past_window(self, now: float, limit: int, wait: float) -> float:
+        """What a full window's request gets: the window's ``wait``, or a grant the shape allows."""
+        shape = rate_shape.shape_in_use(self.rate_limit_shape, self.notes.recall(rate_shape.NOTE))
+        if shape == rate_shape.SHAPE_WINDOW:
+            return wait
+        bucket = rate_shape.bucket_wait(self._tat, now, self._open_requests, limit, self.window)
+        if bucket > 0:
+            return min(wait, max(0.001, bucket))
+        if shape == rate_shape.SHAPE_BUCKET:
+            return rate_shape.BUCKET_GRANTED
+        if self._probe_open:
+            return min(wait, rate_shape.PROBE_WAIT)
+        self._probe_open = True
+        return rate_shape.PROBE_GRANTED
 
     async def areserve_request(self) -> float:
         """:meth:`reserve_request`; it never blocks."""
         return self.reserve_request()
 
-    def request_done(self, *, rate_limited: bool = False) -> None:
+    def request_done(self, answer: Answer | None = None) -> str | None:
         """
         Mark a reserved request finished (answered or failed): it counts for ``window`` from now.
 
-        :param rate_limited: Whether the server answered 429 (the pace slows down).
+        :param answer: How it was answered; ``None``: not a 429, and within the window. A 429 slows
+            the pace down, unless the request went past a full window: then it teaches the
+            limiter's shape (see :mod:`~.rate_shape`).
+        :return: The rate limit's shape this answer has just taught, or ``None``.
         """
+        answer = answer or Answer()
         with self._lock:
+            now = self._clock()
             self._open_requests = max(0, self._open_requests - 1)
-            self._finished_requests.append(self._clock())
-            self.pace.answered(rate_limited=rate_limited)
+            self._finished_requests.append(now)
+            limit = self.pace.limit(self.requests_per_minute)
+            self._tat = rate_shape.after_answer(self._tat, now, limit, self.window)
+            if answer.probe:
+                self._probe_open = False
+            if not answer.past_window:
+                self.pace.answered(rate_limited=answer.rate_limited)
+        lesson = answer.lesson(self.rate_limit_shape)
+        if lesson is not None:
+            self.notes.remember(rate_shape.NOTE, lesson, rate_shape.REMEMBER_SECONDS)
+        return lesson
 
-    async def arequest_done(self, *, rate_limited: bool = False) -> None:
+    async def arequest_done(self, answer: Answer | None = None) -> str | None:
         """:meth:`request_done`; it never blocks."""
-        self.request_done(rate_limited=rate_limited)
+        return self.request_done(answer)
 
     def reserve_prediction(self) -> float:
         """Take a slot for a prediction about to be created; 0, or seconds to wait before asking again."""
@@ -284,6 +292,9 @@ class RequestBudget:
                 else:
                     unmatched.remove(twin)
             self._finished_requests = deque(sorted([*self._finished_requests, *added]))
+            limit = self.pace.limit(self.requests_per_minute)
+            for moment in sorted(added):
+                self._tat = rate_shape.after_answer(self._tat, moment, limit, self.window)
 
 
 _BUDGETS: dict[tuple[str, str], RequestBudget] = {}
@@ -291,7 +302,12 @@ _BUDGETS_LOCK = threading.Lock()
 
 
 def budget_for(
-    key: str, base_url: str, requests_per_minute: int, max_concurrency: int, window: float = 60.0
+    key: str,
+    base_url: str,
+    requests_per_minute: int,
+    max_concurrency: int,
+    window: float = 60.0,
+    rate_limit_shape: str = rate_shape.SHAPE_AUTO,
 ) -> RequestBudget:
     """
     Return the process-wide budget of a connection, creating it on first use.
@@ -303,6 +319,7 @@ def budget_for(
     :param requests_per_minute: Requests allowed per 60 s.
     :param max_concurrency: Predictions in flight allowed.
     :param window: Seconds ``requests_per_minute`` counts over.
+    :param rate_limit_shape: ``auto``, ``window`` or ``bucket`` (:mod:`~.rate_shape`).
     """
     with _BUDGETS_LOCK:
         budget = _BUDGETS.get((key, base_url))
@@ -311,20 +328,22 @@ def budget_for(
         budget.requests_per_minute = requests_per_minute
         budget.max_concurrency = max_concurrency
         budget.window = window
+        budget.rate_limit_shape = rate_limit_shape
         return budget
 
 
-def wait_sync(reserve: Callable[[], float]) -> None:
+def wait_sync(reserve: Callable[[], float]) -> float:
     """
-    Sleep until ``reserve`` grants a slot (returns 0).
+    Sleep until ``reserve`` grants a slot (returns 0 or less); return the grant.
 
     :param reserve: :meth:`RequestBudget.reserve_request` or :meth:`RequestBudget.reserve_prediction`.
     """
     while (delay := reserve()) > 0:
         time.sleep(delay)
+    return delay
 
 
-async def wait_async(reserve: Callable[[], Awaitable[float]]) -> None:
+async def wait_async(reserve: Callable[[], Awaitable[float]]) -> float:
     """
     :func:`wait_sync` for coroutines.
 
@@ -334,3 +353,4 @@ async def wait_async(reserve: Callable[[], Awaitable[float]]) -> None:
     # wait it names.
     while (delay := await reserve()) > 0:  # noqa: ASYNC110
         await asyncio.sleep(delay)
+    return delay

@@ -4,36 +4,66 @@ The Lua scripts of the shared budget (:mod:`~.shared_budget`), run atomically in
 Redis's own clock (``TIME``) orders every window, so the machines' clocks need not agree.
 """
 
-# KEYS: the request windows (one per scope). ARGV: token, window, open_ttl, then one limit per key.
-# Grants only if every window has room; then the token counts in all of them as an open request.
+# KEYS: the request windows (one per scope), then the buckets' theoretical arrival times (one per
+# scope), the probe's lock, the rate-limit-shape note. ARGV: token, window, open_ttl, mode (auto,
+# window, bucket), then one limit per scope. '0' when the windows have room; past a full window what
+# the shape allows (see rate_shape): the wait, or '-1' (the probe) or '-2' (the bucket admits it).
+# A granted token counts in every window as an open request.
 RESERVE_REQUEST = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local window, open_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
-local wait = 0
-for i, key in ipairs(KEYS) do
+local window, open_ttl, mode = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local n = #ARGV - 4
+local wait, bucket = 0, 0
+for i = 1, n do
+  local key, limit = KEYS[i], tonumber(ARGV[4 + i])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-  local surplus = redis.call('ZCARD', key) - tonumber(ARGV[3 + i])
+  local surplus = redis.call('ZCARD', key) - limit
   if surplus >= 0 then
     local entry = redis.call('ZRANGE', key, surplus, surplus, 'WITHSCORES')
     local until_free = tonumber(entry[2]) + window - now
     if until_free > open_ttl then until_free = 0.05 end
     if until_free > wait then wait = until_free end
   end
+  local open = redis.call('ZCOUNT', key, '(' .. now, '+inf')
+  local tat = math.max(tonumber(redis.call('GET', KEYS[n + i]) or '0'), now)
+  local until_admitted = tat + (open + 2 - limit) * window / limit - now
+  if until_admitted > bucket then bucket = until_admitted end
 end
-if wait > 0 then return tostring(wait) end
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + open_ttl, ARGV[1])
-  redis.call('EXPIRE', key, math.ceil(window + open_ttl) + 1)
+local granted = '0'
+if wait > 0 then
+  if mode == 'auto' then mode = redis.call('GET', KEYS[2 * n + 2]) or 'auto' end
+  if mode ~= 'auto' and mode ~= 'bucket' then return tostring(wait) end
+  if bucket > 0 then return tostring(math.max(0.001, math.min(wait, bucket))) end
+  granted = '-2'
+  if mode == 'auto' then
+    if not redis.call('SET', KEYS[2 * n + 1], ARGV[1], 'NX', 'PX', math.ceil(open_ttl * 1000)) then
+      return tostring(math.min(wait, 1))
+    end
+    granted = '-1'
+  end
 end
-return '0'
+for i = 1, n do
+  redis.call('ZADD', KEYS[i], now + open_ttl, ARGV[1])
+  redis.call('EXPIRE', KEYS[i], math.ceil(window + open_ttl) + 1)
+end
+return granted
 """
 
-# KEYS: the request windows. ARGV: token. The request counts for a window from now.
+# KEYS: the request windows, then the buckets' theoretical arrival times, then the probe's lock.
+# ARGV: token, window, '1' to free the probe's lock, then one limit per scope. The request counts
+# for a window from now, and in each bucket from now.
 REQUEST_DONE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for _, key in ipairs(KEYS) do redis.call('ZADD', key, 'XX', now, ARGV[1]) end
+local window = tonumber(ARGV[2])
+local n = #ARGV - 3
+for i = 1, n do
+  redis.call('ZADD', KEYS[i], 'XX', now, ARGV[1])
+  local tat = math.max(tonumber(redis.call('GET', KEYS[n + i]) or '0'), now) + window / tonumber(ARGV[3 + i])
+  redis.call('SET', KEYS[n + i], tostring(tat), 'PX', math.ceil(window * 2000))
+end
+if ARGV[3] == '1' then redis.call('DEL', KEYS[2 * n + 1]) end
 return 1
 """
 

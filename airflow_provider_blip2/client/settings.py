@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from airflow_provider_blip2.client.errors import Blip2InputError
 from airflow_provider_blip2.client.inputs import parse_seconds, redact_url
+from airflow_provider_blip2.client.rate_shape import SHAPE_AUTO, SHAPE_MODES
 
 DEFAULT_BASE_URL = "https://api.eachlabs.ai"
 DEFAULT_MODEL = "blip-2"
@@ -109,6 +110,16 @@ CONNECTION_FIELDS: tuple[ConnectionField, ...] = (
         choices=SYNC_RUN_MODES,
     ),
     ConnectionField(
+        "rate_limit_shape",
+        "Rate limit shape",
+        "auto: keep to a sliding window of requests per minute, and go past a full one once the API "
+        "has shown that its limit refills gradually (found out with one request, remembered for an "
+        "hour); window: never past the window; bucket: the limit refills (a token bucket).",
+        "string",
+        SHAPE_AUTO,
+        choices=SHAPE_MODES,
+    ),
+    ConnectionField(
         "redis_conn_id",
         "Redis connection id (shared budget)",
         "An Airflow Redis connection: every worker and triggerer then shares the requests per "
@@ -180,6 +191,7 @@ class ClientSettings:
     :param redis_conn_id: An Airflow Redis connection holding the deployment-wide budget, or
         ``None`` for a budget per process.
     :param sync_run: ``auto``, ``run`` or ``poll``: see :data:`SYNC_RUN_MODES`.
+    :param rate_limit_shape: ``auto``, ``window`` or ``bucket``: see :mod:`~.rate_shape`.
     """
 
     base_url: str
@@ -192,6 +204,7 @@ class ClientSettings:
     rate_window: float = DEFAULT_RATE_WINDOW
     redis_conn_id: str | None = None
     sync_run: str = SYNC_RUN_AUTO
+    rate_limit_shape: str = SHAPE_AUTO
 
     def with_limits(
         self, *, requests_per_minute: int | None = None, max_concurrency: int | None = None
@@ -243,16 +256,19 @@ class ClientSettings:
             ),
             rate_window=check_positive_number("rate_window", value("rate_window", DEFAULT_RATE_WINDOW)),
             redis_conn_id=str(extra.get("redis_conn_id") or "").strip() or None,
-            sync_run=_sync_run_mode(extra.get("sync_run")),
+            sync_run=_choice("sync_run", extra.get("sync_run")),
+            rate_limit_shape=_choice("rate_limit_shape", extra.get("rate_limit_shape")),
         )
 
 
-def _sync_run_mode(value: Any) -> str:
-    mode = str(value or SYNC_RUN_AUTO).strip().lower()
-    if mode not in SYNC_RUN_MODES:
+def _choice(name: str, value: Any) -> str:
+    """A choice field's value, lower-cased; its default when empty."""
+    spec = next(each for each in CONNECTION_FIELDS if each.name == name)
+    mode = str(value or spec.default).strip().lower()
+    if spec.choices is not None and mode not in spec.choices:
         raise Blip2InputError(
-            f"sync_run must be one of {', '.join(SYNC_RUN_MODES)} (auto: the synchronous run where "
-            f"the model offers it), got {value!r}: fix the blip2 connection's Synchronous run field"
+            f"{name} must be one of {', '.join(spec.choices)} ({spec.description.split(';')[0]}), "
+            f"got {value!r}: fix the blip2 connection's {spec.label} field"
         )
     return mode
 

@@ -24,8 +24,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from airflow_provider_blip2.client import budget_scripts as scripts
-from airflow_provider_blip2.client.budget import Pace, RequestBudget
+from airflow_provider_blip2.client import rate_shape
+from airflow_provider_blip2.client.budget import RequestBudget
 from airflow_provider_blip2.client.notes import SharedNotes
+from airflow_provider_blip2.client.pace import Pace
+from airflow_provider_blip2.client.rate_shape import Answer
 from airflow_provider_blip2.client.redis_scope import BudgetScope, RedisParams
 
 #: Seconds an unanswered request counts, at most, before it is counted as answered.
@@ -51,8 +54,10 @@ class SharedBudget:
 
     The first scope holds the account's limits (the connection's); a task with limits of its own
     adds a second scope that caps it further. Requests count as in :class:`RequestBudget`: from their
-    reservation, until a window after they were answered. The pace of this process slows after a
-    429 it did not expect, as the local budget's does.
+    reservation, until a window after they were answered, and past a full window as the fallback's
+    ``rate_limit_shape`` allows, with one probe and one lesson for the deployment (see
+    :mod:`~.rate_shape`). The pace of this process slows after a 429 it did not expect, as the local
+    budget's does.
 
     :param scopes: The limits, account-wide first.
     :param redis: How to reach Redis.
@@ -117,17 +122,34 @@ class SharedBudget:
         wait = await self._acall(scripts.RESERVE_REQUEST, "requests", args, self.fallback.reserve_request)
         return self._reserved(token, wait)
 
-    def request_done(self, *, rate_limited: bool = False) -> None:
-        """Count a reserved request from now on; ``rate_limited`` when it was a 429."""
-        token = self._answered(rate_limited)
-        if token is not None:
-            self._call(scripts.REQUEST_DONE, "requests", [token], _nothing)
+    def request_done(self, answer: Answer | None = None) -> str | None:
+        """
+        Count a reserved request from now on (see :meth:`RequestBudget.request_done`).
 
-    async def arequest_done(self, *, rate_limited: bool = False) -> None:
+        :param answer: How it was answered; ``None``: not a 429, and within the window.
+        :return: The rate limit's shape this answer has just taught, or ``None``.
+        """
+        answer = answer or Answer()
+        token = self._answered(answer)
+        if token is None:
+            return self.fallback.request_done(answer)
+        self._call(scripts.REQUEST_DONE, "requests", self._done_args(token, answer), _nothing)
+        lesson = answer.lesson(self.fallback.rate_limit_shape)
+        if lesson is not None:
+            self.notes.remember(rate_shape.NOTE, lesson, rate_shape.REMEMBER_SECONDS)
+        return lesson
+
+    async def arequest_done(self, answer: Answer | None = None) -> str | None:
         """:meth:`request_done` without blocking the event loop."""
-        token = self._answered(rate_limited)
-        if token is not None:
-            await self._acall(scripts.REQUEST_DONE, "requests", [token], _nothing)
+        answer = answer or Answer()
+        token = self._answered(answer)
+        if token is None:
+            return self.fallback.request_done(answer)
+        await self._acall(scripts.REQUEST_DONE, "requests", self._done_args(token, answer), _nothing)
+        lesson = answer.lesson(self.fallback.rate_limit_shape)
+        if lesson is not None:
+            await self.notes.aremember(rate_shape.NOTE, lesson, rate_shape.REMEMBER_SECONDS)
+        return lesson
 
     # ----------------------------------------------------------------------------------------------
     # Predictions in flight (created on workers, which are synchronous)
@@ -243,12 +265,24 @@ class SharedBudget:
             return self._fell_back(error, fallback)
 
     def _keys(self, kind: str) -> list[str]:
-        return [f"blip2:budget:{scope.name}:{kind}" for scope in self.scopes]
+        keys = [f"blip2:budget:{scope.name}:{kind}" for scope in self.scopes]
+        if kind == "requests":
+            # The request scripts also keep each scope's bucket, the probe's lock and the lesson.
+            account = f"blip2:budget:{self.scopes[0].name}"
+            keys += [f"blip2:budget:{scope.name}:bucket" for scope in self.scopes]
+            keys += [f"{account}:probe", f"{account}:notes:{rate_shape.NOTE}"]
+        return keys
+
+    def _limits(self) -> list[int]:
+        """The scopes' requests per window, the account's at this process's pace."""
+        limits = [self.pace.limit(self.scopes[0].requests_per_minute)]
+        return limits + [scope.requests_per_minute for scope in self.scopes[1:]]
 
     def _request_args(self, token: str) -> list[Any]:
-        limits = [self.pace.limit(self.scopes[0].requests_per_minute)]
-        limits += [scope.requests_per_minute for scope in self.scopes[1:]]
-        return [token, self.window, OPEN_REQUEST_TTL, *limits]
+        return [token, self.window, OPEN_REQUEST_TTL, self.fallback.rate_limit_shape, *self._limits()]
+
+    def _done_args(self, token: str, answer: Answer) -> list[Any]:
+        return [token, self.window, "1" if answer.probe else "0", *self._limits()]
 
     def _reserved(self, token: str, wait: Any) -> float:
         """A reservation's answer: Redis's (then keep a granted token) or the fallback's float."""
@@ -256,17 +290,15 @@ class SharedBudget:
             return wait
         self._outage_reported = False
         seconds = float(wait)
-        if seconds == 0:
+        if seconds <= 0:
             self._open_tokens.append(token)
         return seconds
 
-    def _answered(self, rate_limited: bool) -> str | None:
+    def _answered(self, answer: Answer) -> str | None:
         """Note an answer in the pace; the token to mark done in Redis, or ``None`` (counted locally)."""
-        self.pace.answered(rate_limited=rate_limited)
-        token = self._pop(self._open_tokens)
-        if token is None:
-            self.fallback.request_done(rate_limited=rate_limited)
-        return token
+        if not answer.past_window:
+            self.pace.answered(rate_limited=answer.rate_limited)
+        return self._pop(self._open_tokens)
 
     def _fell_back(self, error: Exception, fallback: Callable[[], Any]) -> Any:
         """Note an unreachable Redis (logged once per outage) and answer from the fallback."""

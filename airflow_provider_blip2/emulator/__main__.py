@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from airflow_provider_blip2.emulator.config import (
     DEFAULT_API_KEY,
     ENDPOINTS,
+    RATE_LIMITS,
     RETRY_AFTER_PLACES,
     EmulatorConfig,
 )
@@ -38,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-scale", type=float, default=defaults.time_scale, help="multiplier of every duration"
     )
     parser.add_argument("--requests-per-minute", type=int, default=defaults.requests_per_minute)
+    parser.add_argument(
+        "--rate-limit",
+        choices=RATE_LIMITS,
+        default=defaults.rate_limit,
+        help="how --requests-per-minute is counted: a sliding window (default) or a token bucket",
+    )
     parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight)
     parser.add_argument("--answers", default=None, metavar="FILE", help="JSON answers file")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the fault injection")
@@ -108,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         latency=args.latency,
         time_scale=args.time_scale,
         requests_per_minute=args.requests_per_minute,
+        rate_limit=args.rate_limit,
         max_in_flight=args.max_in_flight,
         answers_file=args.answers,
         seed=args.seed,

@@ -221,7 +221,9 @@ async def admit(request: Request, label: str) -> Admission:
     config = emulator.config
     emulator.ledger.requests[label] += 1
     api_key = authenticate(request, config)
-    wait = emulator.limiter.acquire(api_key, time.monotonic(), config.requests_per_minute, config.rate_window)
+    wait = emulator.limiter.acquire(
+        api_key, time.monotonic(), config.requests_per_minute, config.rate_window, config.rate_limit
+    )
     if wait is not None:
         raise too_many_requests(wait, config)
     emulator.ledger.count_admitted(time.time(), label)

@@ -20,6 +20,7 @@ _FAULT_FIELDS = (
 
 SPELLINGS = ("current", "legacy")
 RETRY_AFTER_PLACES = ("both", "header", "body")
+RATE_LIMITS = ("window", "bucket")
 ENDPOINTS = ("create", "run", "get", "cancel", "model", "presign")
 
 
@@ -36,6 +37,9 @@ class EmulatorConfig:
         slow-response delays. ``0.1`` runs ten times faster with the same ratios.
     :param requests_per_minute: requests (all endpoints) per API key allowed in a sliding window of
         ``60 s * time_scale``.
+    :param rate_limit: how ``requests_per_minute`` is counted: ``window`` (a sliding window: at most
+        that many admitted in any window) or ``bucket`` (a token bucket of that many tokens that wins
+        one back every ``window / requests_per_minute``, the generic cell rate algorithm).
     :param max_in_flight: predictions of one API key that may be non-terminal at once.
     :param answers_file: optional path of a JSON answers file with canned outputs and errors.
     :param seed: seed of the fault injection random generator.
@@ -85,6 +89,7 @@ class EmulatorConfig:
     latency: float = 2.0
     time_scale: float = 1.0
     requests_per_minute: int = 60
+    rate_limit: str = "window"
     max_in_flight: int = 10
     answers_file: str | None = None
     seed: int = 0
@@ -126,6 +131,8 @@ class EmulatorConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.spelling not in SPELLINGS:
             raise ValueError(f"spelling must be one of {', '.join(SPELLINGS)}, got {self.spelling!r}")
+        if self.rate_limit not in RATE_LIMITS:
+            raise ValueError(f"rate_limit must be one of {', '.join(RATE_LIMITS)}, got {self.rate_limit!r}")
         if self.retry_after_in not in RETRY_AFTER_PLACES:
             raise ValueError(
                 f"retry_after_in must be one of {', '.join(RETRY_AFTER_PLACES)}, got {self.retry_after_in!r}"

@@ -176,24 +176,28 @@ class Ledger:
 
 
 class RateLimiter:
-    """Sliding-window request counter per API key.
+    """Request counter per API key: a sliding window, or a token bucket (GCRA).
 
-    Only admitted requests occupy the window, so a ``Retry-After`` it computes is exact: a client that
-    waits that long gets a slot.
+    Only admitted requests occupy the window (or take a token), so a ``Retry-After`` it computes is
+    exact: a client that waits that long gets a slot.
     """
 
     def __init__(self) -> None:
         self._windows: dict[str, deque[float]] = {}
+        self._arrival_times: dict[str, float] = {}
 
-    def acquire(self, key: str, now: float, limit: int, window: float) -> float | None:
+    def acquire(self, key: str, now: float, limit: int, window: float, shape: str = "window") -> float | None:
         """Admit a request, or tell how long until a slot frees.
 
         :param key: the API key.
         :param now: ``time.monotonic()`` now.
-        :param limit: requests allowed in the window.
-        :param window: window length in seconds.
-        :return: None when admitted (and counted), else seconds until the oldest request leaves the window.
+        :param limit: requests allowed in the window (the bucket's tokens).
+        :param window: window length in seconds (the bucket refills ``limit`` tokens in it).
+        :param shape: ``window`` or ``bucket``.
+        :return: None when admitted (and counted), else seconds until a request would be admitted.
         """
+        if shape == "bucket":
+            return self._take_token(key, now, limit, window)
         stamps = self._windows.setdefault(key, deque())
         while stamps and stamps[0] <= now - window:
             stamps.popleft()
@@ -202,6 +206,17 @@ class RateLimiter:
             return None
         return stamps[-limit] + window - now
 
+    def _take_token(self, key: str, now: float, limit: int, window: float) -> float | None:
+        """The generic cell rate algorithm: one token per ``window / limit``, ``limit`` at most."""
+        interval = window / limit
+        arrival = max(self._arrival_times.get(key, now), now)
+        earliest = arrival - (limit - 1) * interval
+        if now < earliest:
+            return earliest - now
+        self._arrival_times[key] = arrival + interval
+        return None
+
     def clear(self) -> None:
-        """Forget every window."""
+        """Forget every window and bucket."""
         self._windows.clear()
+        self._arrival_times.clear()

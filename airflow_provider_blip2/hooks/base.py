@@ -19,6 +19,7 @@ import tenacity
 from airflow.providers.common.compat.sdk import BaseHook
 from requests.adapters import HTTPAdapter
 
+from airflow_provider_blip2.client import rate_shape
 from airflow_provider_blip2.client.budget import Budget, budget_for, wait_async, wait_sync
 from airflow_provider_blip2.client.errors import (
     Blip2AmbiguousCreateError,
@@ -28,6 +29,7 @@ from airflow_provider_blip2.client.errors import (
     Blip2NotFoundError,
     Blip2TransportError,
 )
+from airflow_provider_blip2.client.rate_shape import Answer
 from airflow_provider_blip2.client.redis_scope import (
     BudgetScope,
     RedisParams,
@@ -171,6 +173,7 @@ class Blip2ConnectionHook(BaseHook):
             settings.requests_per_minute,
             settings.max_concurrency,
             settings.rate_window,
+            settings.rate_limit_shape,
         )
         if redis is None:
             return local
@@ -200,15 +203,13 @@ class Blip2ConnectionHook(BaseHook):
         budget = self.budget()
 
         def attempt() -> ApiResponse:
-            wait_sync(budget.reserve_request)
+            granted = wait_sync(budget.reserve_request)
             status = None
             try:
                 response = self._send_once(settings, request)
                 status = response.status_code
             finally:
-                budget.request_done(rate_limited=status == 429)
-                if status == 429:
-                    self.metrics.rate_limited()
+                self._answered(budget, status, budget.request_done(Answer.of(granted, status)))
             return check_response(request, response)
 
         arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
@@ -221,21 +222,26 @@ class Blip2ConnectionHook(BaseHook):
         budget = await self.abudget()
 
         async def attempt() -> ApiResponse:
-            await wait_async(budget.areserve_request)
+            granted = await wait_async(budget.areserve_request)
             status = None
             try:
                 response = await self._asend_once(settings, request)
                 status = response.status_code
             finally:
-                await budget.arequest_done(rate_limited=status == 429)
-                if status == 429:
-                    self.metrics.rate_limited()
+                self._answered(budget, status, await budget.arequest_done(Answer.of(granted, status)))
             return check_response(request, response)
 
         arguments = self.retry_policy.tenacity_arguments(request, self.log, patient_until=patient_until)
         retrying = tenacity.AsyncRetrying(**arguments)
         with self._final_errors(request, retrying):
             return await retrying(attempt)
+
+    def _answered(self, budget: Budget, status: int | None, lesson: str | None) -> None:
+        """Count a 429 in the metrics, and log what an answer taught about the rate limit's shape."""
+        if status == 429:
+            self.metrics.rate_limited()
+        if lesson is not None:
+            self.log.info("%s", rate_shape.describe(lesson, budget.window))
 
     @contextlib.contextmanager
     def _final_errors(self, request: ApiRequest, retrying: tenacity.BaseRetrying) -> Iterator[None]:

@@ -12,10 +12,11 @@ import pytest
 
 from airflow_provider_blip2.client import budget as budget_module
 from airflow_provider_blip2.client.budget import (
-    Pace,
     RequestBudget,
     budget_for,
 )
+from airflow_provider_blip2.client.pace import Pace
+from airflow_provider_blip2.client.rate_shape import Answer
 from tests.unit.client.helpers import (
     FakeClock,
 )
@@ -26,7 +27,7 @@ from tests.unit.client.helpers import (
 # --------------------------------------------------------------------------------------------------
 def test_budget_sliding_window() -> None:
     clock = FakeClock()
-    budget = RequestBudget(3, 10, window=60.0, clock=clock)
+    budget = RequestBudget(3, 10, window=60.0, clock=clock, rate_limit_shape="window")
     for _ in range(3):  # requests answered 0.5 s after they were reserved, one a second
         assert budget.reserve_request() == 0.0
         clock.advance(0.5)
@@ -201,9 +202,11 @@ def test_pace_keeps_a_floor_and_at_least_one_request() -> None:
 
 def test_budget_slows_down_after_a_429_it_let_through() -> None:
     clock = FakeClock()
-    budget = RequestBudget(10, 10, window=60.0, clock=clock, pace=Pace(step=0.1, clock=clock))
+    budget = RequestBudget(
+        10, 10, window=60.0, clock=clock, pace=Pace(step=0.1, clock=clock), rate_limit_shape="window"
+    )
     assert budget.reserve_request() == 0
-    budget.request_done(rate_limited=True)  # the pace halves: 5 requests per window
+    budget.request_done(Answer(rate_limited=True))  # the pace halves: 5 requests per window
     for _ in range(4):
         assert budget.reserve_request() == 0
         clock.advance(1.0)

@@ -192,7 +192,21 @@ def test_connection_fields_are_the_one_source_of_the_defaults() -> None:
         "max_concurrency": settings.max_concurrency,
         "redis_conn_id": settings.redis_conn_id,
         "sync_run": settings.sync_run,
+        "rate_limit_shape": settings.rate_limit_shape,
     }
+
+
+@pytest.mark.parametrize("value", ["auto", "WINDOW", " bucket ", None, ""])
+def test_rate_limit_shape_is_read_from_the_connection(value: str | None) -> None:
+    extra = {"rate_limit_shape": value}
+    settings = ClientSettings.from_connection_values(host=None, password="k", extra=extra)
+    assert settings.rate_limit_shape == (str(value).strip().lower() if value else "auto")
+
+
+def test_an_unknown_rate_limit_shape_names_the_field_and_the_choices() -> None:
+    pattern = r"rate_limit_shape must be one of auto, window, bucket.*got 'leaky'.*Rate limit shape field"
+    with pytest.raises(Blip2InputError, match=pattern):
+        ClientSettings.from_connection_values(host=None, password="k", extra={"rate_limit_shape": "leaky"})
 
 
 @pytest.mark.parametrize("value", ["auto", "RUN", " poll ", None, ""])
