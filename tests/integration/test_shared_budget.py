@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_blip2.client import rate_shape
 from airflow_provider_blip2.client.budget import RequestBudget
+from airflow_provider_blip2.client.rate_shape import Answer
 from airflow_provider_blip2.client.redis_scope import BudgetScope, RedisParams, redis_params
 from airflow_provider_blip2.client.shared_budget import SharedBudget
 from airflow_provider_blip2.emulator import EmulatorServer
@@ -54,15 +56,18 @@ def redis(redis_server: RedisServer) -> RedisParams:
 def process_budget(redis: RedisParams) -> Callable[..., SharedBudget]:
     """``process_budget(rpm, mc)`` -> a budget as another process would build it."""
 
-    def build(rpm: int = 60, mc: int = 10, *, window: float = 60.0, **kwargs: Any) -> SharedBudget:
+    def build(
+        rpm: int = 60, mc: int = 10, *, window: float = 60.0, shape: str = "auto", **kwargs: Any
+    ) -> SharedBudget:
         scopes = kwargs.pop("scopes", [BudgetScope("account", rpm, mc)])
-        return SharedBudget(scopes, redis, window=window, fallback=RequestBudget(rpm, mc), log=LOG, **kwargs)
+        fallback = RequestBudget(rpm, mc, rate_limit_shape=shape)
+        return SharedBudget(scopes, redis, window=window, fallback=fallback, log=LOG, **kwargs)
 
     return build
 
 
 def test_processes_share_one_request_window(process_budget: Callable[..., SharedBudget]) -> None:
-    first, second = process_budget(rpm=5, window=1.0), process_budget(rpm=5, window=1.0)
+    first, second = (process_budget(rpm=5, window=1.0, shape="window") for _ in range(2))
     granted = [budget.reserve_request() for budget in (first, second, first, second, first)]
     assert granted == [0.0] * 5
     wait = second.reserve_request()
@@ -200,7 +205,11 @@ def run_processes(
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("shared", [True, False], ids=["redis", "per-process"])
+@pytest.mark.parametrize(
+    ("shared", "limiter"),
+    [(True, "window"), (True, "bucket"), (False, "window")],
+    ids=["redis", "redis-bucket", "per-process"],
+)
 def test_processes_with_a_shared_budget_draw_no_429(
     start_emulator: Callable[..., EmulatorServer],
     redis_server: RedisServer,
@@ -208,11 +217,12 @@ def test_processes_with_a_shared_budget_draw_no_429(
     image_url: Callable[[str], str],
     monkeypatch: pytest.MonkeyPatch,
     shared: bool,
+    limiter: str,
     tmp_path: Path,
 ) -> None:
     # 20 requests per emulated minute (1.2 s here), 4 processes, each within the limit on its own.
     time_scale = 0.02
-    server = start_emulator(time_scale=time_scale, requests_per_minute=20, latency=2.0)
+    server = start_emulator(time_scale=time_scale, requests_per_minute=20, latency=2.0, rate_limit=limiter)
     extra: dict[str, Any] = {"requests_per_minute": 20, "rate_window": 60 * time_scale}
     if shared:
         extra["redis_conn_id"] = "redis_budget"
@@ -226,7 +236,9 @@ def test_processes_with_a_shared_budget_draw_no_429(
     ledger = server.ledger()
     assert ledger["creates"] == 16
     if shared:
-        assert ledger["responses_429"] == 0
+        # Against a window, the deployment's one probe past a full window may draw the one 429
+        # that teaches every process to keep to the window; a bucket admits it and all that follow.
+        assert ledger["responses_429"] <= (1 if limiter == "window" else 0)
     else:
         # Four budgets of 20 each against one limit of 20, spent at once: 32 requests within one window.
         assert ledger["responses_429"] > 0
@@ -341,3 +353,73 @@ def test_notes_fall_back_to_the_process_while_redis_is_down(redis_server: RedisS
     )
     assert budget.notes.remember("sync_run:blip-2", "refused", 60)
     assert budget.notes.recall("sync_run:blip-2") == "refused"
+
+
+def _fill_window(budget: SharedBudget, count: int) -> None:
+    for _ in range(count):
+        assert budget.reserve_request() == 0.0
+        budget.request_done()
+
+
+def _granted_within(budget: SharedBudget, seconds: float) -> float:
+    """Ask until a grant (0 or less) comes, for at most ``seconds``; the grant."""
+    deadline = time.monotonic() + seconds
+    while (wait := budget.reserve_request()) > 0:
+        assert time.monotonic() + wait < deadline, f"no grant within {seconds} s (wait {wait})"
+        time.sleep(wait)
+    return wait
+
+
+def test_processes_share_one_probe_and_one_lesson_of_a_bucket(
+    process_budget: Callable[..., SharedBudget],
+) -> None:
+    # 10 requests per 5 s window: a bucket wins a token back every 0.5 s.
+    worker, triggerer = process_budget(rpm=10, window=5.0), process_budget(rpm=10, window=5.0)
+    _fill_window(worker, 10)
+    assert 0 < triggerer.reserve_request() <= 1.0  # the window is full, the bucket not yet refilled
+    assert _granted_within(triggerer, 2.0) == rate_shape.PROBE_GRANTED
+    assert 0 < worker.reserve_request() <= 1.0  # one probe for the deployment at a time
+    assert triggerer.request_done(Answer(rate_shape.PROBE_GRANTED)) == "bucket"
+    assert worker.notes.recall(rate_shape.NOTE) == "bucket"
+    assert _granted_within(worker, 2.0) == rate_shape.BUCKET_GRANTED
+    assert worker.request_done(Answer(rate_shape.BUCKET_GRANTED)) is None
+    # Well within the window that is still full, one request per token and no more.
+    start = time.monotonic()
+    for budget in (triggerer, worker, triggerer):
+        assert _granted_within(budget, 2.0) == rate_shape.BUCKET_GRANTED
+        budget.request_done()
+    assert 0.8 < time.monotonic() - start < 2.5
+
+
+def test_a_probe_answered_429_keeps_the_whole_deployment_to_the_window(
+    process_budget: Callable[..., SharedBudget],
+) -> None:
+    worker, triggerer = process_budget(rpm=10, window=5.0), process_budget(rpm=10, window=5.0)
+    _fill_window(worker, 10)
+    assert _granted_within(worker, 2.0) == rate_shape.PROBE_GRANTED
+    assert worker.request_done(Answer(rate_shape.PROBE_GRANTED, rate_limited=True)) == "window"
+    assert worker.pace.share == 1.0  # back-pressure that taught the shape, not another client
+    assert triggerer.notes.recall(rate_shape.NOTE) == "window"
+    assert triggerer.reserve_request() > 2.0  # the window's wait: no second probe
+
+
+def test_an_inconclusive_probe_frees_the_deployments_probe(
+    process_budget: Callable[..., SharedBudget],
+) -> None:
+    worker, triggerer = process_budget(rpm=10, window=5.0), process_budget(rpm=10, window=5.0)
+    _fill_window(worker, 10)
+    assert _granted_within(worker, 2.0) == rate_shape.PROBE_GRANTED
+    assert worker.request_done(Answer(rate_shape.PROBE_GRANTED, conclusive=False)) is None
+    assert _granted_within(triggerer, 2.0) == rate_shape.PROBE_GRANTED
+
+
+@pytest.mark.parametrize("shape", ["window", "bucket"])
+def test_a_named_shape_is_kept_in_redis(process_budget: Callable[..., SharedBudget], shape: str) -> None:
+    budget = process_budget(rpm=10, window=5.0, shape=shape)
+    _fill_window(budget, 10)
+    if shape == "window":
+        assert budget.reserve_request() > 3.0
+    else:
+        assert _granted_within(budget, 2.0) == rate_shape.BUCKET_GRANTED
+        assert budget.request_done(Answer(rate_shape.BUCKET_GRANTED, rate_limited=True)) is None
+        assert budget.notes.recall(rate_shape.NOTE) is None

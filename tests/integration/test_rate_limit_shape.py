@@ -1,0 +1,147 @@
+"""
+The rate limit's shape, found out by hooks against the emulator's sliding window and token bucket.
+
+Starts: the emulator over HTTP on loopback (its rate limit a sliding window, or a token bucket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from airflow_provider_blip2.client import rate_shape
+from airflow_provider_blip2.emulator import EmulatorServer
+from airflow_provider_blip2.hooks.blip2 import Blip2Hook
+from tests.conftest import FAST_RETRIES, connection_json
+
+pytestmark = pytest.mark.usefixtures("fresh_budgets")
+
+# 30 requests a 3 s window: a bucket wins one back every 0.1 s.
+TIME_SCALE = 0.05
+WINDOW = 60 * TIME_SCALE
+LIMIT = 30
+REQUESTS = 40
+
+
+@pytest.fixture
+def hooks() -> Iterator[list[Blip2Hook]]:
+    made: list[Blip2Hook] = []
+    yield made
+    for hook in made:
+        hook.close()
+
+
+def _hook(
+    monkeypatch: pytest.MonkeyPatch, hooks: list[Blip2Hook], server: EmulatorServer, **extra: Any
+) -> Blip2Hook:
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_BLIP2_SHAPE",
+        connection_json(server.url, requests_per_minute=LIMIT, rate_window=WINDOW, **extra),
+    )
+    hook = Blip2Hook("blip2_shape", retry_policy=dataclasses.replace(FAST_RETRIES, max_wait=WINDOW))
+    hooks.append(hook)
+    return hook
+
+
+def _send(hook: Blip2Hook, path: str, count: int, image: str = "") -> None:
+    """``count`` API requests through the sync or the async transport."""
+    if path == "sync":
+        for _ in range(count):
+            assert hook.get_model()["slug"] == "blip-2"
+        return
+    prediction_id = hook.create_prediction(image, caption=True)
+
+    async def reads() -> None:
+        for _ in range(count - 1):
+            assert (await hook.aget_prediction(prediction_id)).id == prediction_id
+
+    asyncio.run(reads())
+
+
+def _printed(capsys: pytest.CaptureFixture[str]) -> str:
+    """What the test printed: the hooks' log lines (Airflow's structured logging writes to stdout)."""
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+def _most_in_one_window(admitted: list[list[Any]]) -> int:
+    """The most requests the emulator admitted within ``WINDOW`` seconds of each other."""
+    times = [entry[0] for entry in admitted]
+    return max(sum(1 for other in times[i:] if other - start < WINDOW) for i, start in enumerate(times))
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_a_bucket_is_found_with_one_probe_and_then_used(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    hooks: list[Blip2Hook],
+    capsys: pytest.CaptureFixture[str],
+    image_url: Callable[[str], str],
+    path: str,
+) -> None:
+    server = start_emulator(time_scale=TIME_SCALE, requests_per_minute=LIMIT, rate_limit="bucket")
+    hook = _hook(monkeypatch, hooks, server)
+    _send(hook, path, REQUESTS, image_url("chelsea.jpg"))
+    ledger = server.ledger()
+    assert ledger["responses_429"] == 0
+    assert sum(ledger["requests"].values()) == REQUESTS
+    # More than a window's worth within one window: the budget went past it, as the bucket allows.
+    assert _most_in_one_window(ledger["admitted"]) > LIMIT
+    assert hook.budget().notes.recall(rate_shape.NOTE) == "bucket"
+    assert _printed(capsys).count("refills gradually (a token bucket)") == 1
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_a_window_costs_one_429_then_is_kept(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    hooks: list[Blip2Hook],
+    capsys: pytest.CaptureFixture[str],
+    image_url: Callable[[str], str],
+    path: str,
+) -> None:
+    server = start_emulator(time_scale=TIME_SCALE, requests_per_minute=LIMIT)
+    hook = _hook(monkeypatch, hooks, server)
+    _send(hook, path, REQUESTS, image_url("chelsea.jpg"))
+    _send(hook, path, 10, image_url("chelsea.jpg"))  # what was learnt is kept: no second probe
+    ledger = server.ledger()
+    assert ledger["responses_429"] == 1
+    assert sum(ledger["requests"].values()) == REQUESTS + 10 + 1  # the probe, sent again when allowed
+    assert _most_in_one_window(ledger["admitted"]) <= LIMIT
+    assert hook.budget().notes.recall(rate_shape.NOTE) == "window"
+    assert hook.budget().pace.share == 1.0
+    assert _printed(capsys).count("counts a sliding window") == 1
+
+
+@pytest.mark.parametrize("limiter", ["window", "bucket"])
+def test_a_connection_that_names_the_window_never_goes_past_it(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    hooks: list[Blip2Hook],
+    limiter: str,
+) -> None:
+    server = start_emulator(time_scale=TIME_SCALE, requests_per_minute=LIMIT, rate_limit=limiter)
+    hook = _hook(monkeypatch, hooks, server, rate_limit_shape="window")
+    _send(hook, "sync", REQUESTS)
+    ledger = server.ledger()
+    assert ledger["responses_429"] == 0
+    assert _most_in_one_window(ledger["admitted"]) <= LIMIT
+    assert hook.budget().notes.recall(rate_shape.NOTE) is None
+
+
+def test_a_connection_that_names_the_bucket_goes_past_the_window_without_a_probe(
+    start_emulator: Callable[..., EmulatorServer],
+    monkeypatch: pytest.MonkeyPatch,
+    hooks: list[Blip2Hook],
+) -> None:
+    server = start_emulator(time_scale=TIME_SCALE, requests_per_minute=LIMIT, rate_limit="bucket")
+    hook = _hook(monkeypatch, hooks, server, rate_limit_shape="bucket")
+    _send(hook, "sync", REQUESTS)
+    ledger = server.ledger()
+    assert ledger["responses_429"] == 0
+    assert _most_in_one_window(ledger["admitted"]) > LIMIT
+    assert hook.budget().notes.recall(rate_shape.NOTE) is None
