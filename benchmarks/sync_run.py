@@ -12,20 +12,23 @@ whether the model offers the synchronous run nor the learned timing of first rea
 - ``mixed``: 100 mapped deferrable predictions beside a deferrable 100-image batch;
 
 each once with the emulator offering ``/v1/prediction/run`` (``offered``) and once answering it
-400 (``refused``). Every line holds the numbers of ``benchmarks/scale.py`` (wall time against the
-minimum, requests a prediction, 429 share, failures, duplicates) with the minimum counting one
-request a batch prediction when offered and two when refused (mapped predictions always two; the
-first 60 requests at once), and:
+400 (``refused``), and each against the emulator's rate limit counted in a sliding window and in a
+token bucket (``--rate-limit``; the connection's ``rate_limit_shape`` stays ``auto``, so every
+scenario starts with one probe past a full window). Every line holds the numbers of
+``benchmarks/scale.py`` (wall time against the minimum, requests a prediction, 429 share,
+failures, duplicates) with the minimum counting one request a batch prediction when offered and
+two when refused (mapped predictions always two; the first 60 requests at once), and:
 
 - ``predictions_per_minute``: predictions over the DAG run's wall time;
 - ``api_predictions_per_minute``: predictions over the span between the first and the last
   request the API admitted (the sustained rate, without the deployment's start-up and tail);
+- ``rate_limit``: the emulator's limiter; ``shape_learnt``: what the deployment noted of it;
 - ``runs``, ``refused_runs``: synchronous runs that created a prediction, and those the API refused;
 - ``mapped_requests_per_prediction`` (``mixed``, ``offered``): the creates and reads (429s
   included) per mapped prediction: with the batch running synchronously, every create and read
   is a mapped task's.
 
-Takes about 25 minutes.
+Takes about 25 minutes for each limiter.
 """
 
 from __future__ import annotations
@@ -55,7 +58,19 @@ def forget_notes(stack: ProductionStack) -> None:
     client.close()
 
 
-def run_scenario(stack: ProductionStack, name: str, offered: bool, number: int, home: Path) -> dict[str, Any]:
+def shape_learnt(stack: ProductionStack) -> str | None:
+    """What the deployment noted of the rate limit's shape, if anything."""
+    import redis
+
+    client = redis.Redis(port=stack.redis.port)
+    values = [client.get(key) for key in client.scan_iter("blip2:budget:*:notes:rate_limit_shape")]
+    client.close()
+    return next((value.decode() for value in values if value), None)
+
+
+def run_scenario(
+    stack: ProductionStack, name: str, offered: bool, number: int, home: Path, rate_limit: str = "window"
+) -> dict[str, Any]:
     """
     One scenario in the running deployment; its numbers.
 
@@ -64,10 +79,12 @@ def run_scenario(stack: ProductionStack, name: str, offered: bool, number: int, 
     :param offered: Whether the emulator offers the synchronous run.
     :param number: Names the scenario's images (distinct in the ledger).
     :param home: Where the batch writes its output.
+    :param rate_limit: The emulator's limiter: ``window`` or ``bucket``.
     """
     tasks, batch_images = SCENARIOS[name]
     forget_notes(stack)
     stack.emulator.config.sync_run = offered
+    stack.emulator.config.rate_limit = rate_limit
     args = argparse.Namespace(
         tasks=tasks, batch_images=batch_images, triggerers=2, parallelism=8, redis=True, celery_workers=0
     )
@@ -79,6 +96,8 @@ def run_scenario(stack: ProductionStack, name: str, offered: bool, number: int, 
         {
             "scenario": name,
             "sync_run": "offered" if offered else "refused",
+            "rate_limit": rate_limit,
+            "shape_learnt": shape_learnt(stack),
             "api_predictions_per_minute": round(predictions / span * 60, 1) if span else None,
             "runs": ledger.get("runs", 0),
             "refused_runs": ledger["requests"].get("run", 0) - ledger.get("runs", 0),
@@ -101,6 +120,11 @@ def main() -> None:
         default="offered,refused",
         help="comma-separated: offered, refused (the emulator's answer)",
     )
+    parser.add_argument(
+        "--rate-limit",
+        default="window,bucket",
+        help="comma-separated: window, bucket (how the emulator counts its requests per minute)",
+    )
     add_json_argument(parser)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="blip2-sync-run-bench-"))
@@ -110,14 +134,14 @@ def main() -> None:
     try:
         with production_stack(home, settings) as stack:
             number = 0
-            for name in args.scenarios.split(","):
-                for offered in [name == "offered" for name in args.sync_run.split(",")]:
-                    results.append(run_scenario(stack, name, offered, number, home))
-                    print(json.dumps(results[-1]), flush=True)
-                    number += 1
-        write_results(
-            args.json, "sync_run", {"scenarios": args.scenarios, "sync_run": args.sync_run}, {"runs": results}
-        )
+            for rate_limit in args.rate_limit.split(","):
+                for name in args.scenarios.split(","):
+                    for offered in [answer == "offered" for answer in args.sync_run.split(",")]:
+                        results.append(run_scenario(stack, name, offered, number, home, rate_limit))
+                        print(json.dumps(results[-1]), flush=True)
+                        number += 1
+        parameters = {"scenarios": args.scenarios, "sync_run": args.sync_run, "rate_limit": args.rate_limit}
+        write_results(args.json, "sync_run", parameters, {"runs": results})
     finally:
         shutil.rmtree(home, ignore_errors=True)
         print(json.dumps({"total_s": round(time.monotonic() - started, 1)}))

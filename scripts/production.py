@@ -54,6 +54,7 @@ class ProductionSettings:
     :param latency: Seconds per prediction in the emulator.
     :param read_fault_rate: Share of prediction reads (``GET``) the emulator answers 500, 502 or 503.
     :param requests_per_minute: The emulator's rate limit per key.
+    :param rate_limit: How the emulator counts it: ``window`` (sliding) or ``bucket`` (token bucket).
     :param max_in_flight: The emulator's limit of predictions in flight per key.
     :param redis_in_connection: Put ``"redis_conn_id": "redis_default"`` in the blip2 connection's
         extra, next to a ``redis_default`` connection to the local Redis.
@@ -68,6 +69,7 @@ class ProductionSettings:
     latency: float = 2.0
     read_fault_rate: float = 0.02
     requests_per_minute: int = 60
+    rate_limit: str = "window"
     max_in_flight: int = 10
     redis_in_connection: bool = False
     seed: int = 1
@@ -91,6 +93,7 @@ class ProductionSettings:
             latency=self.latency,
             time_scale=1.0,
             requests_per_minute=self.requests_per_minute,
+            rate_limit=self.rate_limit,
             max_in_flight=self.max_in_flight,
             retry_after_in="body",
             fault_5xx=self.read_fault_rate,
