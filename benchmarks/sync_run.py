@@ -63,7 +63,7 @@ def shape_learnt(stack: ProductionStack) -> str | None:
     import redis
 
     client = redis.Redis(port=stack.redis.port)
-    values = [client.get(key) for key in client.scan_iter("blip2:budget:*:notes:rate_limit_shape")]
+    values: list[Any] = [client.get(key) for key in client.scan_iter("blip2:budget:*:notes:rate_limit_shape")]
     client.close()
     return next((value.decode() for value in values if value), None)
 
