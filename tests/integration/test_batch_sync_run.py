@@ -38,11 +38,17 @@ def _fresh_xcom(fresh_budgets: None) -> None:
 def offer(
     start_emulator: Callable[..., EmulatorServer], monkeypatch: pytest.MonkeyPatch
 ) -> Callable[..., EmulatorServer]:
-    """Start an emulator (``sync_run`` on unless told) and point ``blip2_default`` at it, at its limits."""
+    """
+    Start an emulator (``sync_run`` on unless told) and point ``blip2_default`` at it, at its limits.
 
-    def start(**overrides: Any) -> EmulatorServer:
+    ``rate_limit_shape`` goes to the connection, every other override to the emulator.
+    """
+
+    def start(rate_limit_shape: str = "auto", **overrides: Any) -> EmulatorServer:
         server = start_emulator(**overrides)
-        conn = connection_json(server.url, requests_per_minute=60, rate_window=60 * TIME_SCALE)
+        conn = connection_json(
+            server.url, requests_per_minute=60, rate_window=60 * TIME_SCALE, rate_limit_shape=rate_limit_shape
+        )
         monkeypatch.setenv("AIRFLOW_CONN_BLIP2_DEFAULT", conn)
         return server
 
@@ -90,7 +96,7 @@ def test_a_batch_of_several_windows_reads_the_cost_once_and_fills_each_chunk_to_
     offer: Callable[..., EmulatorServer], image_url: Callable[[str], str], tmp_path: Path
 ) -> None:
     """The first chunk leaves room in its window for the read that prices it; the next ones need none."""
-    emulator = offer()
+    emulator = offer(rate_limit_shape="window")
     images = _images(image_url, 130)
     summary, deferrals = run_batch(_batch(images, tmp_path / "r.jsonl"), DictStore())
     assert (summary["succeeded"], summary["ambiguous"]) == (130, 0)
@@ -101,6 +107,22 @@ def test_a_batch_of_several_windows_reads_the_cost_once_and_fills_each_chunk_to_
     price = emulator.config.cost_per_prediction
     assert [line["cost"] for line in _lines(tmp_path / "r.jsonl")] == [price] * 130
     assert summary["cost"] == pytest.approx(130 * price)
+
+
+@pytest.mark.parametrize("limiter", ["window", "bucket"])
+def test_a_batch_past_a_full_window_probes_the_limiter_once(
+    offer: Callable[..., EmulatorServer], image_url: Callable[[str], str], tmp_path: Path, limiter: str
+) -> None:
+    """At the connection's default shape: one probe, and one 429 only from a limiter that does not refill."""
+    emulator = offer(rate_limit=limiter)
+    images = _images(image_url, 130)
+    summary, _ = run_batch(_batch(images, tmp_path / "r.jsonl"), DictStore())
+    assert (summary["succeeded"], summary["failed"], summary["ambiguous"]) == (130, 0, 0)
+    ledger = emulator.ledger()
+    refused = 1 if limiter == "window" else 0
+    assert ledger["responses_429"] == refused
+    assert (ledger["runs"], ledger["requests"]["run"]) == (130, 130 + refused)
+    assert ledger["creates"] == 130  # the refused probe created nothing, and nothing was sent twice
 
 
 def test_a_refused_run_falls_back_to_create_and_poll_once_per_process(

@@ -519,7 +519,12 @@ def test_client_budget_keeps_the_server_from_answering_429(
 ) -> None:
     server = start_emulator(time_scale=RATE_TIME_SCALE, requests_per_minute=6)
     conn_id = add_connection(
-        monkeypatch, "blip2_tight", server.url, requests_per_minute=client_limit, rate_window=RATE_WINDOW
+        monkeypatch,
+        "blip2_tight",
+        server.url,
+        requests_per_minute=client_limit,
+        rate_window=RATE_WINDOW,
+        rate_limit_shape="window",  # the shape's probe: tests/integration/test_rate_limit_shape.py
     )
     hook = make_hook(conn_id)
     started = time.monotonic()
@@ -566,7 +571,12 @@ def test_budget_is_shared_by_hooks_of_the_same_connection(
 ) -> None:
     server = start_emulator(time_scale=RATE_TIME_SCALE, requests_per_minute=5)
     conn_id = add_connection(
-        monkeypatch, "blip2_shared", server.url, requests_per_minute=5, rate_window=RATE_WINDOW
+        monkeypatch,
+        "blip2_shared",
+        server.url,
+        requests_per_minute=5,
+        rate_window=RATE_WINDOW,
+        rate_limit_shape="window",
     )
     first, second = make_hook(conn_id), make_hook(conn_id)
     assert first.budget() is second.budget()
