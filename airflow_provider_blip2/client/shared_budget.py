@@ -61,8 +61,8 @@ class SharedBudget:
 
     :param scopes: The limits, account-wide first.
     :param redis: How to reach Redis.
-    :param window: Seconds of the request window.
-    :param fallback: The process's own budget, used while Redis cannot be reached.
+    :param fallback: The process's own budget, used while Redis cannot be reached; its ``window``
+        and ``rate_limit_shape`` are this budget's too.
     :param log: Where the fallback is reported, once per outage.
     :param in_flight_ttl: Seconds a created prediction counts unless seen finished.
     """
@@ -72,14 +72,12 @@ class SharedBudget:
         scopes: Sequence[BudgetScope],
         redis: RedisParams,
         *,
-        window: float,
         fallback: RequestBudget,
         log: logging.Logger | Any,
         in_flight_ttl: float = IN_FLIGHT_TTL,
     ) -> None:
         self.scopes = list(scopes)
         self.redis = redis
-        self.window = window
         self.fallback = fallback
         self.log = log
         self.in_flight_ttl = in_flight_ttl
@@ -93,6 +91,11 @@ class SharedBudget:
         self._async_clients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         #: What the deployment's processes remember about the service (see :mod:`~.notes`).
         self.notes = SharedNotes(self)
+
+    @property
+    def window(self) -> float:
+        """Seconds of the request window: the fallback's, which the connection sets."""
+        return self.fallback.window
 
     @property
     def requests_per_minute(self) -> int:
@@ -358,7 +361,6 @@ def shared_budget_for(
     scopes: Sequence[BudgetScope],
     redis: RedisParams,
     *,
-    window: float,
     fallback: RequestBudget,
     log: logging.Logger | Any,
 ) -> SharedBudget:
@@ -367,13 +369,13 @@ def shared_budget_for(
 
     :param scopes: The limits, account-wide first.
     :param redis: How to reach Redis.
-    :param window: Seconds of the request window.
-    :param fallback: The process's own budget, used while Redis cannot be reached.
+    :param fallback: The process's own budget (one per connection and limits), used while Redis
+        cannot be reached; its window is this budget's.
     :param log: Where a fallback is reported.
     """
-    key = (tuple(scopes), redis.key, window)
+    key = (tuple(scopes), redis.key, fallback)
     with _SHARED_LOCK:
         budget = _SHARED.get(key)
         if budget is None:
-            budget = _SHARED[key] = SharedBudget(scopes, redis, window=window, fallback=fallback, log=log)
+            budget = _SHARED[key] = SharedBudget(scopes, redis, fallback=fallback, log=log)
         return budget

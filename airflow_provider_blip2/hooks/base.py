@@ -184,7 +184,7 @@ class Blip2ConnectionHook(BaseHook):
             scopes.append(
                 BudgetScope(f"{account}:{limits}", settings.requests_per_minute, settings.max_concurrency)
             )
-        return shared_budget_for(scopes, redis, window=settings.rate_window, fallback=local, log=self.log)
+        return shared_budget_for(scopes, redis, fallback=local, log=self.log)
 
     async def aclose(self) -> None:
         """Nothing to close: the async HTTP client belongs to the event loop, shared by its hooks."""

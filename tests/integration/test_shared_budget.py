@@ -60,8 +60,8 @@ def process_budget(redis: RedisParams) -> Callable[..., SharedBudget]:
         rpm: int = 60, mc: int = 10, *, window: float = 60.0, shape: str = "auto", **kwargs: Any
     ) -> SharedBudget:
         scopes = kwargs.pop("scopes", [BudgetScope("account", rpm, mc)])
-        fallback = RequestBudget(rpm, mc, rate_limit_shape=shape)
-        return SharedBudget(scopes, redis, window=window, fallback=fallback, log=LOG, **kwargs)
+        fallback = RequestBudget(rpm, mc, window=window, rate_limit_shape=shape)
+        return SharedBudget(scopes, redis, fallback=fallback, log=LOG, **kwargs)
 
     return build
 
@@ -138,9 +138,7 @@ async def test_the_event_loop_path_shares_the_same_counts(
 def test_unreachable_redis_falls_back_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
     fallback = RequestBudget(2, 1)
     unreachable = redis_params("127.0.0.1", free_port(), None, None, {})
-    budget = SharedBudget(
-        [BudgetScope("account", 2, 1)], unreachable, window=60.0, fallback=fallback, log=LOG
-    )
+    budget = SharedBudget([BudgetScope("account", 2, 1)], unreachable, fallback=fallback, log=LOG)
     with caplog.at_level(logging.WARNING):
         assert budget.reserve_request() == 0.0  # from the fallback, which now counts it
         assert budget.reserve_request() == 0.0
@@ -250,9 +248,7 @@ def test_api_key_reaches_no_redis_key(redis_server: RedisServer, redis: RedisPar
     from airflow_provider_blip2.client.redis_scope import account_scope_name
 
     name = account_scope_name("http://127.0.0.1:1", API_KEY)
-    budget = SharedBudget(
-        [BudgetScope(name, 5, 5)], redis, window=60.0, fallback=RequestBudget(5, 5), log=LOG
-    )
+    budget = SharedBudget([BudgetScope(name, 5, 5)], redis, fallback=RequestBudget(5, 5), log=LOG)
     assert budget.reserve_request() == 0.0
     client = redis_py.Redis(port=redis_server.port, decode_responses=True)
     keys = [str(key) for key in client.scan_iter("*")]
@@ -348,9 +344,7 @@ def test_a_named_slot_of_a_dead_trigger_is_freed_by_the_one_that_resumes_its_chu
 
 def test_notes_fall_back_to_the_process_while_redis_is_down(redis_server: RedisServer) -> None:
     params = redis_params("127.0.0.1", free_port(), None, None, {})
-    budget = SharedBudget(
-        [BudgetScope("account", 60, 10)], params, window=60.0, fallback=RequestBudget(60, 10), log=LOG
-    )
+    budget = SharedBudget([BudgetScope("account", 60, 10)], params, fallback=RequestBudget(60, 10), log=LOG)
     assert budget.notes.remember("sync_run:blip-2", "refused", 60)
     assert budget.notes.recall("sync_run:blip-2") == "refused"
 
