@@ -34,7 +34,7 @@ from airflow_provider_blip2.hooks.blip2 import Blip2Hook
 from airflow_provider_blip2.storage import ObjectStorage, SigningError, StorageError
 from airflow_provider_blip2.storage.masking import mask_signed_url
 from airflow_provider_blip2.storage.uris import is_http
-from airflow_provider_blip2.triggers.blip2 import Blip2BatchTrigger, budget_with, trigger_hook
+from airflow_provider_blip2.triggers.blip2 import Blip2BatchTrigger, trigger_hook
 from airflow_provider_blip2.triggers.kill import cancel_for_kill
 from airflow_provider_blip2.triggers.run_journal import RunJournal
 
@@ -130,7 +130,7 @@ class Blip2BatchRunTrigger(Blip2BatchTrigger):
     async def _event(self, hook: Blip2Hook) -> dict[str, Any]:
         """Run every item not ended yet, at most ``max_concurrency`` at once; then hand back what ended."""
         journal = RunJournal.for_trigger(self)
-        budget = await budget_with(hook, self.recent_requests)
+        budget = await self.budget(hook)
         await journal.load()
         rerun = journal.interrupted()
         if rerun:

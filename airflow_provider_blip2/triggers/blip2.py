@@ -82,18 +82,6 @@ def trigger_hook(trigger: Any) -> Blip2Hook:
     )
 
 
-async def budget_with(hook: Blip2Hook, recent_requests: Sequence[float]) -> Budget:
-    """
-    The hook's budget, told of the requests the deferring process sent within the rate window.
-
-    :param hook: The trigger's hook.
-    :param recent_requests: Their Unix times, from the trigger's arguments.
-    """
-    budget = await hook.abudget()
-    budget.note_requests(recent_requests)
-    return budget
-
-
 async def read_once(watch: PredictionWatch, hook: Blip2Hook) -> PredictionOutcome | None:
     """
     One watch's read, or its expiry: the outcome if its wait has ended.
@@ -177,6 +165,16 @@ class Blip2BatchTrigger(Blip2Trigger):
         self.recent_requests = [float(t) for t in recent_requests or []]
         self.requests_per_minute = requests_per_minute
         self.max_concurrency = max_concurrency
+
+    async def budget(self, hook: Blip2Hook) -> Budget:
+        """
+        The hook's budget, told of the requests the deferring process sent within the rate window.
+
+        :param hook: The trigger's hook.
+        """
+        budget = await hook.abudget()
+        budget.note_requests(self.recent_requests)
+        return budget
 
 
 class Blip2PredictionTrigger(Blip2Trigger):
@@ -302,7 +300,7 @@ class Blip2BatchPredictionTrigger(Blip2BatchTrigger):
 
     async def _event(self, hook: Blip2Hook) -> dict[str, Any]:
         """Poll until ``resume_after`` predictions ended; then hand them back, and the recent requests."""
-        budget = await budget_with(hook, self.recent_requests)
+        budget = await self.budget(hook)
         finished, polled = await self._poll(hook)
         return {"finished": finished, "polled": polled, "recent_requests": budget.recent_requests()}
 
