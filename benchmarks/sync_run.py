@@ -5,8 +5,9 @@ The deployment of ``benchmarks/scale.py`` (PostgreSQL, LocalExecutor with 8 slot
 triggerers, a Redis budget named by the blip2 connection, every task ``retries=1``) against the
 emulator at the API's real limits and speed (60 requests a minute, 10 in flight, 2 s a
 prediction, 2 % of the reads answered 5xx). Four scenarios, one after the other in the same
-deployment, each starting with an empty ledger and with nothing remembered in Redis (neither
-whether the model offers the synchronous run nor the learned timing of first reads):
+deployment, each starting with an empty ledger and an empty request budget, and with nothing
+remembered in Redis (neither whether the model offers the synchronous run, nor the learned timing
+of first reads, nor the rate limit's shape):
 
 - ``batch``: one deferrable 200-image batch at its defaults, alone;
 - ``mixed``: 100 mapped deferrable predictions beside a deferrable 100-image batch;
@@ -58,6 +59,22 @@ def forget_notes(stack: ProductionStack) -> None:
     client.close()
 
 
+def empty_request_windows(stack: ProductionStack) -> None:
+    """
+    Start the deployment's request budget afresh, as the emulator's reset starts its limiter.
+
+    The windows, buckets, send times and probe of the previous scenario's requests would otherwise
+    hold the next one back while the emulator, reset, would admit it.
+    """
+    import redis
+
+    client = redis.Redis(port=stack.redis.port)
+    for pattern in ("requests", "bucket", "sent", "probe"):
+        for key in client.scan_iter(f"blip2:budget:*:{pattern}"):
+            client.delete(key)
+    client.close()
+
+
 def shape_learnt(stack: ProductionStack) -> str | None:
     """What the deployment noted of the rate limit's shape, if anything."""
     import redis
@@ -83,6 +100,7 @@ def run_scenario(
     """
     tasks, batch_images = SCENARIOS[name]
     forget_notes(stack)
+    empty_request_windows(stack)
     stack.emulator.config.sync_run = offered
     stack.emulator.config.rate_limit = rate_limit
     args = argparse.Namespace(
@@ -125,10 +143,11 @@ def main() -> None:
         default="window,bucket",
         help="comma-separated: window, bucket (how the emulator counts its requests per minute)",
     )
+    parser.add_argument("--latency", type=float, default=2.0, help="seconds per prediction in the emulator")
     add_json_argument(parser)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="blip2-sync-run-bench-"))
-    settings = ProductionSettings(parallelism=8, triggerers=2, redis_in_connection=True)
+    settings = ProductionSettings(parallelism=8, triggerers=2, redis_in_connection=True, latency=args.latency)
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     try:
@@ -140,7 +159,12 @@ def main() -> None:
                         results.append(run_scenario(stack, name, offered, number, home, rate_limit))
                         print(json.dumps(results[-1]), flush=True)
                         number += 1
-        parameters = {"scenarios": args.scenarios, "sync_run": args.sync_run, "rate_limit": args.rate_limit}
+        parameters = {
+            "scenarios": args.scenarios,
+            "sync_run": args.sync_run,
+            "rate_limit": args.rate_limit,
+            "latency": args.latency,
+        }
         write_results(args.json, "sync_run", parameters, {"runs": results})
     finally:
         shutil.rmtree(home, ignore_errors=True)

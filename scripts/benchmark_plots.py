@@ -397,7 +397,7 @@ def plot_sync_run(documents: list[dict[str, Any]]) -> Figure:
     runs = [run for document in documents for run in document["results"]["runs"]]
     names = [
         f"{'200-image batch' if run['scenario'] == 'batch' else '100 mapped + 100-image batch'}\n"
-        f"synchronous run {run['sync_run']}: run {run['run']}"
+        f"synchronous run {run['sync_run']}, API limit a {run.get('rate_limit', 'window')}: run {run['run']}"
         for run in runs
     ]
     requests = [f"{run['requests_per_prediction']:.2f}; {run['share_429']:.1%} 429" for run in runs]

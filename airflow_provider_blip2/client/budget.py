@@ -142,6 +142,9 @@ class RequestBudget:
         self.rate_limit_shape = rate_limit_shape
         self._tat = -float("inf")
         self._probe_open = False
+        #: When each request still in the window was sent: the probe goes only when the API's
+        #: window is surely full (the requests that were sent within it and answered fill it).
+        self._sent: deque[float] = deque()
 
     def reserve_request(self) -> float:
         """
@@ -156,14 +159,16 @@ class RequestBudget:
             while finished and finished[0] <= now - self.window:
                 finished.popleft()
             limit = self.pace.limit(self.requests_per_minute)
-            if len(finished) + self._open_requests < limit:
-                self._open_requests += 1
-                return 0.0
-            surplus = len(finished) + self._open_requests - limit
-            wait = 0.05 if surplus >= len(finished) else max(0.001, finished[surplus] + self.window - now)
-            granted = self._past_window(now, limit, wait)
+            while self._sent and self._sent[0] <= now - self.window:
+                self._sent.popleft()
+            granted = 0.0
+            if len(finished) + self._open_requests >= limit:
+                surplus = len(finished) + self._open_requests - limit
+                wait = 0.05 if surplus >= len(finished) else max(0.001, finished[surplus] + self.window - now)
+                granted = self._past_window(now, limit, wait)
             if granted <= 0:
                 self._open_requests += 1
+                self._sent.append(now)
             return granted
 
     def _past_window(self, now: float, limit: int, wait: float) -> float:
@@ -176,7 +181,7 @@ class RequestBudget:
             return min(wait, max(0.001, bucket))
         if shape == rate_shape.SHAPE_BUCKET:
             return rate_shape.BUCKET_GRANTED
-        if self._probe_open:
+        if self._probe_open or len(self._sent) - self._open_requests < limit:
             return min(wait, rate_shape.PROBE_WAIT)
         self._probe_open = True
         return rate_shape.PROBE_GRANTED
@@ -195,19 +200,19 @@ class RequestBudget:
         :return: The rate limit's shape this answer has just taught, or ``None``.
         """
         answer = answer or Answer()
+        lesson = answer.lesson(self.rate_limit_shape)
         with self._lock:
             now = self._clock()
             self._open_requests = max(0, self._open_requests - 1)
             self._finished_requests.append(now)
             limit = self.pace.limit(self.requests_per_minute)
             self._tat = rate_shape.after_answer(self._tat, now, limit, self.window)
+            if lesson is not None:  # noted before the probe is over: no second probe in between
+                self.notes.remember(rate_shape.NOTE, lesson, rate_shape.REMEMBER_SECONDS)
             if answer.probe:
                 self._probe_open = False
             if not answer.past_window:
                 self.pace.answered(rate_limited=answer.rate_limited)
-        lesson = answer.lesson(self.rate_limit_shape)
-        if lesson is not None:
-            self.notes.remember(rate_shape.NOTE, lesson, rate_shape.REMEMBER_SECONDS)
         return lesson
 
     async def arequest_done(self, answer: Answer | None = None) -> str | None:

@@ -5,16 +5,19 @@ Redis's own clock (``TIME``) orders every window, so the machines' clocks need n
 """
 
 # KEYS: the request windows (one per scope), then the buckets' theoretical arrival times (one per
-# scope), the probe's lock, the rate-limit-shape note. ARGV: token, window, open_ttl, mode (auto,
-# window, bucket), then one limit per scope. '0' when the windows have room; past a full window what
-# the shape allows (see rate_shape): the wait, or '-1' (the probe) or '-2' (the bucket admits it).
-# A granted token counts in every window as an open request.
+# scope), the probe's lock, the rate-limit-shape note, the account's send times. ARGV: token,
+# window, open_ttl, mode (auto, window, bucket), then one limit per scope. '0' when the windows have
+# room; past a full window what the shape allows (see rate_shape): the wait, or '-1' (the probe,
+# only while the requests sent within the window and answered fill it) or '-2' (the bucket admits
+# it). A granted token counts in every window as an open request, and its send time is kept.
 RESERVE_REQUEST = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local window, open_ttl, mode = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local n = #ARGV - 4
-local wait, bucket = 0, 0
+local sent = KEYS[2 * n + 3]
+redis.call('ZREMRANGEBYSCORE', sent, '-inf', now - window)
+local wait, bucket, open_1 = 0, 0, 0
 for i = 1, n do
   local key, limit = KEYS[i], tonumber(ARGV[4 + i])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
@@ -26,6 +29,7 @@ for i = 1, n do
     if until_free > wait then wait = until_free end
   end
   local open = redis.call('ZCOUNT', key, '(' .. now, '+inf')
+  if i == 1 then open_1 = open end
   local tat = math.max(tonumber(redis.call('GET', KEYS[n + i]) or '0'), now)
   local until_admitted = tat + (open + 2 - limit) * window / limit - now
   if until_admitted > bucket then bucket = until_admitted end
@@ -37,6 +41,7 @@ if wait > 0 then
   if bucket > 0 then return tostring(math.max(0.001, math.min(wait, bucket))) end
   granted = '-2'
   if mode == 'auto' then
+    if redis.call('ZCARD', sent) - open_1 < tonumber(ARGV[5]) then return tostring(math.min(wait, 1)) end
     if not redis.call('SET', KEYS[2 * n + 1], ARGV[1], 'NX', 'PX', math.ceil(open_ttl * 1000)) then
       return tostring(math.min(wait, 1))
     end
@@ -47,22 +52,27 @@ for i = 1, n do
   redis.call('ZADD', KEYS[i], now + open_ttl, ARGV[1])
   redis.call('EXPIRE', KEYS[i], math.ceil(window + open_ttl) + 1)
 end
+redis.call('ZADD', sent, now, ARGV[1])
+redis.call('EXPIRE', sent, math.ceil(window) + 1)
 return granted
 """
 
-# KEYS: the request windows, then the buckets' theoretical arrival times, then the probe's lock.
-# ARGV: token, window, '1' to free the probe's lock, then one limit per scope. The request counts
-# for a window from now, and in each bucket from now.
+# KEYS: the request windows, then the buckets' theoretical arrival times, the probe's lock, the
+# rate-limit-shape note. ARGV: token, window, '1' to free the probe's lock, the lesson ('' for
+# none), its ttl in ms, then one limit per scope. The request counts for a window from now, and in
+# each bucket from now; the lesson is noted before the probe's lock is freed, so no second probe
+# can start between the two.
 REQUEST_DONE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local window = tonumber(ARGV[2])
-local n = #ARGV - 3
+local n = #ARGV - 5
 for i = 1, n do
   redis.call('ZADD', KEYS[i], 'XX', now, ARGV[1])
-  local tat = math.max(tonumber(redis.call('GET', KEYS[n + i]) or '0'), now) + window / tonumber(ARGV[3 + i])
+  local tat = math.max(tonumber(redis.call('GET', KEYS[n + i]) or '0'), now) + window / tonumber(ARGV[5 + i])
   redis.call('SET', KEYS[n + i], tostring(tat), 'PX', math.ceil(window * 2000))
 end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[2 * n + 2], ARGV[4], 'PX', tonumber(ARGV[5])) end
 if ARGV[3] == '1' then redis.call('DEL', KEYS[2 * n + 1]) end
 return 1
 """

@@ -136,10 +136,8 @@ class SharedBudget:
         token = self._answered(answer)
         if token is None:
             return self.fallback.request_done(answer)
-        self._call(scripts.REQUEST_DONE, "requests", self._done_args(token, answer), _nothing)
-        lesson = answer.lesson(self.fallback.rate_limit_shape)
-        if lesson is not None:
-            self.notes.remember(rate_shape.NOTE, lesson, rate_shape.REMEMBER_SECONDS)
+        lesson = self._lesson(answer)
+        self._call(scripts.REQUEST_DONE, "requests", self._done_args(token, answer, lesson), _nothing)
         return lesson
 
     async def arequest_done(self, answer: Answer | None = None) -> str | None:
@@ -148,10 +146,8 @@ class SharedBudget:
         token = self._answered(answer)
         if token is None:
             return self.fallback.request_done(answer)
-        await self._acall(scripts.REQUEST_DONE, "requests", self._done_args(token, answer), _nothing)
-        lesson = answer.lesson(self.fallback.rate_limit_shape)
-        if lesson is not None:
-            await self.notes.aremember(rate_shape.NOTE, lesson, rate_shape.REMEMBER_SECONDS)
+        lesson = self._lesson(answer)
+        await self._acall(scripts.REQUEST_DONE, "requests", self._done_args(token, answer, lesson), _nothing)
         return lesson
 
     # ----------------------------------------------------------------------------------------------
@@ -270,10 +266,11 @@ class SharedBudget:
     def _keys(self, kind: str) -> list[str]:
         keys = [f"blip2:budget:{scope.name}:{kind}" for scope in self.scopes]
         if kind == "requests":
-            # The request scripts also keep each scope's bucket, the probe's lock and the lesson.
+            # The request scripts also keep each scope's bucket, the probe's lock, the lesson and
+            # the account's send times.
             account = f"blip2:budget:{self.scopes[0].name}"
             keys += [f"blip2:budget:{scope.name}:bucket" for scope in self.scopes]
-            keys += [f"{account}:probe", f"{account}:notes:{rate_shape.NOTE}"]
+            keys += [f"{account}:probe", f"{account}:notes:{rate_shape.NOTE}", f"{account}:sent"]
         return keys
 
     def _limits(self) -> list[int]:
@@ -284,8 +281,16 @@ class SharedBudget:
     def _request_args(self, token: str) -> list[Any]:
         return [token, self.window, OPEN_REQUEST_TTL, self.fallback.rate_limit_shape, *self._limits()]
 
-    def _done_args(self, token: str, answer: Answer) -> list[Any]:
-        return [token, self.window, "1" if answer.probe else "0", *self._limits()]
+    def _done_args(self, token: str, answer: Answer, lesson: str | None) -> list[Any]:
+        ttl = int(rate_shape.REMEMBER_SECONDS * 1000)
+        return [token, self.window, "1" if answer.probe else "0", lesson or "", ttl, *self._limits()]
+
+    def _lesson(self, answer: Answer) -> str | None:
+        """What an answer teaches (noted by the done script in Redis, and in this process's notes)."""
+        lesson = answer.lesson(self.fallback.rate_limit_shape)
+        if lesson is not None:
+            self.fallback.notes.remember(rate_shape.NOTE, lesson, rate_shape.REMEMBER_SECONDS)
+        return lesson
 
     def _reserved(self, token: str, wait: Any) -> float:
         """A reservation's answer: Redis's (then keep a granted token) or the fallback's float."""

@@ -149,3 +149,21 @@ def test_the_emulators_bucket_refills_where_its_window_does_not() -> None:
     assert window.acquire("k", 0.0, 3, 60.0) == pytest.approx(60.0)
     assert bucket.acquire("k", 20.0, 3, 60.0, "bucket") is None
     assert bucket.acquire("k", 20.0, 3, 60.0, "bucket") == pytest.approx(20.0)
+
+
+def test_no_probe_while_the_apis_window_may_have_room() -> None:
+    # Ten requests sent one a second, each answered 5 s later: from t=60.5 the API, which counts
+    # them from their arrival, may already have room where the budget still counts ten. A probe
+    # admitted then would prove nothing, so none goes out; a bucket would admit it.
+    clock = FakeClock(0.0)
+    budget = RequestBudget(10, 10, window=60.0, clock=clock)
+    for _ in range(10):
+        assert budget.reserve_request() == 0.0
+        clock.advance(1.0)
+    clock.advance(4.0)
+    for _ in range(10):
+        budget.request_done()
+    clock.now = 60.5
+    assert budget.reserve_request() == pytest.approx(min(rate_shape.PROBE_WAIT, 14.0 - 0.5))
+    clock.now = 62.0
+    assert 0 < budget.reserve_request() <= rate_shape.PROBE_WAIT
