@@ -169,37 +169,6 @@ def test_budget_for_is_per_connection_and_server(monkeypatch: pytest.MonkeyPatch
     assert first.reserve_request() > 0
 
 
-# --------------------------------------------------------------------------------------------------
-# Pace: slower after an unexpected 429, recovered step by step
-# --------------------------------------------------------------------------------------------------
-def test_pace_halves_once_per_cooldown_and_recovers_gradually() -> None:
-    clock = FakeClock()
-    pace = Pace(floor=0.1, step=0.1, cooldown=2.0, clock=clock)
-    assert pace.limit(60) == 60
-    pace.answered(rate_limited=True)
-    pace.answered(rate_limited=True)  # the same burst: counted once
-    assert pace.limit(60) == 30
-    clock.advance(2.0)
-    pace.answered(rate_limited=True)
-    assert pace.limit(60) == 15
-    for _ in range(3):
-        pace.answered(rate_limited=False)
-    assert pace.share == pytest.approx(0.55)
-    for _ in range(20):
-        pace.answered(rate_limited=False)
-    assert pace.limit(60) == 60
-
-
-def test_pace_keeps_a_floor_and_at_least_one_request() -> None:
-    clock = FakeClock()
-    pace = Pace(floor=0.1, cooldown=0.0, clock=clock)
-    for _ in range(20):
-        pace.answered(rate_limited=True)
-    assert pace.share == 0.1
-    assert pace.limit(60) == 6
-    assert pace.limit(5) == 1
-
-
 def test_budget_slows_down_after_a_429_it_let_through() -> None:
     clock = FakeClock()
     budget = RequestBudget(

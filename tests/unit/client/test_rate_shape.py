@@ -1,8 +1,9 @@
 """
-The rate limit's shape: the bucket's arithmetic, the lessons, and the local budget past a full window.
+Unit tests of the client: the rate limit's shape (the bucket's arithmetic, the lessons, the local
+budget past a full window).
 
-Real parts: none (a fake clock; the shared budget's scripts are tested against Redis in
-``tests/integration/test_shared_budget.py``).
+Starts: nothing: no server, no Airflow process (the emulator's limiter is used in memory; the
+shared budget's scripts are tested against Redis in ``tests/integration/test_shared_budget.py``).
 """
 
 from __future__ import annotations
@@ -138,17 +139,6 @@ def test_the_bucket_the_budget_keeps_is_never_ahead_of_the_emulators() -> None:
         clock.advance(0.3)
         budget.request_done()
     assert 20 + 200 / 3 - 3 <= admitted <= 20 + 200 / 3
-
-
-def test_the_emulators_bucket_refills_where_its_window_does_not() -> None:
-    bucket, window = RateLimiter(), RateLimiter()
-    for _ in range(3):
-        assert bucket.acquire("k", 0.0, 3, 60.0, "bucket") is None
-        assert window.acquire("k", 0.0, 3, 60.0) is None
-    assert bucket.acquire("k", 0.0, 3, 60.0, "bucket") == pytest.approx(20.0)
-    assert window.acquire("k", 0.0, 3, 60.0) == pytest.approx(60.0)
-    assert bucket.acquire("k", 20.0, 3, 60.0, "bucket") is None
-    assert bucket.acquire("k", 20.0, 3, 60.0, "bucket") == pytest.approx(20.0)
 
 
 def test_no_probe_while_the_apis_window_may_have_room() -> None:
