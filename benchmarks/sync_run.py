@@ -24,7 +24,8 @@ two when refused (mapped predictions always two; the first 60 requests at once),
 - ``api_predictions_per_minute``: predictions over the span between the first and the last
   request the API admitted (the sustained rate, without the deployment's start-up and tail);
 - ``rate_limit``: the emulator's limiter; ``shape_learnt``: what the deployment noted of it;
-- ``runs``, ``refused_runs``: synchronous runs that created a prediction, and those the API refused;
+- ``runs``, ``refused_runs``, ``runs_429``: synchronous runs that created a prediction, those the
+  API refused (400), and those it answered 429;
 - ``mapped_requests_per_prediction`` (``mixed``, ``offered``): the creates and reads (429s
   included) per mapped prediction: with the batch running synchronously, every create and read
   is a mapped task's.
@@ -108,6 +109,7 @@ def run_scenario(
     )
     result = run_once(stack, args, number, home, batch_requests_per_prediction=1 if offered else 2)
     ledger = stack.emulator.ledger()
+    admitted_runs = sum(1 for _, label in ledger["admitted"] if label == "run")
     predictions = tasks + batch_images
     span = result.get("requests_span_s") or 0.0
     result.update(
@@ -118,7 +120,8 @@ def run_scenario(
             "shape_learnt": shape_learnt(stack),
             "api_predictions_per_minute": round(predictions / span * 60, 1) if span else None,
             "runs": ledger.get("runs", 0),
-            "refused_runs": ledger["requests"].get("run", 0) - ledger.get("runs", 0),
+            "refused_runs": admitted_runs - ledger.get("runs", 0),
+            "runs_429": ledger["requests"].get("run", 0) - admitted_runs,
         }
     )
     if offered and tasks:
