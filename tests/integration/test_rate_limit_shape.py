@@ -28,24 +28,30 @@ LIMIT = 30
 REQUESTS = 40
 
 
+Connect = Callable[..., tuple[EmulatorServer, Blip2Hook]]
+
+
 @pytest.fixture
-def hooks() -> Iterator[list[Blip2Hook]]:
-    made: list[Blip2Hook] = []
-    yield made
-    for hook in made:
+def connect(
+    start_emulator: Callable[..., EmulatorServer], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Connect]:
+    """``connect(limiter, **extra)``: an emulator counting its limit so, and a hook of a connection to it."""
+    hooks: list[Blip2Hook] = []
+
+    def make(limiter: str = "window", **extra: Any) -> tuple[EmulatorServer, Blip2Hook]:
+        server = start_emulator(time_scale=TIME_SCALE, requests_per_minute=LIMIT, rate_limit=limiter)
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_BLIP2_SHAPE",
+            connection_json(server.url, requests_per_minute=LIMIT, rate_window=WINDOW, **extra),
+        )
+        hooks.append(
+            Blip2Hook("blip2_shape", retry_policy=dataclasses.replace(FAST_RETRIES, max_wait=WINDOW))
+        )
+        return server, hooks[-1]
+
+    yield make
+    for hook in hooks:
         hook.close()
-
-
-def _hook(
-    monkeypatch: pytest.MonkeyPatch, hooks: list[Blip2Hook], server: EmulatorServer, **extra: Any
-) -> Blip2Hook:
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_BLIP2_SHAPE",
-        connection_json(server.url, requests_per_minute=LIMIT, rate_window=WINDOW, **extra),
-    )
-    hook = Blip2Hook("blip2_shape", retry_policy=dataclasses.replace(FAST_RETRIES, max_wait=WINDOW))
-    hooks.append(hook)
-    return hook
 
 
 def _send(hook: Blip2Hook, path: str, count: int, image: str = "") -> None:
@@ -77,15 +83,12 @@ def _most_in_one_window(admitted: list[list[Any]]) -> int:
 
 @pytest.mark.parametrize("path", ["sync", "async"])
 def test_a_bucket_is_found_with_one_probe_and_then_used(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
-    hooks: list[Blip2Hook],
+    connect: Connect,
     capsys: pytest.CaptureFixture[str],
     image_url: Callable[[str], str],
     path: str,
 ) -> None:
-    server = start_emulator(time_scale=TIME_SCALE, requests_per_minute=LIMIT, rate_limit="bucket")
-    hook = _hook(monkeypatch, hooks, server)
+    server, hook = connect("bucket")
     _send(hook, path, REQUESTS, image_url("chelsea.jpg"))
     ledger = server.ledger()
     assert ledger["responses_429"] == 0
@@ -98,15 +101,12 @@ def test_a_bucket_is_found_with_one_probe_and_then_used(
 
 @pytest.mark.parametrize("path", ["sync", "async"])
 def test_a_window_costs_one_429_then_is_kept(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
-    hooks: list[Blip2Hook],
+    connect: Connect,
     capsys: pytest.CaptureFixture[str],
     image_url: Callable[[str], str],
     path: str,
 ) -> None:
-    server = start_emulator(time_scale=TIME_SCALE, requests_per_minute=LIMIT)
-    hook = _hook(monkeypatch, hooks, server)
+    server, hook = connect("window")
     _send(hook, path, REQUESTS, image_url("chelsea.jpg"))
     _send(hook, path, 10, image_url("chelsea.jpg"))  # what was learnt is kept: no second probe
     ledger = server.ledger()
@@ -121,13 +121,10 @@ def test_a_window_costs_one_429_then_is_kept(
 
 @pytest.mark.parametrize("limiter", ["window", "bucket"])
 def test_a_connection_that_names_the_window_never_goes_past_it(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
-    hooks: list[Blip2Hook],
+    connect: Connect,
     limiter: str,
 ) -> None:
-    server = start_emulator(time_scale=TIME_SCALE, requests_per_minute=LIMIT, rate_limit=limiter)
-    hook = _hook(monkeypatch, hooks, server, rate_limit_shape="window")
+    server, hook = connect(limiter, rate_limit_shape="window")
     _send(hook, "sync", REQUESTS)
     ledger = server.ledger()
     assert ledger["responses_429"] == 0
@@ -136,12 +133,9 @@ def test_a_connection_that_names_the_window_never_goes_past_it(
 
 
 def test_a_connection_that_names_the_bucket_goes_past_the_window_without_a_probe(
-    start_emulator: Callable[..., EmulatorServer],
-    monkeypatch: pytest.MonkeyPatch,
-    hooks: list[Blip2Hook],
+    connect: Connect,
 ) -> None:
-    server = start_emulator(time_scale=TIME_SCALE, requests_per_minute=LIMIT, rate_limit="bucket")
-    hook = _hook(monkeypatch, hooks, server, rate_limit_shape="bucket")
+    server, hook = connect("bucket", rate_limit_shape="bucket")
     _send(hook, "sync", REQUESTS)
     ledger = server.ledger()
     assert ledger["responses_429"] == 0

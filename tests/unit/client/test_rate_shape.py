@@ -17,7 +17,7 @@ from airflow_provider_blip2.emulator.state import RateLimiter
 from tests.unit.client.helpers import FakeClock
 
 
-def _fill(budget: RequestBudget, clock: FakeClock, count: int) -> None:
+def _fill(budget: RequestBudget, count: int) -> None:
     """``count`` requests within the window, each answered at once."""
     for _ in range(count):
         assert budget.reserve_request() == 0.0
@@ -59,12 +59,18 @@ def test_answers_from_http_statuses() -> None:
     assert Answer.of(0.0, None) == Answer(0.0, False, False)
 
 
+def _probing(clock: FakeClock) -> RequestBudget:
+    """A budget at 10 a minute whose full window has just granted the probe."""
+    budget = RequestBudget(10, 10, window=60.0, clock=clock)
+    _fill(budget, 10)
+    clock.advance(12.0)  # the bucket has won a token back, and one of margin
+    assert budget.reserve_request() == PROBE_GRANTED
+    return budget
+
+
 def test_auto_probes_once_then_paces_by_the_bucket_it_found() -> None:
     clock = FakeClock()
-    budget = RequestBudget(10, 10, window=60.0, clock=clock)
-    _fill(budget, clock, 10)
-    clock.advance(12.0)  # 10 a minute: the bucket has won a token back, and one of margin
-    assert budget.reserve_request() == PROBE_GRANTED
+    budget = _probing(clock)
     assert budget.reserve_request() > 0  # one probe at a time
     assert budget.request_done(Answer(PROBE_GRANTED)) == "bucket"
     assert budget.notes.recall(rate_shape.NOTE) == "bucket"
@@ -77,10 +83,7 @@ def test_auto_probes_once_then_paces_by_the_bucket_it_found() -> None:
 
 def test_a_probe_answered_429_keeps_the_window_for_an_hour_without_slowing_the_pace() -> None:
     clock = FakeClock()
-    budget = RequestBudget(10, 10, window=60.0, clock=clock)
-    _fill(budget, clock, 10)
-    clock.advance(12.0)
-    assert budget.reserve_request() == PROBE_GRANTED
+    budget = _probing(clock)
     assert budget.request_done(Answer(PROBE_GRANTED, rate_limited=True)) == "window"
     assert budget.pace.share == 1.0
     clock.advance(6.0)
@@ -91,10 +94,7 @@ def test_a_probe_answered_429_keeps_the_window_for_an_hour_without_slowing_the_p
 
 def test_an_inconclusive_probe_lets_another_request_probe() -> None:
     clock = FakeClock()
-    budget = RequestBudget(10, 10, window=60.0, clock=clock)
-    _fill(budget, clock, 10)
-    clock.advance(12.0)
-    assert budget.reserve_request() == PROBE_GRANTED
+    budget = _probing(clock)
     assert budget.request_done(Answer(PROBE_GRANTED, conclusive=False)) is None
     clock.advance(6.0)
     assert budget.reserve_request() == PROBE_GRANTED
@@ -104,7 +104,7 @@ def test_an_inconclusive_probe_lets_another_request_probe() -> None:
 def test_a_named_shape_never_probes_and_never_learns(shape: str) -> None:
     clock = FakeClock()
     budget = RequestBudget(10, 10, window=60.0, clock=clock, rate_limit_shape=shape)
-    _fill(budget, clock, 10)
+    _fill(budget, 10)
     clock.advance(12.0)
     granted = budget.reserve_request()
     assert granted == (BUCKET_GRANTED if shape == "bucket" else pytest.approx(48.0))
@@ -116,7 +116,7 @@ def test_a_named_shape_never_probes_and_never_learns(shape: str) -> None:
 def test_the_bucket_counts_requests_handed_over_by_another_process() -> None:
     clock = FakeClock()
     worker = RequestBudget(10, 10, window=60.0, clock=clock, rate_limit_shape="bucket")
-    _fill(worker, clock, 10)
+    _fill(worker, 10)
     triggerer = RequestBudget(10, 10, window=60.0, clock=clock, rate_limit_shape="bucket")
     triggerer.note_requests(worker.recent_requests())
     assert triggerer.reserve_request() == pytest.approx(12.0, abs=0.01)
