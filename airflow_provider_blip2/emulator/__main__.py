@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--latency", type=float, default=defaults.latency, help="seconds per prediction")
     parser.add_argument(
+        "--latency-spread",
+        type=float,
+        default=defaults.latency_spread,
+        help="each prediction's latency is drawn from latency * [1 - S, 1 + S] (default: 0)",
+    )
+    parser.add_argument(
         "--time-scale", type=float, default=defaults.time_scale, help="multiplier of every duration"
     )
     parser.add_argument("--requests-per-minute", type=int, default=defaults.requests_per_minute)
@@ -113,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     return EmulatorConfig(
         api_keys=tuple(args.api_keys or (DEFAULT_API_KEY,)),
         latency=args.latency,
+        latency_spread=args.latency_spread,
         time_scale=args.time_scale,
         requests_per_minute=args.requests_per_minute,
         rate_limit=args.rate_limit,

@@ -33,6 +33,10 @@ class EmulatorConfig:
 
     :param api_keys: accepted API keys (sent as ``X-API-Key: K`` or ``Authorization: Bearer K``).
     :param latency: seconds from create to terminal status, before ``time_scale``.
+    :param latency_spread: how much each prediction's latency varies: drawn uniformly from
+        ``latency * (1 - spread)`` to ``latency * (1 + spread)``, from the seed and the input (``0``,
+        the default: every prediction takes ``latency``). A client that times its first read by the
+        predictions it saw cannot then count on one fixed duration.
     :param time_scale: multiplies every duration: latency, the 60 s rate window, Retry-After values and
         slow-response delays. ``0.1`` runs ten times faster with the same ratios.
     :param requests_per_minute: requests (all endpoints) per API key allowed in a sliding window of
@@ -87,6 +91,7 @@ class EmulatorConfig:
 
     api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
     latency: float = 2.0
+    latency_spread: float = 0.0
     time_scale: float = 1.0
     requests_per_minute: int = 60
     rate_limit: str = "window"
@@ -126,6 +131,8 @@ class EmulatorConfig:
         for name in ("latency", "slow_seconds", "download_timeout", "sync_run_max_wait"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if not 0.0 <= self.latency_spread <= 1.0:
+            raise ValueError(f"latency_spread must lie in [0, 1], got {self.latency_spread!r}")
         for name in ("requests_per_minute", "max_in_flight", "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -181,5 +188,12 @@ class EmulatorConfig:
 
     @property
     def scaled_latency(self) -> float:
-        """Seconds from create to terminal status (scaled)."""
+        """Seconds from create to terminal status (scaled), without the spread."""
         return self.scaled(self.latency)
+
+    def latency_of(self, draw: float) -> float:
+        """One prediction's seconds from create to terminal status (scaled), with the spread.
+
+        :param draw: a uniform draw in [0, 1).
+        """
+        return self.scaled_latency * (1.0 + self.latency_spread * (2.0 * draw - 1.0))

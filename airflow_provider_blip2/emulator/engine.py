@@ -111,6 +111,15 @@ class Emulator:
         provider, created_5xx = draws.random(), draws.random()
         return provider < self.config.fault_provider_failed, created_5xx < self.config.fault_created_5xx
 
+    def _latency(self, model_input: ModelInput) -> float:
+        """The latency of a prediction about to be created, drawn like its faults (seed and input).
+
+        :param model_input: the validated input.
+        """
+        key = f"{model_input.image_name}|{model_input.label}"
+        draw = random.Random(f"{self.config.seed}/latency/{key}/{self.ledger.creates_by_input[key]}").random()
+        return self.config.latency_of(draw)
+
     # ---- predictions --------------------------------------------------------------------------------
 
     def in_flight(self, api_key: str | None = None) -> int:
@@ -131,7 +140,7 @@ class Emulator:
         """
         now = time.monotonic()
         remaining = [
-            prediction.created_at + self.config.scaled_latency - now
+            prediction.created_at + prediction.latency - now
             for prediction in self.predictions.values()
             if not prediction.terminal and prediction.api_key == api_key
         ]
@@ -169,6 +178,7 @@ class Emulator:
             input=raw_input,
             model_input=model_input,
             created_at=time.monotonic(),
+            latency=self._latency(model_input),
             provider_fails=provider_fails,
         )
         prediction.log(f"prediction created for image '{model_input.image_name}'")
@@ -214,9 +224,8 @@ class Emulator:
         return True
 
     async def _run(self, prediction: Prediction) -> None:
-        config = self.config
-        deadline = prediction.created_at + config.scaled_latency
-        await asyncio.sleep(config.scaled_latency * CREATED_PHASE)
+        deadline = prediction.created_at + prediction.latency
+        await asyncio.sleep(prediction.latency * CREATED_PHASE)
         prediction.status = STATUS_PROCESSING
         prediction.started_at = time.monotonic()
         outcome: str | PredictionFailure

@@ -27,6 +27,7 @@ class Prediction:
     :param input: the ``input`` object as the client sent it.
     :param model_input: the validated input.
     :param created_at: ``time.monotonic()`` at creation.
+    :param latency: seconds (scaled) from creation to the terminal status.
     :param provider_fails: the ``fault_provider_failed`` fault was drawn for it: it ends with a
         retryable ``PROVIDER_FAILED`` error once its image was read.
     """
@@ -36,6 +37,7 @@ class Prediction:
     input: dict[str, Any]
     model_input: ModelInput
     created_at: float
+    latency: float = 0.0
     status: str = STATUS_CREATED
     output: Any = None
     logs: list[str] = field(default_factory=list)
