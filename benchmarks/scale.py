@@ -146,6 +146,8 @@ def run_once(
     home: Path,
     *,
     batch_requests_per_prediction: int = REQUESTS_PER_PREDICTION,
+    rpm: int = RPM,
+    latency: float = LATENCY,
 ) -> dict[str, Any]:
     """
     One DAG run; return its numbers.
@@ -157,13 +159,17 @@ def run_once(
     :param home: Where the batch writes its output.
     :param batch_requests_per_prediction: The least requests a batch prediction needs, for the
         minimum: 2 (create and poll), or 1 when the API offers the synchronous run.
+    :param rpm: The API's requests a minute, for the minimum.
+    :param latency: The API's seconds a prediction, for the minimum.
     """
     stack.emulator.reset()
     tasks = stack.images(f"task{number}", args.tasks)
     batch = stack.images(f"batch{number}", args.batch_images)
     conf = {"images": tasks, "batch_images": batch, "output_uri": str(home / f"batch-{number}.jsonl")}
     least = REQUESTS_PER_PREDICTION * len(tasks) + batch_requests_per_prediction * len(batch)
-    run_id, numbers = measure_run(stack, SCALE_DAG_ID, conf, len(tasks) + len(batch), least)
+    run_id, numbers = measure_run(
+        stack, SCALE_DAG_ID, conf, len(tasks) + len(batch), least, rpm=rpm, latency=latency
+    )
     summary = stack.deployment.run_summary(SCALE_DAG_ID, run_id)
     ledger = stack.emulator.ledger()
     creates = stack.creates_per_image(tasks + batch)
@@ -190,7 +196,14 @@ def run_once(
 
 
 def measure_run(
-    stack: ProductionStack, dag_id: str, conf: dict[str, Any], predictions: int, least_requests: int
+    stack: ProductionStack,
+    dag_id: str,
+    conf: dict[str, Any],
+    predictions: int,
+    least_requests: int,
+    *,
+    rpm: int = RPM,
+    latency: float = LATENCY,
 ) -> tuple[str, dict[str, Any]]:
     """
     Trigger one DAG run, wait for it, and measure it against the minimum its requests allow.
@@ -205,9 +218,11 @@ def measure_run(
     :param conf: The run's conf.
     :param predictions: How many predictions the run makes.
     :param least_requests: The fewest requests they need.
+    :param rpm: The API's requests a minute.
+    :param latency: The API's seconds a prediction.
     """
-    minimum = minimum_seconds(predictions, requests=least_requests)
-    window_minimum = window_minimum_seconds(predictions, requests=least_requests)
+    minimum = minimum_seconds(predictions, rpm, latency=latency, requests=least_requests)
+    window_minimum = window_minimum_seconds(predictions, rpm, latency=latency, requests=least_requests)
     run_id = stack.deployment.trigger(dag_id, conf)
     state = stack.deployment.wait_for_run(dag_id, run_id, timeout=3 * minimum + 900)
     run = stack.deployment.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
@@ -229,7 +244,7 @@ def measure_run(
         "requests": requests,
         "requests_per_prediction": round(requests / predictions, 2),
         "share_429": round(ledger["responses_429"] / responses, 3) if responses else 0.0,
-        "admitted_window_floor_s": admitted_window_floor(requests - ledger["responses_429"]),
+        "admitted_window_floor_s": admitted_window_floor(requests - ledger["responses_429"], rpm),
         "images": predictions,
     }
 

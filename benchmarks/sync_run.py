@@ -30,7 +30,11 @@ two when refused (mapped predictions always two; the first 60 requests at once),
   included) per mapped prediction: with the batch running synchronously, every create and read
   is a mapped task's.
 
-Takes about 25 minutes for each limiter.
+``--latency``, ``--latency-spread`` (each prediction's latency drawn from a range around it, so
+the first reads cannot count on one duration) and ``--requests-per-minute`` (the emulator's limit,
+which the connection's budget follows) vary the API the deployment meets; the minimum follows them.
+
+Takes about 25 minutes for each limiter at the defaults.
 """
 
 from __future__ import annotations
@@ -87,7 +91,13 @@ def shape_learnt(stack: ProductionStack) -> str | None:
 
 
 def run_scenario(
-    stack: ProductionStack, name: str, offered: bool, number: int, home: Path, rate_limit: str = "window"
+    stack: ProductionStack,
+    name: str,
+    offered: bool,
+    number: int,
+    home: Path,
+    rate_limit: str = "window",
+    settings: ProductionSettings | None = None,
 ) -> dict[str, Any]:
     """
     One scenario in the running deployment; its numbers.
@@ -98,7 +108,9 @@ def run_scenario(
     :param number: Names the scenario's images (distinct in the ledger).
     :param home: Where the batch writes its output.
     :param rate_limit: The emulator's limiter: ``window`` or ``bucket``.
+    :param settings: The deployment's settings (the emulator's limits and latency, for the minimum).
     """
+    settings = settings or ProductionSettings()
     tasks, batch_images = SCENARIOS[name]
     forget_notes(stack)
     empty_request_windows(stack)
@@ -107,7 +119,15 @@ def run_scenario(
     args = argparse.Namespace(
         tasks=tasks, batch_images=batch_images, triggerers=2, parallelism=8, redis=True, celery_workers=0
     )
-    result = run_once(stack, args, number, home, batch_requests_per_prediction=1 if offered else 2)
+    result = run_once(
+        stack,
+        args,
+        number,
+        home,
+        batch_requests_per_prediction=1 if offered else 2,
+        rpm=settings.requests_per_minute,
+        latency=settings.latency,
+    )
     ledger = stack.emulator.ledger()
     admitted_runs = sum(1 for _, label in ledger["admitted"] if label == "run")
     predictions = tasks + batch_images
@@ -147,10 +167,26 @@ def main() -> None:
         help="comma-separated: window, bucket (how the emulator counts its requests per minute)",
     )
     parser.add_argument("--latency", type=float, default=2.0, help="seconds per prediction in the emulator")
+    parser.add_argument(
+        "--latency-spread",
+        type=float,
+        default=0.0,
+        help="each prediction's latency drawn from latency * [1 - S, 1 + S] (default 0: all alike)",
+    )
+    parser.add_argument(
+        "--requests-per-minute", type=int, default=60, help="the emulator's limit, and the connection's"
+    )
     add_json_argument(parser)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="blip2-sync-run-bench-"))
-    settings = ProductionSettings(parallelism=8, triggerers=2, redis_in_connection=True, latency=args.latency)
+    settings = ProductionSettings(
+        parallelism=8,
+        triggerers=2,
+        redis_in_connection=True,
+        latency=args.latency,
+        latency_spread=args.latency_spread,
+        requests_per_minute=args.requests_per_minute,
+    )
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     try:
@@ -159,7 +195,7 @@ def main() -> None:
             for rate_limit in args.rate_limit.split(","):
                 for name in args.scenarios.split(","):
                     for offered in [answer == "offered" for answer in args.sync_run.split(",")]:
-                        results.append(run_scenario(stack, name, offered, number, home, rate_limit))
+                        results.append(run_scenario(stack, name, offered, number, home, rate_limit, settings))
                         print(json.dumps(results[-1]), flush=True)
                         number += 1
         parameters = {
@@ -167,6 +203,8 @@ def main() -> None:
             "sync_run": args.sync_run,
             "rate_limit": args.rate_limit,
             "latency": args.latency,
+            "latency_spread": args.latency_spread,
+            "requests_per_minute": args.requests_per_minute,
         }
         write_results(args.json, "sync_run", parameters, {"runs": results})
     finally:

@@ -52,6 +52,7 @@ class ProductionSettings:
         ``celery_workers`` the worker processes of all the Celery workers together.
     :param triggerers: Triggerers, each its own process.
     :param latency: Seconds per prediction in the emulator.
+    :param latency_spread: How much each prediction's latency varies (``EmulatorConfig.latency_spread``).
     :param read_fault_rate: Share of prediction reads (``GET``) the emulator answers 500, 502 or 503.
     :param requests_per_minute: The emulator's rate limit per key.
     :param rate_limit: How the emulator counts it: ``window`` (sliding) or ``bucket`` (token bucket).
@@ -67,6 +68,7 @@ class ProductionSettings:
     parallelism: int = 8
     triggerers: int = 2
     latency: float = 2.0
+    latency_spread: float = 0.0
     read_fault_rate: float = 0.02
     requests_per_minute: int = 60
     rate_limit: str = "window"
@@ -91,6 +93,7 @@ class ProductionSettings:
         return EmulatorConfig(
             api_keys=(API_KEY,),
             latency=self.latency,
+            latency_spread=self.latency_spread,
             time_scale=1.0,
             requests_per_minute=self.requests_per_minute,
             rate_limit=self.rate_limit,
