@@ -26,10 +26,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProductionStack]
 
 @pytest.fixture
 def fresh(stack: ProductionStack) -> ProductionStack:
-    """The stack with the emulator's ledger cleared, at the real speed, both triggerers running."""
+    """
+    The stack with the emulator's ledger cleared, at the real speed and limits (counted in a sliding
+    window), both triggerers running.
+    """
     stack.emulator.reset()
     stack.emulator.config.latency = 2.0
     stack.emulator.config.requests_per_minute = 60
+    stack.emulator.config.rate_limit = "window"
     flush_redis(stack)
     for name in stack.deployment.triggerers:
         if not stack.deployment.running(name):

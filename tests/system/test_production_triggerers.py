@@ -37,6 +37,9 @@ from tests.system.production import (
 
 pytestmark = pytest.mark.timeout(900)
 
+#: The batch of the killed-triggerer test of synchronous runs.
+SYNC_KILLED = 20
+
 
 def test_mapped_deferrable_predictions_succeed_with_two_triggerers(fresh: ProductionStack) -> None:
     images = fresh.images("mapped", IMAGES)
@@ -130,10 +133,16 @@ def test_a_stalled_triggerer_cancels_nothing_when_it_wakes(fresh: ProductionStac
 def test_a_killed_triggerer_sends_again_only_the_runs_under_way(
     fresh: ProductionStack, tmp_path: Path
 ) -> None:
-    """The run trigger's journal in XCom survives its triggerer: the other one resumes the chunk."""
+    """
+    The run trigger's journal in XCom survives its triggerer: the other one resumes the chunk.
+
+    20 images: the run that finds out whether the API offers synchronous runs, a wave of 10, then a
+    wave of 9 under way at the kill and sent again, and the read of the cost: 30 requests, within the
+    connection's 30 a minute, so the run waits no window out.
+    """
     deployment = fresh.deployment
     fresh.emulator.config.latency = 4.0
-    images = fresh.images("sync-killed", 30)
+    images = fresh.images("sync-killed", SYNC_KILLED)
     conf = {"images": [], "batch_images": images, "output_uri": str(tmp_path / "batch.jsonl")}
     run_id = deployment.trigger(SHARED_SCALE_DAG_ID, conf)
     victim = deployment.wait_for(
@@ -150,5 +159,6 @@ def test_a_killed_triggerer_sends_again_only_the_runs_under_way(
     rerun = int(summary["ambiguous"])  # type: ignore[call-overload]
     # Killed with a second wave of 4 s runs under way: those, and only those, were sent again. Each
     # counts as ambiguous, though one recorded as started may have died before it was sent.
-    assert summary["succeeded"] == 30 and 1 <= rerun <= 10, summary
-    assert 30 < ledger["creates"] <= 30 + rerun and ledger["runs"] == ledger["creates"], ledger
+    assert summary["succeeded"] == SYNC_KILLED and 1 <= rerun <= 10, summary
+    assert SYNC_KILLED < ledger["creates"] <= SYNC_KILLED + rerun, ledger
+    assert ledger["runs"] == ledger["creates"], ledger
