@@ -55,7 +55,8 @@ class ProductionSettings:
     :param latency_spread: How much each prediction's latency varies (``EmulatorConfig.latency_spread``).
     :param read_fault_rate: Share of prediction reads (``GET``) the emulator answers 500, 502 or 503.
     :param requests_per_minute: The emulator's rate limit per key.
-    :param rate_limit: How the emulator counts it: ``window`` (sliding) or ``bucket`` (token bucket).
+    :param rate_limit: How the emulator counts it: ``window`` (sliding), ``bucket`` (token bucket) or
+        ``fixed`` (a fixed window).
     :param max_in_flight: The emulator's limit of predictions in flight per key.
     :param redis_in_connection: Put ``"redis_conn_id": "redis_default"`` in the blip2 connection's
         extra, next to a ``redis_default`` connection to the local Redis.

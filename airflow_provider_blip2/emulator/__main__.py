@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-limit",
         choices=RATE_LIMITS,
         default=defaults.rate_limit,
-        help="how --requests-per-minute is counted: a sliding window (default) or a token bucket",
+        help="how --requests-per-minute is counted: sliding window (default), token bucket, fixed window",
     )
     parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight)
     parser.add_argument("--answers", default=None, metavar="FILE", help="JSON answers file")

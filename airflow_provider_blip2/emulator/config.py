@@ -20,7 +20,7 @@ _FAULT_FIELDS = (
 
 SPELLINGS = ("current", "legacy")
 RETRY_AFTER_PLACES = ("both", "header", "body")
-RATE_LIMITS = ("window", "bucket")
+RATE_LIMITS = ("window", "bucket", "fixed")
 ENDPOINTS = ("create", "run", "get", "cancel", "model", "presign")
 
 
@@ -43,7 +43,9 @@ class EmulatorConfig:
         ``60 s * time_scale``.
     :param rate_limit: how ``requests_per_minute`` is counted: ``window`` (a sliding window: at most
         that many admitted in any window) or ``bucket`` (a token bucket of that many tokens that wins
-        one back every ``window / requests_per_minute``, the generic cell rate algorithm).
+        one back every ``window / requests_per_minute``, the generic cell rate algorithm) or ``fixed``
+        (a fixed window: that many in each window counted from a multiple of its length on the
+        server's clock, then none until the next one starts, whatever came just before it).
     :param max_in_flight: predictions of one API key that may be non-terminal at once.
     :param answers_file: optional path of a JSON answers file with canned outputs and errors.
     :param seed: seed of the fault injection random generator.

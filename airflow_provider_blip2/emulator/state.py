@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,7 +179,7 @@ class Ledger:
 
 
 class RateLimiter:
-    """Request counter per API key: a sliding window, or a token bucket (GCRA).
+    """Request counter per API key: a sliding window, a token bucket (GCRA), or a fixed window.
 
     Only admitted requests occupy the window (or take a token), so a ``Retry-After`` it computes is
     exact: a client that waits that long gets a slot.
@@ -187,6 +188,7 @@ class RateLimiter:
     def __init__(self) -> None:
         self._windows: dict[str, deque[float]] = {}
         self._arrival_times: dict[str, float] = {}
+        self._fixed: dict[str, tuple[float, int]] = {}
 
     def acquire(self, key: str, now: float, limit: int, window: float, shape: str = "window") -> float | None:
         """Admit a request, or tell how long until a slot frees.
@@ -195,11 +197,13 @@ class RateLimiter:
         :param now: ``time.monotonic()`` now.
         :param limit: requests allowed in the window (the bucket's tokens).
         :param window: window length in seconds (the bucket refills ``limit`` tokens in it).
-        :param shape: ``window`` or ``bucket``.
+        :param shape: ``window``, ``bucket`` or ``fixed``.
         :return: None when admitted (and counted), else seconds until a request would be admitted.
         """
         if shape == "bucket":
             return self._take_token(key, now, limit, window)
+        if shape == "fixed":
+            return self._count_in_fixed_window(key, now, limit, window)
         stamps = self._windows.setdefault(key, deque())
         while stamps and stamps[0] <= now - window:
             stamps.popleft()
@@ -218,7 +222,18 @@ class RateLimiter:
         self._arrival_times[key] = arrival + interval
         return None
 
+    def _count_in_fixed_window(self, key: str, now: float, limit: int, window: float) -> float | None:
+        """A fixed window: ``limit`` requests in each ``[k * window, (k + 1) * window)``, then none."""
+        start = math.floor(now / window) * window
+        begun, count = self._fixed.get(key, (start, 0))
+        count = count if begun == start else 0
+        if count < limit:
+            self._fixed[key] = (start, count + 1)
+            return None
+        return start + window - now
+
     def clear(self) -> None:
         """Forget every window and bucket."""
         self._windows.clear()
         self._arrival_times.clear()
+        self._fixed.clear()

@@ -1,5 +1,6 @@
 """
-The emulator's two rate limits: a sliding window, and a token bucket (``--rate-limit bucket``).
+The emulator's three rate limits: a sliding window, a token bucket (``--rate-limit bucket``) and a
+fixed window (``--rate-limit fixed``).
 
 Starts: the emulator over HTTP on loopback.
 """
@@ -34,6 +35,19 @@ def test_the_bucket_refills_one_request_an_interval_where_the_window_waits_for_i
     assert bucket.acquire("k", 200.0, 3, 60.0, "bucket") is not None
 
 
+def test_a_fixed_window_starts_afresh_at_each_multiple_of_its_length() -> None:
+    fixed = RateLimiter()
+    for _ in range(3):
+        assert fixed.acquire("k", 118.0, 3, 60.0, "fixed") is None
+    assert fixed.acquire("k", 119.0, 3, 60.0, "fixed") == pytest.approx(1.0)  # until 120 s
+    assert fixed.acquire("other", 119.0, 3, 60.0, "fixed") is None  # one count per key
+    for _ in range(3):  # a new window: three more within 2 s of the last three
+        assert fixed.acquire("k", 120.0, 3, 60.0, "fixed") is None
+    assert fixed.acquire("k", 179.5, 3, 60.0, "fixed") == pytest.approx(0.5)
+    fixed.clear()
+    assert fixed.acquire("k", 179.5, 3, 60.0, "fixed") is None
+
+
 def test_a_bucket_over_http_admits_one_more_each_interval_and_says_how_long_to_wait() -> None:
     # 6 requests per 1.2 s: a token every 0.2 s.
     server = EmulatorServer(
@@ -57,5 +71,6 @@ def test_a_bucket_over_http_admits_one_more_each_interval_and_says_how_long_to_w
 def test_the_command_line_chooses_the_rate_limit() -> None:
     assert config_from_args(build_parser().parse_args([])).rate_limit == "window"
     assert config_from_args(build_parser().parse_args(["--rate-limit", "bucket"])).rate_limit == "bucket"
-    with pytest.raises(ValueError, match="rate_limit must be one of window, bucket"):
+    assert config_from_args(build_parser().parse_args(["--rate-limit", "fixed"])).rate_limit == "fixed"
+    with pytest.raises(ValueError, match="rate_limit must be one of window, bucket, fixed"):
         EmulatorConfig(rate_limit="leaky")

@@ -1,13 +1,16 @@
 """
-The rate limit's shape, found out by hooks against the emulator's sliding window and token bucket.
+The rate limit's shape, found out by hooks against the emulator's sliding window, token bucket and
+fixed window.
 
-Starts: the emulator over HTTP on loopback (its rate limit a sliding window, or a token bucket).
+Starts: the emulator over HTTP on loopback (its rate limit a sliding window, a token bucket or a fixed
+window).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -141,3 +144,29 @@ def test_a_connection_that_names_the_bucket_goes_past_the_window_without_a_probe
     assert ledger["responses_429"] == 0
     assert _most_in_one_window(ledger["admitted"]) > LIMIT
     assert hook.budget().notes.recall(rate_shape.NOTE) is None
+
+
+def _start_at(phase: float) -> None:
+    """Sleep until ``phase`` seconds into one of the emulator's fixed windows (its monotonic clock)."""
+    time.sleep((phase - time.monotonic()) % WINDOW)
+
+
+@pytest.mark.parametrize("phase", [WINDOW - 0.1, 0.05], ids=["window-ending", "window-begun"])
+def test_a_fixed_window_costs_at_most_two_429s_whatever_the_probe_meets(
+    connect: Connect, phase: float
+) -> None:
+    """
+    A limit counted in fixed windows admits the probe when a window has begun since the requests
+    before it (they started as one was ending), and refuses it otherwise. Admitted, the budget paces
+    by the bucket, which such a window refuses at most once before the budget learns the window;
+    refused, it learns the window at once.
+    """
+    server, hook = connect("fixed")
+    count = 2 * LIMIT + 10
+    _start_at(phase)
+    _send(hook, "sync", count)
+    ledger = server.ledger()
+    assert ledger["responses_429"] <= 2, ledger["responses_429"]
+    assert sum(ledger["requests"].values()) == count + ledger["responses_429"]  # each 429 sent again
+    lesson = hook.budget().notes.recall(rate_shape.NOTE)
+    assert lesson == ("window" if ledger["responses_429"] else "bucket"), lesson
