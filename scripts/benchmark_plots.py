@@ -388,17 +388,32 @@ def plot_scale(documents: list[dict[str, Any]]) -> Figure:
     )
 
 
+def sync_run_variation(parameters: dict[str, Any]) -> str:
+    """How a ``sync_run`` document's API differs from the real one (60 a minute, 2 s predictions)."""
+    parts = []
+    if parameters.get("requests_per_minute", 60) != 60:
+        parts.append(f"{parameters['requests_per_minute']}/min")
+    latency = f"{parameters.get('latency', 2.0):g} s"
+    if parameters.get("latency_spread"):
+        parts.append(f"{latency} \u00b1 {parameters['latency_spread']:.0%}")
+    elif parameters.get("latency", 2.0) != 2.0:
+        parts.append(latency)
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def plot_sync_run(documents: list[dict[str, Any]]) -> Figure:
     """
     The synchronous run offered and refused: requests a prediction and wall time against the minimum.
 
     :param documents: The ``sync_run`` results; every scenario of every one is drawn.
     """
-    runs = [run for document in documents for run in document["results"]["runs"]]
+    pairs = [(document, run) for document in documents for run in document["results"]["runs"]]
+    runs = [run for _, run in pairs]
     names = [
-        f"{'200-image batch' if run['scenario'] == 'batch' else '100 mapped + 100-image batch'}\n"
+        f"{'200-image batch' if run['scenario'] == 'batch' else '100 mapped + 100-image batch'}"
+        f"{sync_run_variation(document['parameters'])}\n"
         f"synchronous run {run['sync_run']}, API limit a {run.get('rate_limit', 'window')}: run {run['run']}"
-        for run in runs
+        for document, run in pairs
     ]
     requests = [f"{run['requests_per_prediction']:.2f}; {run['share_429']:.1%} 429" for run in runs]
     wall = [f"{run['wall_s']:g} s; {run['predictions_per_minute']:g}/min" for run in runs]
