@@ -57,6 +57,11 @@ class FaultDecision:
     empty_body: bool = False
 
 
+def input_key(model_input: ModelInput) -> str:
+    """How the ledger's ``creates_by_input`` names an input: ``<image file name>|<label>``."""
+    return f"{model_input.image_name}|{model_input.label}"
+
+
 class Emulator:
     """The state and behaviour of one emulated API, independent of HTTP.
 
@@ -106,8 +111,7 @@ class Emulator:
 
         :param model_input: the validated input.
         """
-        key = f"{model_input.image_name}|{model_input.label}"
-        draws = random.Random(f"{self.config.seed}/{key}/{self.ledger.creates_by_input[key]}")
+        draws = self._draws_for(model_input)
         provider, created_5xx = draws.random(), draws.random()
         return provider < self.config.fault_provider_failed, created_5xx < self.config.fault_created_5xx
 
@@ -116,9 +120,18 @@ class Emulator:
 
         :param model_input: the validated input.
         """
-        key = f"{model_input.image_name}|{model_input.label}"
-        draw = random.Random(f"{self.config.seed}/latency/{key}/{self.ledger.creates_by_input[key]}").random()
-        return self.config.latency_of(draw)
+        return self.config.latency_of(self._draws_for(model_input, "latency/").random())
+
+    def _draws_for(self, model_input: ModelInput, purpose: str = "") -> random.Random:
+        """
+        The random draws of the next prediction of an input: from the seed, the purpose, the input
+        and how many predictions of it were created before.
+
+        :param model_input: the validated input.
+        :param purpose: told apart from the faults' draws (``""``), e.g. ``"latency/"``.
+        """
+        key = input_key(model_input)
+        return random.Random(f"{self.config.seed}/{purpose}{key}/{self.ledger.creates_by_input[key]}")
 
     # ---- predictions --------------------------------------------------------------------------------
 
@@ -184,7 +197,7 @@ class Emulator:
         prediction.log(f"prediction created for image '{model_input.image_name}'")
         self.predictions[prediction.id] = prediction
         self.ledger.creates += 1
-        self.ledger.creates_by_input[f"{model_input.image_name}|{model_input.label}"] += 1
+        self.ledger.creates_by_input[input_key(model_input)] += 1
         self.ledger.peak_in_flight = max(self.ledger.peak_in_flight, self.in_flight())
         prediction.task = asyncio.get_running_loop().create_task(self._run(prediction))
         return prediction
