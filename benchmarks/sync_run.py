@@ -82,12 +82,7 @@ def empty_request_windows(stack: ProductionStack) -> None:
 
 def shape_learnt(stack: ProductionStack) -> str | None:
     """What the deployment noted of the rate limit's shape, if anything."""
-    import redis
-
-    client = redis.Redis(port=stack.redis.port)
-    values: list[Any] = [client.get(key) for key in client.scan_iter("blip2:budget:*:notes:rate_limit_shape")]
-    client.close()
-    return next((value.decode() for value in values if value), None)
+    return next(iter(stack.rate_limit_lessons()), None)
 
 
 def run_scenario(
@@ -107,7 +102,7 @@ def run_scenario(
     :param offered: Whether the emulator offers the synchronous run.
     :param number: Names the scenario's images (distinct in the ledger).
     :param home: Where the batch writes its output.
-    :param rate_limit: The emulator's limiter: ``window`` or ``bucket``.
+    :param rate_limit: The emulator's limiter: ``window``, ``bucket`` or ``fixed``.
     :param settings: The deployment's settings (the emulator's limits and latency, for the minimum).
     """
     settings = settings or ProductionSettings()
@@ -164,7 +159,7 @@ def main() -> None:
     parser.add_argument(
         "--rate-limit",
         default="window,bucket",
-        help="comma-separated: window, bucket (how the emulator counts its requests per minute)",
+        help="comma-separated: window, bucket, fixed (how the emulator counts its requests per minute)",
     )
     parser.add_argument("--latency", type=float, default=2.0, help="seconds per prediction in the emulator")
     parser.add_argument(

@@ -142,6 +142,17 @@ class ProductionStack:
             name: int(by_input.get(f"{name}|caption", 0)) for name in (u.rsplit("/", 1)[-1] for u in urls)
         }
 
+    def rate_limit_lessons(self) -> list[str]:
+        """The lessons of the limit's shape the deployment's budgets noted in Redis (one per API key)."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.redis.port, decode_responses=True)
+        try:
+            values = [client.get(key) for key in client.scan_iter("blip2:budget:*:notes:rate_limit_shape")]
+            return sorted(str(value) for value in values if value)  # one may expire between the two
+        finally:
+            client.close()
+
     def explain(self, tail: int = 4000, *, dag_id: str | None = None, run_id: str | None = None) -> str:
         """
         The end of every component's log and the emulator's ledger, for failure messages.

@@ -137,18 +137,6 @@ def assert_one_create_per_image_but_the_batch_s_ambiguous(
     assert stack.emulator.ledger()["creates"] == len(mapped) + len(batch_images) + extra
 
 
-def rate_limit_lessons(stack: ProductionStack) -> list[str]:
-    """The lessons of the limit's shape the deployment's budget noted in Redis (one per API key)."""
-    import redis as redis_py
-
-    client = redis_py.Redis(host="127.0.0.1", port=stack.redis.port, decode_responses=True)
-    try:
-        keys = client.scan_iter("blip2:budget:*:notes:rate_limit_shape")
-        return sorted(str(client.get(key)) for key in keys)
-    finally:
-        client.close()
-
-
 def share_of_429(stack: ProductionStack) -> float:
     """
     The share of the requests answered 429, but for the deployment's one probe of a window.
@@ -159,7 +147,7 @@ def share_of_429(stack: ProductionStack) -> float:
     hour, so it is not counted; any other 429 is.
     """
     ledger = stack.emulator.ledger()
-    probes = rate_limit_lessons(stack).count("window")
+    probes = stack.rate_limit_lessons().count("window")
     return max(0, ledger["responses_429"] - probes) / max(1, sum(ledger["requests"].values()))
 
 
